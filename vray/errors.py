@@ -1,0 +1,26 @@
+"""Errors a user can cause and fix: the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class VrayError(Exception):
+    """An error the user can fix: the message names the field, row or request and the fix."""
+
+    exit_code = 1
+
+
+class SpecError(VrayError):
+    """A run spec that fails validation; holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid run spec ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):\n{lines}")
+
+
+class DataError(VrayError):
+    """A dataset row or file that cannot be used as given."""
+
+
+class RequestError(VrayError):
+    """A bad inference request (the server answers it with HTTP 400)."""

@@ -1,0 +1,503 @@
+"""RunSpec: the one validated description of a run, read from YAML, a saved run.json and `--set` overrides.
+
+The model block keeps the camelCase keys of a saved run.json (architecture, trainingMode, quantization,
+compute, hyperparameters, evaluation); vray adds lora, task, systemPrompt, data, name, output, model,
+media, cluster and seed. Every problem is reported at once, naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vray.archs import registry
+from vray.errors import SpecError, VrayError
+
+TASKS = ("phrase_grounding", "vqa", "freeform")
+TRAINING_MODES = ("LoRA", "Full")
+QUANT_TYPES = ("NF4", "FP4")
+PRECISIONS = ("BFloat16", "Float16", "Float32")
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "Adafactor")
+
+# The model block of a saved run.json: these keys and no others come from `--run-json`.
+MODEL_BLOCK_KEYS = ("architecture", "trainingMode", "quantization", "compute", "hyperparameters", "evaluation")
+
+DEFAULT_SYSTEM_PROMPTS = {
+    "vqa": "You are a visual assistant. Answer the question about the image briefly and precisely.",
+    "phrase_grounding": (
+        "You are a visual grounding assistant. Locate every object the phrase describes and return its "
+        "bounding box with its label."
+    ),
+    "freeform": "You are a helpful visual assistant. Follow the instruction using what the image shows.",
+}
+
+
+def _canonical(value: Any, choices: tuple[str, ...]) -> Any:
+    """Accept any capitalisation of a choice ("lora", "bfloat16") and return its canonical spelling."""
+    if isinstance(value, str):
+        for c in choices:
+            if value.lower() == c.lower():
+                return c
+    return value
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ArchitectureBlock(_Block):
+    """`architecture {name, size}`: one of the registry's 21 checkpoints."""
+
+    name: str = "qwen3.5"
+    size: str = "4B"
+
+    @model_validator(mode="after")
+    def _known(self) -> ArchitectureBlock:
+        try:
+            registry.get(self.name, self.size)
+        except VrayError as exc:  # names the valid architectures or sizes
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class TrainingModeBlock(_Block):
+    type: Literal["LoRA", "Full"] = Field("LoRA", description="QLoRA is LoRA with quantization.enabled: true")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _case(cls, v: Any) -> Any:
+        return _canonical(v, TRAINING_MODES)
+
+
+class QuantizationBlock(_Block):
+    enabled: bool = False
+    type: Literal["NF4", "FP4"] = "NF4"
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _case(cls, v: Any) -> Any:
+        return _canonical(v, QUANT_TYPES)
+
+
+class ComputeBlock(_Block):
+    precisionType: Literal["BFloat16", "Float16", "Float32"] = "BFloat16"
+
+    @field_validator("precisionType", mode="before")
+    @classmethod
+    def _case(cls, v: Any) -> Any:
+        return _canonical(v, PRECISIONS)
+
+
+class HyperparametersBlock(_Block):
+    epochs: int = Field(10, gt=0, description="complete passes over the training data")
+    learningRate: float = Field(1e-4, gt=0, description="peak learning rate; typical 1e-5 to 1e-4")
+    batchSize: int = Field(8, ge=1, description="samples per optimizer step before accumulation")
+    gradientAccumulation: int = Field(1, ge=1)
+    optimizer: Literal["AdamW", "Adam", "SGD", "Adafactor"] = "AdamW"
+    warmupRatio: float = Field(0.03, ge=0, lt=1, description="share of steps spent warming the learning rate up")
+    weightDecay: float = Field(0.0, ge=0)
+    maxGradNorm: float = Field(1.0, gt=0)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _case(cls, v: Any) -> Any:
+        return _canonical(v, OPTIMIZERS)
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step: batchSize x gradientAccumulation (the planner preserves it)."""
+        return self.batchSize * self.gradientAccumulation
+
+
+class EvaluationBlock(_Block):
+    maxNewTokens: int = Field(512, ge=1)
+    topK: int = Field(50, ge=0, description="0 disables top-k")
+    topP: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
+    temperature: float = Field(1.0, ge=0, description="0 means greedy decoding")
+    repetitionPenalty: float = Field(1.05, gt=0, description="must be > 0; 1.0 is off, 1.1-1.3 discourages repeats")
+
+
+class LoraBlock(_Block):
+    """Maps onto peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: tuple[str, ...] | None = None
+
+
+class DataBlock(_Block):
+    train: str | None = None
+    eval: str | None = None
+
+
+class ModelBlock(_Block):
+    source: str | None = None
+    revision: str | None = None
+
+
+class MediaBlock(_Block):
+    minPixels: int | None = Field(None, ge=1)
+    maxPixels: int | None = Field(None, ge=1)
+    maxFrames: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> MediaBlock:
+        if self.minPixels and self.maxPixels and self.minPixels > self.maxPixels:
+            raise ValueError(f"minPixels ({self.minPixels}) is larger than maxPixels ({self.maxPixels})")
+        return self
+
+
+class ClusterBlock(_Block):
+    gpu: str | None = None
+    gpusPerNode: int | None = Field(None, ge=1)
+    nodes: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)
+    cpusPerWorker: int | None = Field(None, ge=1)
+
+
+class RunSpec(_Block):
+    """A whole run: the model block of a saved run.json plus task, data, storage and cluster overrides."""
+
+    architecture: ArchitectureBlock = ArchitectureBlock()
+    trainingMode: TrainingModeBlock = TrainingModeBlock()
+    quantization: QuantizationBlock = QuantizationBlock()
+    compute: ComputeBlock = ComputeBlock()
+    hyperparameters: HyperparametersBlock = HyperparametersBlock()
+    evaluation: EvaluationBlock = EvaluationBlock()
+    lora: LoraBlock = LoraBlock()
+    task: Literal["phrase_grounding", "vqa", "freeform"] | None = None
+    systemPrompt: str | None = None
+    data: DataBlock = DataBlock()
+    name: str | None = None
+    output: str | None = None
+    model: ModelBlock = ModelBlock()
+    media: MediaBlock = MediaBlock()
+    cluster: ClusterBlock = ClusterBlock()
+    seed: int = 0
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_alias(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v2 = v.strip().lower().replace("-", "_").replace(" ", "_")
+            return {"grounding": "phrase_grounding", "phrasegrounding": "phrase_grounding", "free_form": "freeform"}.get(v2, v2)
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(f"'{v}' is not a usable run name: use letters, digits, '.', '_' and '-' (a folder name)")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunSpec:
+        arch = self.arch
+        problems = []
+        if self.trainingMode.type == "LoRA" and not arch.lora_supported:
+            problems.append(
+                f"trainingMode.type: LoRA is not supported by {arch.name} (full fine-tuning only); "
+                "set trainingMode.type: Full, or pick an architecture that supports LoRA"
+            )
+        if self.quantization.enabled and self.trainingMode.type == "Full":
+            problems.append(
+                "quantization.enabled: 4-bit quantization trains adapters only (QLoRA); "
+                "set trainingMode.type: LoRA, or quantization.enabled: false for full fine-tuning"
+            )
+        source = self.model.source or ""
+        if source.startswith("tiny:"):
+            family = source.split(":", 1)[1]
+            if family != arch.model_type:
+                problems.append(
+                    f"model.source: '{source}' is a {family} checkpoint but architecture {arch.key} is "
+                    f"{arch.model_type}; use tiny:{arch.model_type} or an architecture of the {family} family"
+                )
+        if self.lora.targets is not None and self.trainingMode.type == "LoRA":
+            if not self.lora.targets:
+                problems.append("lora.targets: an empty list adapts nothing; omit it for the architecture's defaults")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def arch(self) -> registry.Architecture:
+        """The registry checkpoint this spec names."""
+        return registry.get(self.architecture.name, self.architecture.size)
+
+    @property
+    def effective_task(self) -> str | None:
+        """The task, or the one a `synthetic:<task>` dataset implies."""
+        if self.task:
+            return self.task
+        train = self.data.train or ""
+        if train.startswith("synthetic:"):
+            return SpecLoader.synthetic_task(train)
+        return None
+
+    def resolved(self, now: datetime | None = None) -> RunSpec:
+        """A copy with every default filled in: task, system prompt, name, output and model source."""
+        task = self.effective_task
+        updates: dict[str, Any] = {"task": task}
+        if self.systemPrompt is None and task:
+            updates["systemPrompt"] = DEFAULT_SYSTEM_PROMPTS[task]
+        if self.name is None:
+            stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+            updates["name"] = f"{self.architecture.name}-{self.architecture.size}-{task or 'run'}-{stamp}"
+        if self.output is None:
+            updates["output"] = os.environ.get("VRAY_STORAGE") or str(Path("~/vray-runs").expanduser())
+        if self.model.source is None:
+            updates["model"] = ModelBlock(source=self.arch.repo_id, revision=self.model.revision)
+        if self.lora.targets is None and self.arch.lora_supported:
+            updates["lora"] = self.lora.model_copy(update={"targets": self.arch.lora_targets})
+        return self.model_copy(update=updates)
+
+    @property
+    def run_dir(self) -> str:
+        """`<output>/<name>` of a resolved spec (a local path or an s3:// URI)."""
+        if not self.name or not self.output:
+            raise ValueError("run_dir needs a resolved spec (call .resolved() first)")
+        return self.output.rstrip("/") + "/" + self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data with the spec's own keys (what `spec.yaml` in a run directory holds)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The spec as YAML, loadable by `load_spec`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _block_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    field = model.model_fields.get(key)
+    ann = getattr(field, "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _split_unknown_keys(data: Any, model: type[BaseModel], where: str = "") -> tuple[Any, list[str]]:
+    """(data without unknown keys, one message per unknown key naming the key that was probably meant)."""
+    if not isinstance(data, dict):
+        return data, []
+    known: dict[str, Any] = {}
+    problems = []
+    allowed = _allowed_keys(model)
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in allowed:
+            hint = registry.suggest(str(key), allowed)
+            problems.append(f"{path}: unknown key{hint}; allowed here: {', '.join(allowed)}")
+            continue
+        sub = _block_model(model, key)
+        if sub is not None:
+            value, sub_problems = _split_unknown_keys(value, sub, f"{path}.")
+            problems.extend(sub_problems)
+        known[key] = value
+    return known, problems
+
+
+_NAMES_ITS_FIELD = re.compile(r"^[A-Za-z]+(\.[A-Za-z]+)*: ")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    msg = error["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if error["type"] == "value_error" and _NAMES_ITS_FIELD.match(msg):
+        return msg  # validators that name their own fields (cross-field checks, registry lookups)
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f"got {given!r}: "
+    field = _field_for(error["loc"])
+    extra = f" ({field.description})" if field is not None and field.description else ""
+    if shown and msg[:1].isupper():
+        msg = msg[0].lower() + msg[1:]
+    return f"{loc or 'spec'}: {shown}{msg}{extra}"
+
+
+def _field_for(loc: tuple) -> Any:
+    model: type[BaseModel] | None = RunSpec
+    field = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = _block_model(model, part)
+    return field
+
+
+def validate_spec(data: dict[str, Any]) -> RunSpec:
+    """A RunSpec from plain data, or one SpecError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: expected a mapping of keys to values, got {type(data).__name__}"])
+    known, problems = _split_unknown_keys(data, RunSpec)
+    try:
+        spec = RunSpec.model_validate(known)
+    except ValidationError as exc:
+        for err in exc.errors():
+            for line in _describe(err).split("\n"):
+                if line not in problems:
+                    problems.append(line)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value), the value read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise SpecError([f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. hyperparameters.epochs=3"])
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SpecError([f"--set {text!r}: the key is empty"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `data` with each `a.b=value` applied (creating blocks as needed)."""
+    out = json.loads(json.dumps(data)) if data else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+class SpecLoader:
+    """Reads specs from files; kept as one place so the CLI, jobs and tests read them the same way."""
+
+    @staticmethod
+    def synthetic_task(uri: str) -> str | None:
+        """The task of a `synthetic:<task>` data URI."""
+        name = uri.split(":", 1)[1].split("?", 1)[0]
+        return {"grounding": "phrase_grounding"}.get(name, name) if name else None
+
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict[str, Any]:
+        """A spec file as plain data; a SpecError when it is missing or not YAML."""
+        p = Path(path)
+        if not p.exists():
+            raise SpecError([f"spec file {str(p)!r} does not exist"])
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise SpecError([f"{p}: not valid YAML: {exc}"]) from None
+        return data or {}
+
+    @staticmethod
+    def model_block_of_run_json(path: str | Path) -> dict[str, Any]:
+        """The model block of a saved run.json (the block whose settings hold `architecture`)."""
+        p = Path(path)
+        if not p.exists():
+            raise SpecError([f"--run-json {str(p)!r} does not exist"])
+        try:
+            doc = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpecError([f"--run-json {p}: not valid JSON: {exc}"]) from None
+        block = _find_model_block(doc)
+        if block is None:
+            raise SpecError([f"--run-json {p}: no model block found (an object with an 'architecture' key)"])
+        extra = [k for k in block if k not in MODEL_BLOCK_KEYS]
+        if extra:
+            raise SpecError(
+                [f"--run-json {p}: model block key '{k}' is not a model setting{registry.suggest(k, list(MODEL_BLOCK_KEYS))}; "
+                 f"allowed: {', '.join(MODEL_BLOCK_KEYS)}" for k in extra]
+            )
+        return block
+
+
+def _find_model_block(doc: Any) -> dict[str, Any] | None:
+    if isinstance(doc, dict):
+        if isinstance(doc.get("architecture"), dict):
+            return doc
+        for key in ("settings", "model", "spec", "blocks"):
+            if key in doc:
+                found = _find_model_block(doc[key])
+                if found is not None:
+                    return found
+        for value in doc.values():
+            found = _find_model_block(value)
+            if found is not None:
+                return found
+    elif isinstance(doc, list):
+        for item in doc:
+            found = _find_model_block(item)
+            if found is not None:
+                return found
+    return None
+
+
+def load_spec(
+    path: str | Path | None = None,
+    *,
+    run_json: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    task: str | None = None,
+    data: str | None = None,
+    eval_data: str | None = None,
+    output: str | None = None,
+) -> RunSpec:
+    """The RunSpec from a YAML file or a run.json model block, CLI fields and `--set` overrides."""
+    if path is not None and run_json is not None:
+        raise SpecError(["give a spec file or --run-json, not both"])
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        raw.update(SpecLoader.read_yaml(path))
+    if run_json is not None:
+        raw.update(SpecLoader.model_block_of_run_json(run_json))
+    if task is not None:
+        raw["task"] = task
+    if data is not None or eval_data is not None:
+        block = dict(raw.get("data") or {})
+        if data is not None:
+            block["train"] = data
+        if eval_data is not None:
+            block["eval"] = eval_data
+        raw["data"] = block
+    if output is not None:
+        raw["output"] = output
+    raw = apply_overrides(raw, overrides or [])
+    return validate_spec(raw)
+
+
+def require_for_training(spec: RunSpec) -> None:
+    """Fail before any work when a spec lacks what training needs (task and training data)."""
+    problems = []
+    if spec.effective_task is None:
+        problems.append(f"task: required for training; one of {', '.join(TASKS)} (or pass --task)")
+    if not spec.data.train:
+        problems.append("data.train: required for training; a JSONL/Parquet path, an s3:// URI or synthetic:<task> (or pass --data)")
+    elif spec.data.train.startswith("synthetic:"):
+        t = SpecLoader.synthetic_task(spec.data.train)
+        if t not in TASKS:
+            problems.append(f"data.train: '{spec.data.train}' names no synthetic task; use synthetic:vqa, synthetic:grounding or synthetic:freeform")
+        elif spec.task and spec.task != t:
+            problems.append(f"data.train: '{spec.data.train}' is {t} data but task is {spec.task}")
+    if problems:
+        raise SpecError(problems)

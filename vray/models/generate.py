@@ -1,0 +1,65 @@
+"""Generation with a run's evaluation settings, shared by evaluation during training and by serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """max_new_tokens, temperature (0 = greedy), top_p, top_k (0 = off), repetition_penalty."""
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.05
+
+    @classmethod
+    def from_evaluation(cls, evaluation: Any) -> GenerationSettings:
+        """From a spec's `evaluation` block."""
+        return cls(
+            max_new_tokens=evaluation.maxNewTokens,
+            temperature=evaluation.temperature,
+            top_p=evaluation.topP,
+            top_k=evaluation.topK,
+            repetition_penalty=evaluation.repetitionPenalty,
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' `generate`."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        return kwargs
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
+                   settings: GenerationSettings) -> tuple[list[str], list[int]]:
+    """(decoded completions, completion token counts) for a left-padded batch."""
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items() if k != "labels"}
+    out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    texts, counts = [], []
+    eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
+    for row in new.tolist():
+        kept = []
+        for tok in row:
+            if tok in eos:
+                break
+            kept.append(tok)
+        counts.append(len(kept) + (1 if len(kept) < len(row) else 0))
+        texts.append(tokenizer.decode(kept, skip_special_tokens=False).strip())
+    return texts, counts
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

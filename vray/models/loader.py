@@ -1,0 +1,184 @@
+"""Load a checkpoint (source resolution, dtype, quantization), its processor, and apply LoRA or freezing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vray.archs.registry import Architecture
+from vray.errors import VrayError
+from vray.spec import LoraBlock, MediaBlock
+
+DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
+
+
+def resolve_source(source: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
+    """A local folder holding the checkpoint: tiny:<family>, a folder, an s3:// URI or a hub repo id."""
+    if source.startswith("tiny:"):
+        from vray.testing.tiny import tiny_checkpoint
+
+        return tiny_checkpoint(source.split(":", 1)[1], cache_dir)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+            raise VrayError(f"model.source: {source!r} is a folder without config.json; point at a checkpoint folder")
+        return local
+    if source.startswith("s3://"):
+        return _fetch_s3(source, cache_dir)
+    if source.startswith((".", "/", "~")):
+        raise VrayError(f"model.source: {source!r} does not exist")
+    return _fetch_hub(source, revision)
+
+
+def _cache_dir() -> Path:
+    from vray.testing.synthetic import cache_root
+
+    return cache_root()
+
+
+def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:
+    """Copy an s3:// checkpoint into the node's cache once (a marker file says the copy is complete)."""
+    import hashlib
+
+    import fsspec
+    from filelock import FileLock
+
+    base = (cache_dir or _cache_dir()) / "models"
+    base.mkdir(parents=True, exist_ok=True)
+    folder = base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = folder / ".vray_complete"
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            fs, path = fsspec.core.url_to_fs(uri)
+            if not fs.exists(path):
+                raise VrayError(f"model.source: {uri} does not exist (check the bucket, prefix and AWS_* settings)")
+            fs.get(path.rstrip("/") + "/", str(folder), recursive=True)
+            done.write_text(uri + "\n")
+    return folder
+
+
+def _fetch_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN")))
+    except GatedRepoError:
+        raise VrayError(f"model.source: {repo_id} is gated on the Hugging Face hub; accept its licence and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise VrayError(f"model.source: {repo_id} is not a Hugging Face repo (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise VrayError(
+            f"model.source: {repo_id} cannot be downloaded (no connection to the hub and not in the cache); "
+            "download it elsewhere and set model.source to the folder or an s3:// copy"
+        ) from None
+
+
+def load_processor(path: Path, media: MediaBlock | None = None) -> Any:
+    """The checkpoint's processor, with the spec's media limits applied to image resizing."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    ip = getattr(processor, "image_processor", None)
+    if media is not None and ip is not None and isinstance(getattr(ip, "size", None), dict) and "shortest_edge" in ip.size:
+        size = dict(ip.size)
+        if media.minPixels:
+            size["shortest_edge"] = media.minPixels
+        if media.maxPixels:
+            size["longest_edge"] = media.maxPixels
+        ip.size = size
+    return processor
+
+
+def check_device_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot train in, with the fix."""
+    if device.type == "cpu" and precision == "Float16":
+        raise VrayError("compute.precisionType: Float16 needs a GPU; use BFloat16 or Float32 on CPU")
+    if device.type == "cuda" and precision == "BFloat16" and not torch.cuda.is_bf16_supported():
+        raise VrayError("compute.precisionType: this GPU has no bfloat16 support (pre-Ampere); use Float16")
+
+
+def load_model(path: Path, arch: Architecture, precision: str, quantization: dict[str, Any] | None = None,
+               device: torch.device | None = None) -> nn.Module:
+    """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked)."""
+    from transformers import AutoModelForImageTextToText
+
+    if not arch.native:
+        raise VrayError(
+            f"{arch.key}: {arch.transformers_class} is remote code outside transformers; vray plans it but "
+            "does not load it for training or serving yet"
+        )
+    device = device or torch.device("cpu")
+    check_device_precision(precision, device)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[precision]}
+    if quantization and quantization.get("enabled"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.get("type", "NF4").lower(),
+            bnb_4bit_compute_dtype=DTYPES[precision],
+            bnb_4bit_use_double_quant=True,
+            # Keep the vision tower, projector and LM head in full precision.
+            llm_int8_skip_modules=[m.split(".")[-1] for m in arch.vision_modules + arch.projector_modules] + ["lm_head"],
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
+def _modules_under(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Module]:
+    named = dict(model.named_modules())
+    return [named[p] for p in prefixes if p in named]
+
+
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Freeze every parameter under the named modules; returns how many parameters were frozen."""
+    frozen = 0
+    for module in _modules_under(model, prefixes):
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
+def apply_lora(model: nn.Module, arch: Architecture, lora: LoraBlock) -> nn.Module:
+    """Wrap the model with peft LoRA on the language-model targets (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=arch.lora_target_regex(lora.targets),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False) -> nn.Module:
+    """Full fine-tuning: every parameter trains except the vision tower (unless asked)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if not train_vision:
+        vision_only = tuple(m for m in arch.vision_modules)
+        projectors = tuple(arch.projector_modules)
+        freeze(model, vision_only)
+        for module in _modules_under(model, projectors):  # the projector trains even inside the vision tower
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,251 @@
+"""The driver side of `vray train`: check everything, write the run directory, run a Ray TorchTrainer.
+
+Order: validate spec and data (before any work) -> plan -> run directory (spec.yaml, plan.json) -> Ray
+(joins RAY_ADDRESS or a running local cluster, else starts one) -> TorchTrainer.fit() with a progress
+display read from metrics.jsonl -> curves.png. The run directory path is the last line printed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from vray.errors import VrayError
+from vray.plan.plan import Plan, cpu_plan
+from vray.ray_session import ensure_ray
+from vray.spec import RunSpec, require_for_training
+from vray.train.loop import WorkerConfig, train_worker
+from vray.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A resolved spec, its plan and where its data and outputs live."""
+
+    spec: RunSpec
+    plan: Plan
+    run: RunDir
+    train_path: str
+    eval_path: str | None
+
+
+def data_paths(spec: RunSpec) -> tuple[str, str | None]:
+    """(train, eval) JSONL paths; `synthetic:` datasets are written on first use."""
+    from vray.data.sample import read_jsonl
+    from vray.testing import synthetic
+
+    train = spec.data.train or ""
+    if train.startswith("synthetic:"):
+        tr, ev = synthetic.split_paths(train)
+        eval_path = spec.data.eval
+        if eval_path and eval_path.startswith("synthetic:"):
+            eval_path = str(synthetic.split_paths(eval_path)[1])
+        return str(tr), eval_path or str(ev)
+    for key, path in (("data.train", train), ("data.eval", spec.data.eval)):
+        if path and "://" in path:
+            raise VrayError(f"{key}: {path} is remote; this version reads local JSONL files")
+        if path and not Path(path).expanduser().exists():
+            raise VrayError(f"{key}: {path!r} does not exist")
+    # Read both now so a bad row fails here, before Ray starts, naming the line.
+    read_jsonl(train, task=spec.effective_task)
+    if spec.data.eval:
+        read_jsonl(spec.data.eval, task=spec.effective_task)
+    return str(Path(train).expanduser().resolve()), (str(Path(spec.data.eval).expanduser().resolve()) if spec.data.eval else None)
+
+
+def plan_for(spec: RunSpec) -> Plan:
+    """The plan for this machine or cluster (CPU workers when no GPU is available)."""
+    if spec.cluster.gpu:
+        raise VrayError(
+            f"cluster.gpu: {spec.cluster.gpu} asks for GPU planning, which this version does not do yet; "
+            "remove cluster.gpu to train on CPU workers"
+        )
+    return cpu_plan(spec)
+
+
+def prepare(spec: RunSpec, resume: bool = False) -> PreparedRun:
+    """Everything checked and decided before any work starts."""
+    require_for_training(spec)
+    spec = spec.resolved()
+    train, eval_path = data_paths(spec)
+    plan = plan_for(spec)
+    run = RunDir.of(spec.run_dir)
+    if run.root.exists() and any(run.root.iterdir()) and not resume:
+        raise VrayError(f"run directory {run.root} already exists; set another name, or resume it with --resume {run.root}")
+    return PreparedRun(spec, plan, run, train, eval_path)
+
+
+def write_run_files(prepared: PreparedRun) -> None:
+    """spec.yaml (resolved) and plan.json."""
+    prepared.run.root.mkdir(parents=True, exist_ok=True)
+    (prepared.run.root / "checkpoints").mkdir(exist_ok=True)
+    prepared.run.spec.write_text(prepared.spec.to_yaml())
+    prepared.run.plan.write_text(prepared.plan.to_json() + "\n")
+
+
+class _RayReporter:
+    """Reports to Ray Train; checkpoints are already in the run directory (Ray records, does not copy)."""
+
+    def __init__(self, resume_from: str | None):
+        self.resume_from = resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        rank = ray.train.get_context().get_world_rank()
+        ckpt = Checkpoint(path=str(checkpoint)) if (checkpoint is not None and rank == 0) else None
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report(clean, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    def restore_from(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            return Path(ckpt.path)
+        return Path(self.resume_from) if self.resume_from else None
+
+
+def _ray_train_func(config: dict[str, Any]) -> None:
+    train_worker(config, _RayReporter(config.get("resume_from")))
+
+
+class ProgressView:
+    """Renders step, loss, samples/s and ETA from metrics.jsonl while training runs."""
+
+    def __init__(self, run: RunDir, console: Console):
+        self.run, self.console = run, console
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ProgressView:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        seen = 0
+        with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=self.console, transient=False) as progress:
+            task = progress.add_task("train", total=None, info="starting workers...")
+            while True:
+                stopping = self._stop.is_set()
+                records = self.run.read_metrics()
+                for rec in records[seen:]:
+                    if rec.get("event") == "start":
+                        progress.update(task, total=rec["total_steps"], completed=rec.get("resumed_at", 0))
+                    elif "loss" in rec:
+                        eta = rec.get("eta_s", 0.0)
+                        progress.update(task, completed=rec["step"], info=(
+                            f"loss {rec['loss']:.4f}  {rec['samples_per_s']:.1f} samples/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"))
+                    evals = {k: v for k, v in rec.items() if k.startswith("eval/") and k != "eval/samples"}
+                    if evals:
+                        shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in evals.items())
+                        progress.console.print(f"  eval @ step {rec['step']}: {shown}")
+                seen = len(records)
+                if stopping:
+                    return
+                time.sleep(0.5)
+
+
+def draw_curves(run: RunDir) -> Path | None:
+    """curves.png: training loss and evaluation metrics against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = run.read_metrics()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if not train:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(*zip(*train), label="train loss")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="eval loss")
+        for key in sorted({k for r in evals for k in r if k.startswith("eval/") and k not in ("eval/loss", "eval/samples")}):
+            axes[1].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-", label=key[5:])
+    axes[0].set_xlabel("step"), axes[0].set_title("loss"), axes[0].legend()
+    axes[1].set_xlabel("step"), axes[1].set_title("held-out metric"), axes[1].set_ylim(0, 1.05), axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(run.curves, dpi=100)
+    plt.close(fig)
+    return run.curves
+
+
+def _vray_error_in(exc: BaseException) -> VrayError | None:
+    """The VrayError a worker raised, found inside Ray's wrapping exceptions."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, VrayError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        for sub in getattr(e, "worker_failures", {}).values() if isinstance(getattr(e, "worker_failures", None), dict) else []:
+            stack.append(sub)
+        stack += [x for x in getattr(e, "args", ()) if isinstance(x, BaseException)]
+    return None
+
+
+def run_training(prepared: PreparedRun, console: Console, resume_from: Path | None = None, verbose: bool = False,
+                 max_failures: int = 0) -> RunDir:
+    """Run the prepared training on Ray Train and finish the run directory."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    write_run_files(prepared)
+    config = WorkerConfig(
+        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
+        train_path=prepared.train_path, eval_path=prepared.eval_path,
+        resume_from=str(resume_from) if resume_from else None,
+    )
+    ensure_ray(verbose)
+    sc = prepared.plan.scaling_config
+    trainer = TorchTrainer(
+        _ray_train_func,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
+                                     resources_per_worker=sc["resources_per_worker"],
+                                     placement_strategy=sc["placement_strategy"]),
+        run_config=RunConfig(name=prepared.run.root.name, storage_path=str(prepared.run.root.parent.resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    try:
+        with ProgressView(prepared.run, console):
+            trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - surface a worker's VrayError as itself
+        user_error = _vray_error_in(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    draw_curves(prepared.run)
+    return prepared.run
+
+
+def train_local(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
+    """Run the same worker code in this process, without Ray (a single worker)."""
+    write_run_files(prepared)
+    config = WorkerConfig(
+        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
+        train_path=prepared.train_path, eval_path=prepared.eval_path,
+        resume_from=str(resume_from) if resume_from else None,
+    )
+    train_worker(config.to_dict())
+    draw_curves(prepared.run)
+    return prepared.run

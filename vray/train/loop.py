@@ -1,0 +1,345 @@
+"""The per-worker training recipe: one loop, read top to bottom; strategy specifics live in the engines.
+
+`Recipe(config, reporter).setup()` builds model, optimizer, scheduler and data in that order; `train()`
+runs the epochs with evaluation and checkpoints beside it. It runs under Ray Train (the TorchTrainer's
+`train_func`) or in a plain process, with or without a torch.distributed process group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from vray.archs import registry
+from vray.data.boxes import PixelBox
+from vray.data.collate import Collator
+from vray.data.sample import Sample, read_jsonl
+from vray.models.generate import GenerationSettings, generate_texts
+from vray.models.loader import apply_full, apply_lora, load_model, load_processor, resolve_source, trainable_parameters
+from vray.plan.plan import Plan, steps_per_epoch
+from vray.spec import RunSpec
+from vray.train import metrics as task_metrics
+from vray.train.engines import Engine, all_reduce_sum, barrier, build_engine, evaluating, world
+from vray.rundir import CHECKPOINT_MARKER, RunDir, read_checkpoint_info
+
+TRAINING_STATE = "training_state.pt"
+
+
+class Reporter(Protocol):
+    """Where a worker reports metrics and checkpoints (Ray Train, or nothing in a plain process)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+    def restore_from(self) -> Path | None: ...
+
+
+class LocalReporter:
+    """A plain process: checkpoints are already in the run directory; resume from `resume_from` if given."""
+
+    def __init__(self, resume_from: Path | None = None):
+        self.resume_from = resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        return None
+
+    def restore_from(self) -> Path | None:
+        return self.resume_from
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, as plain data (it crosses process boundaries)."""
+
+    spec: dict[str, Any]
+    plan: dict[str, Any]
+    run_dir: str
+    train_path: str
+    eval_path: str | None
+    resume_from: str | None = None
+    eval_limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """For Ray's train_loop_config."""
+        return dict(self.__dict__)
+
+
+def _device(plan: Plan) -> torch.device:
+    if plan.device == "gpu" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer a spec names."""
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, relative_step=False, scale_parameter=False,
+                         warmup_init=False)
+    raise ValueError(f"unknown optimizer {name}")
+
+
+class Recipe:
+    """Fine-tunes one model on one dataset as the spec and plan say."""
+
+    def __init__(self, config: WorkerConfig, reporter: Reporter):
+        self.config = config
+        self.reporter = reporter
+        self.spec = RunSpec.model_validate(config.spec)
+        self.plan = Plan.from_dict(config.plan)
+        self.arch = registry.get(self.spec.architecture.name, self.spec.architecture.size)
+        self.run = RunDir.of(config.run_dir)
+        self.rank, self.world_size = world()
+        self.device = _device(self.plan)
+        self.task = self.spec.effective_task or "vqa"
+        self.primary = task_metrics.PRIMARY_METRIC[self.task]
+        self.step = 0
+        self.best_metric: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Model, optimizer, scheduler and data, in that order; then restore a checkpoint if there is one."""
+        torch.manual_seed(self.spec.seed)
+        random.seed(self.spec.seed)
+        restore = self.reporter.restore_from()
+        self._setup_model(Path(restore) if restore is not None else None)
+        self._setup_data()
+        self._setup_optimizer()
+        self._setup_lr_scheduler()
+        self.engine: Engine = build_engine(
+            self.plan.strategy, self.model, self.optimizer, self.scheduler,
+            self.spec.hyperparameters.maxGradNorm, self.device,
+        )
+        if restore is not None:
+            self._restore(Path(restore))
+
+    def _setup_model(self, restore: Path | None) -> None:
+        self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
+        self.processor = load_processor(self.model_path, self.spec.media)
+        full = self.spec.trainingMode.type == "Full"
+        # Full fine-tuning resumes from the checkpoint's own weights; LoRA loads its adapter onto the base later.
+        weights = restore if (full and restore is not None) else self.model_path
+        model = load_model(weights, self.arch, self.spec.compute.precisionType,
+                           self.spec.quantization.model_dump(), self.device)
+        if self.plan.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if self.spec.trainingMode.type == "LoRA":
+            model = apply_lora(model, self.arch, self.spec.lora)
+        else:
+            model = apply_full(model, self.arch)
+        model.train()
+        self.model = model
+        self.trainable, self.total_params = trainable_parameters(model)
+
+    def _setup_optimizer(self) -> None:
+        hp = self.spec.hyperparameters
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(hp.optimizer, params, hp.learningRate, hp.weightDecay)
+
+    def _setup_lr_scheduler(self) -> None:
+        from transformers import get_cosine_schedule_with_warmup
+
+        warmup = int(self.total_steps * self.spec.hyperparameters.warmupRatio)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+
+    def _setup_data(self) -> None:
+        self.collator = Collator(self.processor, self.arch, self.spec.systemPrompt)
+        self.train_samples = read_jsonl(self.config.train_path, task=self.task)
+        self.eval_samples: list[Sample] = []
+        if self.config.eval_path:
+            self.eval_samples = read_jsonl(self.config.eval_path, task=self.task)
+            if self.config.eval_limit:
+                self.eval_samples = self.eval_samples[: self.config.eval_limit]
+        self.steps_per_epoch = steps_per_epoch(len(self.train_samples), self.plan)
+        self.total_steps = self.steps_per_epoch * self.spec.hyperparameters.epochs
+        self.generation = GenerationSettings.from_evaluation(self.spec.evaluation)
+
+    # ---- data order ----------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's sample order, padded by wrapping around to whole steps (every sample is seen)."""
+        order = list(range(len(self.train_samples)))
+        random.Random(self.spec.seed * 1000003 + epoch).shuffle(order)
+        need = self.steps_per_epoch * self.plan.effective_batch
+        return (order * math.ceil(need / len(order)))[:need]
+
+    def _micro_batches(self, epoch: int, step_in_epoch: int) -> list[list[Sample]]:
+        """This rank's micro-batches of one optimizer step."""
+        e = self.plan.effective_batch
+        chunk = self._epoch_order(epoch)[step_in_epoch * e:(step_in_epoch + 1) * e]
+        mine = chunk[self.rank::self.world_size]
+        m = self.plan.micro_batch
+        return [[self.train_samples[i] for i in mine[j:j + m]] for j in range(0, len(mine), m)]
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run every remaining step; evaluate and checkpoint after each epoch. Returns the last metrics."""
+        epochs = self.spec.hyperparameters.epochs
+        self._log({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                   "epochs": epochs, "workers": self.world_size, "trainable_params": self.trainable,
+                   "total_params": self.total_params, "resumed_at": self.step})
+        if self.step == 0 and self.eval_samples:
+            self._log({"step": 0, "epoch": 0, **self.validate()})
+        started, steps_done = time.time(), 0
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+            loss = self._train_step(epoch, step_in_epoch)
+            self.step += 1
+            steps_done += 1
+            elapsed = time.time() - started
+            rate = steps_done * self.plan.effective_batch / max(elapsed, 1e-9)
+            last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                    "eta_s": (self.total_steps - self.step) * elapsed / steps_done}
+            self._log(last)
+            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                evaluation = self.validate() if self.eval_samples else {}
+                if evaluation:
+                    self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
+                checkpoint = self.save_checkpoint({**last, **evaluation})
+                self.reporter.report({**last, **evaluation}, checkpoint)
+        self.save_final()
+        return last
+
+    def _train_step(self, epoch: int, step_in_epoch: int) -> float:
+        micro_batches = self._micro_batches(epoch, step_in_epoch)
+        total = 0.0
+        for i, samples in enumerate(micro_batches):
+            batch = self.collator.batch([self.collator.encode(s) for s in samples])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.engine.no_sync(last_micro_batch=i == len(micro_batches) - 1):
+                loss = self.engine.module(**batch).loss / len(micro_batches)
+                self.engine.backward(loss)
+            total += float(loss.detach())
+        self.engine.step()
+        return all_reduce_sum([total], self.device)[0] / self.world_size
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Held-out loss and the task's primary metric, summed exactly over every rank's shard."""
+        mine = self.eval_samples[self.rank::self.world_size]
+        loss_sum, loss_n, num, den = 0.0, 0.0, 0.0, 0.0
+        batch_size = max(1, self.plan.micro_batch)
+        with evaluating(self.model):
+            for j in range(0, len(mine), batch_size):
+                samples = mine[j:j + batch_size]
+                encoded = [self.collator.encode(s) for s in samples]
+                batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
+                loss_sum += float(self.model(**batch).loss) * len(samples)
+                loss_n += len(samples)
+                prompts = [self.collator.encode(s, with_answer=False) for s in samples]
+                texts, _ = generate_texts(self.model, self.processor.tokenizer,
+                                          self.collator.batch(prompts, left_pad=True), self.generation)
+                for sample, enc, text in zip(samples, prompts, texts):
+                    boxes = [PixelBox(b.label, b.bbox) for b in sample.answer.boxes]
+                    geo = enc.geometries[sample.answer.boxes[0].image] if boxes else (enc.geometries[0] if enc.geometries else None)
+                    n, d = task_metrics.score(self.task, text, enc.reference, boxes, self.arch.box_convention, geo)
+                    num, den = num + n, den + d
+        loss_sum, loss_n, num, den = all_reduce_sum([loss_sum, loss_n, num, den], self.device)
+        return {"eval/loss": loss_sum / max(loss_n, 1), f"eval/{self.primary}": num / max(den, 1e-9),
+                "eval/samples": loss_n}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _info(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "kind": "lora" if self.spec.trainingMode.type == "LoRA" else "full",
+            "architecture": self.arch.key,
+            "model_type": self.arch.model_type,
+            "base_model": self.spec.model.source,
+            "task": self.task,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+
+    def _write_weights(self, folder: Path) -> None:
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.processor.save_pretrained(folder)
+
+    def save_checkpoint(self, metrics: dict[str, Any]) -> Path:
+        """Write checkpoints/step-N atomically (temp folder, then rename) and move `best` when it improved."""
+        target = self.run.checkpoint(self.step)
+        if self.engine.saves_on_this_rank():
+            tmp = self.run.checkpoints / f".step-{self.step}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._write_weights(tmp)
+            value = metrics.get(f"eval/{self.primary}")
+            improved = value is not None and (self.best_metric is None or value > self.best_metric)
+            if improved:
+                self.best_metric = value
+            torch.save({**self.engine.training_state(), "step": self.step, "best_metric": self.best_metric,
+                        "rng": torch.get_rng_state()}, tmp / TRAINING_STATE)
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(self._info(metrics), indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            if improved or self.run.best_checkpoint() is None:
+                self.run.point_best_at(target)
+        barrier()
+        return target
+
+    def save_final(self) -> None:
+        """final/: the trained weights (adapter or full) in Hugging Face format, with the processor."""
+        if self.engine.saves_on_this_rank():
+            tmp = self.run.root / f".final.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._write_weights(tmp)
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(self._info({}), indent=2) + "\n")
+            shutil.rmtree(self.run.final, ignore_errors=True)
+            os.replace(tmp, self.run.final)
+        barrier()
+
+    def _restore(self, folder: Path) -> None:
+        """Adapter weights, optimizer, scheduler, step and best metric from a checkpoint."""
+        from safetensors.torch import load_file
+
+        info = read_checkpoint_info(folder)
+        if info["kind"] == "lora":  # full weights were loaded from the checkpoint in _setup_model
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        saved = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
+        self.engine.load_training_state(saved)
+        self.step = int(saved["step"])
+        self.best_metric = saved.get("best_metric")
+        if "rng" in saved:  # dropout continues with the same random stream
+            torch.set_rng_state(saved["rng"])
+
+    # ---- logging -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        """Rank 0 appends one line to metrics.jsonl (the driver renders progress from it)."""
+        if self.rank != 0:
+            return
+        record = {"time": time.time(), **record}
+        self.history.append(record)
+        with open(self.run.metrics, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def train_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
+    """Entry point of one worker: set up and train. Runs in Ray Train or a plain process."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg = WorkerConfig(**config)
+    recipe = Recipe(cfg, reporter or LocalReporter(Path(cfg.resume_from) if cfg.resume_from else None))
+    recipe.setup()
+    return recipe.train()

@@ -38,6 +38,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port = _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
+    # A loopback-only test cluster: no token, so the head, in-process drivers and CLI subprocesses agree.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     # Four logical CPUs on a 2-core machine: two training workers and a Serve replica can coexist.
     subprocess.run(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",

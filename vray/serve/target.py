@@ -1,0 +1,125 @@
+"""What to serve: a run's best (else latest) checkpoint, its final/ weights, a checkpoint, or a base model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vray.archs import registry
+from vray.errors import VrayError
+from vray.rundir import CHECKPOINT_MARKER, RunDir, read_checkpoint_info
+from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, RunSpec, validate_spec
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    """A servable model: base weights, an optional LoRA adapter, and the run's defaults."""
+
+    model_id: str
+    architecture: str  # registry key, name:size
+    base_source: str  # model source of the base weights (tiny:, folder, s3://, repo id)
+    adapter: str | None  # folder with adapter_config.json, when the weights are a LoRA adapter
+    weights: str | None  # folder with full fine-tuned weights, when not an adapter
+    task: str | None
+    system_prompt: str | None
+    evaluation: dict[str, Any]
+    checkpoint: str | None = None  # which checkpoint this is (for /v1/models and logs)
+
+    @property
+    def arch(self) -> registry.Architecture:
+        """The registry entry of the served model."""
+        name, size = self.architecture.split(":", 1)
+        return registry.get(name, size)
+
+    @property
+    def generation(self) -> EvaluationBlock:
+        """The run's evaluation settings: the defaults of every request."""
+        return EvaluationBlock(**self.evaluation)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (crosses into Ray Serve replicas)."""
+        return asdict(self)
+
+
+def _spec_of_run(root: Path) -> RunSpec:
+    path = root / "spec.yaml"
+    if not path.exists():
+        raise VrayError(f"{root} has no spec.yaml; is it a vray run directory?")
+    return validate_spec(yaml.safe_load(path.read_text()))
+
+
+def _from_checkpoint(folder: Path, spec: RunSpec, label: str) -> ServeTarget:
+    info = read_checkpoint_info(folder)
+    adapter = folder if (folder / "adapter_config.json").exists() else None
+    return ServeTarget(
+        model_id=spec.name or folder.name,
+        architecture=spec.arch.key,
+        base_source=spec.model.source or spec.arch.repo_id,
+        adapter=str(adapter) if adapter else None,
+        weights=None if adapter else str(folder),
+        task=spec.effective_task or info.get("task"),
+        system_prompt=spec.systemPrompt,
+        evaluation=spec.evaluation.model_dump(),
+        checkpoint=label,
+    )
+
+
+def resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
+    """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
+    p = Path(path_or_source).expanduser()
+    if p.is_dir() and (p / "spec.yaml").exists():  # a run directory
+        run = RunDir(p.resolve())
+        spec = _spec_of_run(run.root)
+        best, latest = run.best_checkpoint(), run.latest_checkpoint()
+        if best is not None:
+            return _from_checkpoint(best, spec, f"best ({best.name})")
+        if latest is not None:
+            return _from_checkpoint(latest, spec, f"latest ({latest.name})")
+        if (run.final / CHECKPOINT_MARKER).exists():
+            return _from_checkpoint(run.final, spec, "final")
+        raise VrayError(f"{p} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
+    if p.is_dir() and (p / CHECKPOINT_MARKER).exists():  # a checkpoint folder inside a run directory
+        for root in (p.parent.parent, p.parent):
+            if (root / "spec.yaml").exists():
+                return _from_checkpoint(p.resolve(), _spec_of_run(root), p.name)
+        raise VrayError(f"{p} is a checkpoint outside its run directory (no spec.yaml beside it)")
+    # A base or merged model: architecture from the registry by model_type, defaults from the registry.
+    arch = _architecture_for(p, path_or_source, architecture)
+    return ServeTarget(
+        model_id=p.name if p.is_dir() else path_or_source,
+        architecture=arch.key,
+        base_source=str(p.resolve()) if p.is_dir() else path_or_source,
+        adapter=None,
+        weights=None,
+        task=task,
+        system_prompt=DEFAULT_SYSTEM_PROMPTS.get(task) if task else None,
+        evaluation=EvaluationBlock().model_dump(),
+        checkpoint="base",
+    )
+
+
+def _architecture_for(p: Path, source: str, architecture: str | None) -> registry.Architecture:
+    if architecture:
+        name, _, size = architecture.partition(":")
+        return registry.get(name, size)
+    for arch in registry.ARCHITECTURES:
+        if arch.repo_id == source:
+            return arch
+    model_type = None
+    if source.startswith("tiny:"):
+        model_type = source.split(":", 1)[1]
+    elif (p / "config.json").exists():
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    if model_type:
+        matches = registry.by_model_type(model_type)
+        if matches:
+            return matches[0]
+        raise VrayError(f"{source}: model_type {model_type!r} is not a supported architecture")
+    raise VrayError(
+        f"{source!r} is not a run directory, a checkpoint or a model folder; for a hub model pass "
+        "--architecture NAME:SIZE as well"
+    )

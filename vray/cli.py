@@ -1,0 +1,155 @@
+"""The `vray` command: parses arguments and delegates to the modules; user errors print without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vray.errors import VrayError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Fine-tune and serve vision-language models on Ray.")
+err = Console(stderr=True)
+# Piped output is not wrapped at 80 columns: tables stay one row per checkpoint.
+out = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@app.command()
+def archs(as_json: bool = typer.Option(False, "--json", help="print the list as JSON (with exact parameter counts)")) -> None:
+    """List the supported checkpoints (parameter counts from the real configs on the meta device)."""
+    from vray.archs.table import archs_json
+
+    rows = archs_json()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} supported checkpoints")
+    for col in ("name", "size", "repo_id", "model_type", "params", "active", "vision", "LoRA", "boxes", "verified"):
+        table.add_column(col, justify="right" if col in ("params", "active", "vision") else "left", no_wrap=True)
+    for r in rows:
+        p = r["params"]
+        table.add_row(r["name"], r["size"], r["repo_id"], r["model_type"], f"{p['total'] / 1e9:.2f}B",
+                      f"{p['active'] / 1e9:.2f}B", f"{p['vision'] / 1e9:.2f}B", "yes" if r["lora_supported"] else "no",
+                      r["box_convention"], ("yes" if r["verified"] else "no") + (" *" if r["assumed"] else ""))
+    out.print(table)
+    out.print("* some config values are assumptions; `vray archs --json` lists them under `assumed`")
+
+
+@app.command()
+def train(
+    spec_file: Optional[Path] = typer.Argument(None, help="run spec (YAML)"),
+    run_json: Optional[Path] = typer.Option(None, "--run-json", help="a saved run.json: its model block"),
+    task: Optional[str] = typer.Option(None, help="phrase_grounding | vqa | freeform"),
+    data: Optional[str] = typer.Option(None, help="training data: JSONL path or synthetic:<task>"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out data: JSONL path"),
+    output: Optional[str] = typer.Option(None, help="parent folder of run directories"),
+    set_: list[str] = typer.Option([], "--set", help="override any key: --set hyperparameters.epochs=3"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run directory from its latest checkpoint"),
+    verbose: bool = typer.Option(False, "--verbose", help="stream worker logs"),
+) -> None:
+    """Fine-tune on Ray Train; prints the run directory as the last line."""
+    _quiet_libraries()
+    from vray.spec import load_spec
+    from vray.train.launcher import prepare, run_training
+
+    resume_from = None
+    if resume is not None:
+        from vray.rundir import RunDir
+
+        run = RunDir.of(resume)
+        if not run.spec.exists():
+            raise VrayError(f"--resume {resume}: not a run directory (no spec.yaml)")
+        spec = load_spec(run.spec, overrides=set_)
+        resume_from = run.latest_checkpoint()
+        prepared = prepare(spec, resume=True)
+    else:
+        spec = load_spec(spec_file, run_json=run_json, overrides=set_, task=task, data=data, eval_data=eval_data,
+                         output=output)
+        prepared = prepare(spec)
+    err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
+              f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
+              f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}")
+    run = run_training(prepared, err, resume_from=resume_from, verbose=verbose)
+    best = run.best_checkpoint()
+    if best is not None:
+        err.print(f"best checkpoint: {best.name}")
+    typer.echo(str(run.root))
+
+
+@app.command()
+def serve(
+    target: str = typer.Argument(..., help="run directory, checkpoint folder, model folder, tiny:<family> or hub repo id"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VRAY_API_KEY", help="require 'Authorization: Bearer KEY'"),
+    detach: bool = typer.Option(False, "--detach", help="deploy into a persistent Ray cluster and return"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without an API key"),
+    architecture: Optional[str] = typer.Option(None, help="NAME:SIZE, for a hub model"),
+    task: Optional[str] = typer.Option(None, help="task of a base model (phrase_grounding adds boxes)"),
+    allow_image_host: list[str] = typer.Option([], "--allow-image-host", help="http(s) image hosts requests may use"),
+    verbose: bool = typer.Option(False, "--verbose", help="stream replica logs"),
+) -> None:
+    """Deploy a model on Ray Serve behind an OpenAI-compatible HTTP API."""
+    _quiet_libraries()
+    from vray.serve.runner import block_until_interrupted, deploy
+    from vray.serve.target import resolve_target
+
+    resolved = resolve_target(target, architecture=architecture, task=task)
+    err.print(f"deploying {resolved.model_id} ({resolved.checkpoint}) ...")
+    endpoint = deploy(resolved, host=host, port=port, api_key=api_key, detach=detach, insecure=insecure,
+                      allowed_image_hosts=allow_image_host, verbose=verbose)
+    if detach:
+        err.print(f"serving {endpoint.model_id} at {endpoint.url}; stop with `serve shutdown -y` (and `ray stop`)")
+        typer.echo(endpoint.url)
+        return
+    block_until_interrupted(endpoint, err)
+
+
+@app.command()
+def demo(
+    output: Optional[str] = typer.Option(None, help="parent folder of the demo's run directory"),
+    set_: list[str] = typer.Option([], "--set", help="override a key of the embedded spec"),
+    keep_serving: bool = typer.Option(False, "--keep-serving", help="leave the endpoint up until Ctrl-C"),
+    port: Optional[int] = typer.Option(None, help="HTTP port (default: a free one)"),
+) -> None:
+    """Fine-tune tiny:qwen2_5_vl on synthetic:vqa with Ray, serve it, and query it over HTTP."""
+    _quiet_libraries()
+    from vray.demo import run_demo
+
+    result = run_demo(out, output=output, overrides=set_, keep_serving=keep_serving, port=port)
+    if result.exact_match_after <= result.exact_match_before:
+        raise VrayError(
+            f"the fine-tuned model did not beat the untrained one ({result.exact_match_after:.3f} vs "
+            f"{result.exact_match_before:.3f}); see {result.run_dir}/curves.png"
+        )
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except VrayError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

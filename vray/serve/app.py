@@ -3,7 +3,7 @@
 `app_builder(args)` is a Ray Serve application builder, so the same app runs from `vray serve`, from a
 Serve config file (`import_path: vray.serve.app:app_builder`) and from a KubeRay RayService.
 """
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
 
 import time
 import uuid
@@ -77,6 +77,9 @@ class Ingress:
         return None
 
     async def _payload(self, request: Request) -> dict[str, Any] | JSONResponse:
+        """The JSON body of an authorised request for this model, or the error response."""
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
         try:
             payload = await request.json()
         except Exception:  # noqa: BLE001
@@ -100,8 +103,6 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
         payload = await self._payload(request)
         if isinstance(payload, JSONResponse):
             return payload
@@ -128,8 +129,6 @@ class Ingress:
 
     @api.post("/v1/ground")
     async def ground(self, request: Request) -> Any:
-        if (denied := self._unauthorized(request)) is not None:
-            return denied
         payload = await self._payload(request)
         if isinstance(payload, JSONResponse):
             return payload

@@ -23,6 +23,9 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _quiet_libraries() -> None:
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

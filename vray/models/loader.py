@@ -123,8 +123,8 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: dic
             bnb_4bit_quant_type=quantization.get("type", "NF4").lower(),
             bnb_4bit_compute_dtype=DTYPES[precision],
             bnb_4bit_use_double_quant=True,
-            # Keep the vision tower, projector and LM head in full precision.
-            llm_int8_skip_modules=[m.split(".")[-1] for m in arch.vision_modules + arch.projector_modules] + ["lm_head"],
+            # Keep the vision tower, projector and LM head in the compute dtype (matched from the module name's start).
+            llm_int8_skip_modules=list(arch.vision_modules + arch.projector_modules) + ["lm_head"],
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
@@ -175,6 +175,30 @@ def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False)
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
+
+
+def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: dict[str, Any] | None,
+                         lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
+                         ) -> tuple[nn.Module, torch.dtype | None]:
+    """The model ready to train, and the autocast dtype its forward runs under (None: no autocast).
+
+    LoRA / QLoRA: the base at the run's precision (4-bit Linear weights under QLoRA), fp32 adapters.
+    Full: trainable weights in fp32 (the master copy) with the forward in the run's precision under autocast;
+    frozen weights (the vision tower) stored at the run's precision.
+    """
+    full = mode == "Full"
+    model = load_model(path, arch, "Float32" if full else precision, quantization, device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if not full:
+        return apply_lora(model, arch, lora), None
+    model = apply_full(model, arch)
+    dtype = DTYPES[precision]
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model, (dtype if precision != "Float32" else None)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -91,12 +91,16 @@ class DDPEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, device_ids=ids)
+            # Gradients live in the communication buckets: no second copy of them.
+            self.module = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
         if last_micro_batch or not hasattr(self.module, "no_sync"):
             return contextlib.nullcontext()
         return self.module.no_sync()
+
+
+ENGINES = ("ddp",)
 
 
 def build_engine(strategy: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

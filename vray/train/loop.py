@@ -24,7 +24,7 @@ from vray.data.boxes import PixelBox
 from vray.data.collate import Collator
 from vray.data.sample import Sample, read_jsonl
 from vray.models.generate import GenerationSettings, generate_texts
-from vray.models.loader import apply_full, apply_lora, load_model, load_processor, resolve_source, trainable_parameters
+from vray.models.loader import load_processor, prepare_for_training, resolve_source, trainable_parameters
 from vray.plan.plan import Plan, steps_per_epoch
 from vray.spec import RunSpec
 from vray.train import metrics as task_metrics
@@ -73,18 +73,27 @@ class WorkerConfig:
 
 
 def _device(plan: Plan) -> torch.device:
-    if plan.device == "gpu" and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    """This worker's device: its GPU under Ray Train or torchrun (LOCAL_RANK), else the CPU."""
+    if plan.device != "gpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    try:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    except Exception:  # noqa: BLE001 - not inside a Ray Train worker
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer a spec names."""
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The optimizer a spec names (the fused CUDA kernels on a GPU: no temporaries in the step)."""
+    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "Adafactor":
@@ -136,15 +145,10 @@ class Recipe:
         full = self.spec.trainingMode.type == "Full"
         # Full fine-tuning resumes from the checkpoint's own weights; LoRA loads its adapter onto the base later.
         weights = restore if (full and restore is not None) else self.model_path
-        model = load_model(weights, self.arch, self.spec.compute.precisionType,
-                           self.spec.quantization.model_dump(), self.device)
-        if self.plan.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        if self.spec.trainingMode.type == "LoRA":
-            model = apply_lora(model, self.arch, self.spec.lora)
-        else:
-            model = apply_full(model, self.arch)
+        model, self.autocast_dtype = prepare_for_training(
+            weights, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
+            self.spec.quantization.model_dump(), self.spec.lora, self.device, self.plan.gradient_checkpointing,
+        )
         model.train()
         self.model = model
         self.trainable, self.total_params = trainable_parameters(model)
@@ -152,7 +156,7 @@ class Recipe:
     def _setup_optimizer(self) -> None:
         hp = self.spec.hyperparameters
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(hp.optimizer, params, hp.learningRate, hp.weightDecay)
+        self.optimizer = build_optimizer(hp.optimizer, params, hp.learningRate, hp.weightDecay, self.device)
 
     def _setup_lr_scheduler(self) -> None:
         from transformers import get_cosine_schedule_with_warmup
@@ -226,11 +230,16 @@ class Recipe:
             batch = self.collator.batch([self.collator.encode(s) for s in samples])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(micro_batches) - 1):
-                loss = self.engine.module(**batch).loss / len(micro_batches)
+                with self._autocast():
+                    loss = self.engine.module(**batch).loss / len(micro_batches)
                 self.engine.backward(loss)
             total += float(loss.detach())
         self.engine.step()
         return all_reduce_sum([total], self.device)[0] / self.world_size
+
+    def _autocast(self) -> Any:
+        """bf16 / fp16 compute over fp32 master weights (full fine-tuning); nothing otherwise."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -238,7 +247,7 @@ class Recipe:
         mine = self.eval_samples[self.rank::self.world_size]
         loss_sum, loss_n, num, den = 0.0, 0.0, 0.0, 0.0
         batch_size = max(1, self.plan.micro_batch)
-        with evaluating(self.model):
+        with evaluating(self.model), self._autocast():
             for j in range(0, len(mine), batch_size):
                 samples = mine[j:j + batch_size]
                 encoded = [self.collator.encode(s) for s in samples]

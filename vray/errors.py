@@ -24,3 +24,9 @@ class DataError(VrayError):
 
 class RequestError(VrayError):
     """A bad inference request (the server answers it with HTTP 400)."""
+
+
+class PlanError(VrayError):
+    """A run that does not fit the GPUs it may use (exit code 2, like `vray plan`)."""
+
+    exit_code = 2

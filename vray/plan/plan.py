@@ -39,7 +39,7 @@ class Plan:
     """How a run is executed; the trainer consumes it, nothing downstream re-derives it."""
 
     fits: bool
-    strategy: str
+    strategy: str | None
     device: str  # "gpu" or "cpu"
     num_workers: int
     nodes: int
@@ -75,6 +75,10 @@ class Plan:
         # Pack a node before spanning nodes.
         out["placement_strategy"] = "PACK"
         return out
+
+    def bundles(self) -> list[dict[str, float]]:
+        """The placement-group bundles Ray Train reserves for this plan (one per worker)."""
+        return [dict(self.scaling_config["resources_per_worker"]) for _ in range(self.num_workers)]
 
     def to_dict(self) -> dict[str, Any]:
         """The `vray plan --json` object."""

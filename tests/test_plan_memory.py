@@ -1,0 +1,110 @@
+"""The memory model against real tensors: tiny checkpoints loaded, adapted and stepped on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vray.archs import registry
+from vray.data.collate import Collator
+from vray.data.sample import read_jsonl
+from vray.models.loader import load_processor, prepare_for_training
+from vray.plan.memory import Layout, Workload, activation_bytes, quantized_bytes, sample_shape, static_bytes
+from vray.plan.profile import profile_model
+from vray.spec import LoraBlock
+from vray.testing import synthetic
+from vray.testing.tiny import REFERENCE, tiny_checkpoint
+
+
+def _meta_profile(family: str):
+    """The profile of a tiny checkpoint built from its config on the meta device (as the planner does)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    folder = tiny_checkpoint(family)
+    arch = registry.get(*REFERENCE[family])
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        meta = AutoModelForImageTextToText.from_config(config)
+    raw = json.loads((folder / "config.json").read_text())
+    return profile_model(meta, arch, raw), arch, folder
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by parameters, counting each storage once, plus 4-bit quantization constants."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += _tensor_bytes(p)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            total += _tensor_bytes(qs.absmax) + _tensor_bytes(qs.code) + (_tensor_bytes(qs.offset) if qs.offset is not None else 0)
+            if qs.nested:
+                total += _tensor_bytes(qs.state2.absmax) + _tensor_bytes(qs.state2.code)
+    return total
+
+
+@pytest.mark.parametrize(("family", "mode"), [
+    ("qwen2_5_vl", "lora"), ("qwen2_5_vl", "qlora"), ("qwen2_5_vl", "full"),
+    ("qwen3_5", "lora"), ("qwen3_5", "full"), ("qwen3_vl_moe", "qlora"),
+])
+def test_estimated_weights_gradients_optimizer_match_the_tensors(family, mode):
+    profile, arch, folder = _meta_profile(family)
+    lora = LoraBlock()
+    w = Workload(mode, "BFloat16", "AdamW", lora.rank, lora.dropout, arch.lora_target_regex() if mode != "full" else None)
+    est_weights, est_grads, est_optim, _ = static_bytes(profile, w, Layout("ddp", 1, 8, 1, False))
+
+    quant = {"enabled": mode == "qlora", "type": "NF4"}
+    model, autocast = prepare_for_training(folder, arch, "Full" if mode == "full" else "LoRA", "BFloat16", quant, lora,
+                                           torch.device("cpu"))
+    assert _weight_bytes(model) == pytest.approx(est_weights, rel=0.01)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    processor = load_processor(folder)
+    sample = read_jsonl(synthetic.split_paths("synthetic:vqa?train=8&eval=2")[0])[0]
+    collator = Collator(processor, arch, "Answer briefly.")
+    batch = collator.batch([collator.encode(sample)])
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = sum(_tensor_bytes(p.grad) for p in trainable if p.grad is not None)
+    assert grads == pytest.approx(est_grads, rel=0.01)
+    optimizer.step()
+    states = sum(_tensor_bytes(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    assert states == pytest.approx(est_optim, rel=0.01)
+    if mode == "full":  # fp32 master weights for what trains, the run's precision for the frozen vision tower
+        assert {p.dtype for p in trainable} == {torch.float32}
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_quantized_weight_bytes_follow_bitsandbytes():
+    # 4096 weights: 2048 bytes packed, 64 absmax bytes, one nested fp32 absmax, and the per-layer code tables.
+    assert quantized_bytes(4096) == 2048 + 64 + 4 + 1092
+    big = 4096 * 4096
+    assert quantized_bytes(big) / big == pytest.approx(0.5 + 1 / 64, rel=0.01)
+
+
+def test_activations_follow_the_sample_and_the_settings():
+    profile, arch, _ = _meta_profile("qwen2_5_vl")
+    w = Workload("lora", "BFloat16", lora_regex=arch.lora_target_regex())
+    small = sample_shape(profile, max_pixels=256 * 256)
+    large = sample_shape(profile)
+    assert large.visual_tokens > small.visual_tokens and large.sequence == 512 + large.visual_tokens
+    one, _ = activation_bytes(profile, w, Layout("ddp", 1, 8, 1, False), large)
+    two, _ = activation_bytes(profile, w, Layout("ddp", 1, 8, 2, False), large)
+    ckpt, _ = activation_bytes(profile, w, Layout("ddp", 1, 8, 1, True), large)
+    shorter, _ = activation_bytes(profile, w, Layout("ddp", 1, 8, 1, False), small)
+    assert two > one > ckpt and shorter < one
+    no_dropout = Workload("lora", "BFloat16", lora_dropout=0.0, lora_regex=arch.lora_target_regex())
+    assert activation_bytes(profile, no_dropout, Layout("ddp", 1, 8, 1, False), large)[0] < one
+    video = sample_shape(profile, max_frames=16)
+    assert video.frames == 16 and video.images == 0 and video.visual_tokens > 0

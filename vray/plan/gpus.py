@@ -1,0 +1,77 @@
+"""GPU catalog: usable memory, bf16 support, dense bf16 TFLOP/s and interconnect of each GPU kind vray plans for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vray.archs.registry import suggest
+from vray.errors import VrayError
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU kind."""
+
+    name: str
+    memory_bytes: int  # what the driver reports as total (nvidia-smi), not the marketing figure
+    bf16: bool
+    tflops: float  # dense tensor-core TFLOP/s at bf16 (fp16 where the GPU has no bf16)
+    interconnect: str  # within a node: "pcie" or "nvlink"
+    host_memory_per_gpu: int  # CPU memory per GPU of the usual 8-GPU cloud node (what offload can use)
+    ray_accelerator_types: tuple[str, ...] = ()
+
+    @property
+    def memory_gib(self) -> float:
+        """Memory in GiB."""
+        return self.memory_bytes / GIB
+
+
+CATALOG: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        # host memory: g4dn.metal 384 GB, g6.48xlarge / g5.48xlarge 768 GB, p4d / p4de 1152 GB, p5 / p5e / p6 2 TB; / 8
+        GPU("T4-16GB", 15360 * MIB, False, 65.0, "pcie", 48 * GIB, ("T4",)),
+        GPU("L4-24GB", 23034 * MIB, True, 121.0, "pcie", 96 * GIB, ("L4",)),
+        GPU("A10G-24GB", 23028 * MIB, True, 70.0, "pcie", 96 * GIB, ("A10G",)),
+        GPU("A100-40GB", 40960 * MIB, True, 312.0, "nvlink", 144 * GIB, ("A100-40G",)),
+        GPU("A100-80GB", 81920 * MIB, True, 312.0, "nvlink", 144 * GIB, ("A100-80G", "A100")),
+        GPU("H100-80GB", 81559 * MIB, True, 989.0, "nvlink", 256 * GIB, ("H100",)),
+        GPU("H200-141GB", 143771 * MIB, True, 989.0, "nvlink", 256 * GIB, ("H200",)),
+        GPU("B200-192GB", 183359 * MIB, True, 2250.0, "nvlink", 256 * GIB, ("B200",)),
+    )
+}
+
+
+def gpu(name: str) -> GPU:
+    """A catalog entry by its command-line name; a VrayError lists the names."""
+    if name in CATALOG:
+        return CATALOG[name]
+    raise VrayError(f"--gpu {name!r} is not in the catalog{suggest(name, list(CATALOG))}; choose one of {', '.join(CATALOG)}")
+
+
+def from_ray_accelerator_type(accelerator_type: str) -> GPU | None:
+    """The catalog entry for a Ray `accelerator_type:<X>` resource, if known."""
+    for g in CATALOG.values():
+        if accelerator_type in g.ray_accelerator_types:
+            return g
+    return None
+
+
+def local_gpu() -> tuple[GPU, int] | None:
+    """(catalog entry, count) of this machine's CUDA GPUs, or None without any."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    props = torch.cuda.get_device_properties(0)
+    name = props.name.upper()
+    family = next((f for f in ("B200", "H200", "H100", "A100", "A10G", "L4", "T4") if f in name), None)
+    matches = [g for g in CATALOG.values() if family and g.name.startswith(family)]
+    if matches:  # the variant whose memory is closest to what the device reports
+        best = min(matches, key=lambda g: abs(g.memory_bytes - props.total_memory))
+        return best, torch.cuda.device_count()
+    bf16 = torch.cuda.is_bf16_supported()
+    return GPU(props.name, props.total_memory, bf16, 100.0, "pcie", 64 * GIB), torch.cuda.device_count()

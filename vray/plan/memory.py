@@ -1,0 +1,390 @@
+"""The architecture-to-VRAM model: predicted bytes per GPU of one training layout.
+
+Per GPU, for a strategy sharding over S ranks (S = 1 for ddp, the data-parallel size for ZeRO / FSDP2,
+the GPUs of a node for fsdp2-hybrid), with p the bytes of the run's precision (2 for BFloat16 / Float16,
+4 for Float32) and T the trainable parameters:
+
+- weights: frozen parameters at p (NF4 / FP4 Linear weights at 0.5 byte plus their quantization
+  constants under QLoRA); trainable parameters at 4 bytes under ddp (fp32 master weights, bf16 autocast)
+  and fsdp2 (fp32 shards, bf16 compute), at p under DeepSpeed (bf16 module). ZeRO-3 and FSDP2 divide all
+  weights by S; ZeRO-3-offload keeps none on the GPU. LoRA adapters are fp32 (peft keeps them so).
+- gradients: one per trainable parameter in its dtype (/S from ZeRO-2); DeepSpeed adds fp32 gradient
+  partitions (4T/S) for the mixed-precision step.
+- optimizer: AdamW / Adam two fp32 moments (8 bytes), SGD one (4), Adafactor factored second moments;
+  DeepSpeed adds fp32 master weights (4T) under mixed precision; /S from ZeRO-1; torch optimizers keep a
+  4-byte step counter per tensor.
+- activations: one micro-batch of the assumed sample (text tokens plus visual tokens) through every
+  decoder layer, per layer type (full attention, gated attention, Gated DeltaNet with its fp32 chunk
+  states, dense or MoE MLP), LoRA's fp32 input copies, and the logits buffer (tokens x vocabulary x 12
+  bytes: bf16 logits, fp32 log-probabilities, fp32 and bf16 gradients). Gradient checkpointing keeps only
+  each layer's input plus one layer recomputed. The frozen vision tower saves nothing for backward; its
+  forward peak counts when it exceeds the language model's.
+- other: a stated framework overhead (256 MiB of allocator slack and workspaces) plus each engine's
+  buffers: DeepSpeed communication buckets, ZeRO-3 live and prefetched parameters, FSDP2's unsharded
+  working set of the largest unit.
+
+The fit test adds a margin of 5% of the GPU's memory plus 1 GiB (CUDA context, NCCL, fragmentation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from vray.plan.plan import MemoryBreakdown
+from vray.plan.profile import ArchProfile
+
+MIB = 1024**2
+GIB = 1024**3
+FRAMEWORK_OVERHEAD = 256 * MIB
+MARGIN_SHARE = 0.05
+MARGIN_FIXED = 1 * GIB
+LOGITS_BYTES_PER_ENTRY = 12
+QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
+QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
+QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
+DS_BUCKET = 200_000_000  # DeepSpeed reduce / all-gather bucket (elements) vray configures
+SHARDED = ("zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid")
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """The training sample the activation estimate assumes."""
+
+    text_tokens: int
+    images: int
+    image_width: int
+    image_height: int
+    frames: int
+    visual_tokens: int
+    vision_patches: int
+
+    @property
+    def sequence(self) -> int:
+        """Tokens the language model sees."""
+        return self.text_tokens + self.visual_tokens
+
+    def describe(self) -> dict[str, int | str]:
+        """For `assumptions` in a plan."""
+        media = f"{self.images} image(s) of {self.image_width}x{self.image_height} px"
+        if self.frames:
+            media = f"a video of {self.frames} frames of {self.image_width}x{self.image_height} px"
+        return {"sample": f"{self.text_tokens} text tokens + {media}", "text_tokens": self.text_tokens,
+                "images": self.images, "image_width": self.image_width, "image_height": self.image_height,
+                "frames": self.frames, "visual_tokens": self.visual_tokens, "vision_patches": self.vision_patches,
+                "sequence": self.sequence}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The run as the memory model sees it."""
+
+    mode: str  # "lora" | "qlora" | "full"
+    precision: str  # "BFloat16" | "Float16" | "Float32"
+    optimizer: str = "AdamW"
+    lora_rank: int = 16
+    lora_dropout: float = 0.05
+    lora_regex: str | None = None
+    train_vision: bool = False
+
+    @property
+    def p(self) -> int:
+        """Bytes per element at the run's precision."""
+        return 4 if self.precision == "Float32" else 2
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision != "Float32"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one run is laid out on GPUs."""
+
+    strategy: str
+    workers: int
+    gpus_per_node: int
+    micro_batch: int
+    gradient_checkpointing: bool
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.workers / self.gpus_per_node)
+
+    @property
+    def shard(self) -> int:
+        """Ranks one copy of the sharded state is spread over."""
+        if self.strategy == "ddp":
+            return 1
+        if self.strategy == "fsdp2-hybrid":
+            return min(self.workers, self.gpus_per_node)
+        return self.workers
+
+
+def sample_shape(profile: ArchProfile, min_pixels: int | None = None, max_pixels: int | None = None,
+                 max_frames: int | None = None, text_tokens: int = 512) -> SampleShape:
+    """The sample activations are planned for: one 1024x1024 image (or the media limits), 512 text tokens."""
+    v = profile.vision
+    pixels = 1024 * 1024
+    if max_pixels:
+        pixels = min(pixels, max_pixels) if not min_pixels or min_pixels <= pixels else min_pixels
+    elif min_pixels and min_pixels > pixels:
+        pixels = min_pixels
+    frames = max_frames or 0
+    if frames:
+        pixels = min(pixels, 448 * 448) if not max_pixels else min(pixels, max_pixels)
+    side = int(math.sqrt(pixels))
+    if v.kind == "qwen":
+        unit = v.patch * v.merge
+        grid = max(1, round(side / unit))
+        w = h = grid * unit
+        per_image_patches = (w // v.patch) * (h // v.patch)
+        steps = max(1, math.ceil(frames / v.temporal_patch)) if frames else 1
+        patches = per_image_patches * steps
+        tokens = patches // (v.merge * v.merge)
+        return SampleShape(text_tokens, 0 if frames else 1, w, h, frames, tokens, patches)
+    # Tiled towers: dynamic tiling into tiles of `tile` px plus a thumbnail (InternVL, NVILA-Lite).
+    tiles_per_side = max(1, round(side / v.tile))
+    tiles = tiles_per_side * tiles_per_side + (1 if tiles_per_side > 1 else 0)
+    per_tile = (v.tile // v.patch) ** 2
+    per_tile_tokens = math.ceil(v.tile / v.patch / v.merge) ** 2
+    units = tiles * (max(frames, 1) if frames else 1)
+    return SampleShape(text_tokens, 0 if frames else 1, side, side, frames, units * per_tile_tokens, units * per_tile)
+
+
+# ---- parameters --------------------------------------------------------------------------------------
+
+
+def quantized_bytes(numel: int) -> int:
+    """Bytes of one bitsandbytes 4-bit weight with double quantization: packed data plus its constants."""
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / QUANT_NESTED_BLOCK) + QUANT_FIXED_BYTES
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Frozen storage bytes (unsharded) and trainable parameters of a workload."""
+
+    frozen_bytes: int
+    trainable: int
+    trainable_tensors: int
+    adafactor_states: int  # elements of Adafactor's factored second moments for the trainable tensors
+    lora_targets: int
+    base_trainable: bool  # trainables are base weights (full) rather than fp32 adapters
+
+
+def _adafactor_elems(shape: tuple[int, ...]) -> int:
+    if len(shape) < 2:
+        return math.prod(shape)
+    lead = math.prod(shape[:-2])
+    return lead * shape[-2] + lead * shape[-1]
+
+
+@lru_cache(maxsize=4096)
+def param_split(profile: ArchProfile, w: Workload) -> ParamSplit:
+    """Which parameters train and what the frozen ones occupy."""
+    quantize: set[str] = set()
+    if w.mode == "qlora":
+        quantize = {f"{lin.name}.weight" for lin in profile.linears if profile.role(lin.name) == "language"}
+    frozen = trainable = tensors = ada = 0
+    for t in profile.tensors:
+        role = profile.role(t.name)
+        trains = w.mode == "full" and (role != "vision" or w.train_vision)
+        if trains:
+            trainable += t.numel
+            tensors += 1
+            ada += _adafactor_elems(t.shape)
+        elif t.name in quantize:
+            frozen += quantized_bytes(t.numel)
+        else:
+            frozen += t.numel * w.p
+    targets = 0
+    if w.mode in ("lora", "qlora"):
+        pattern = re.compile(w.lora_regex or "")
+        for lin in profile.linears:
+            if pattern.fullmatch(lin.name):
+                targets += 1
+                a, b = w.lora_rank * lin.in_features, lin.out_features * w.lora_rank
+                trainable += a + b
+                tensors += 2
+                ada += (w.lora_rank + lin.in_features) + (lin.out_features + w.lora_rank)
+    return ParamSplit(frozen, trainable, tensors, ada, targets, w.mode == "full")
+
+
+def optimizer_bytes_per_param(optimizer: str) -> float:
+    """fp32 optimizer state per trainable parameter (Adafactor: see param_split.adafactor_states)."""
+    return {"AdamW": 8.0, "Adam": 8.0, "SGD": 4.0}.get(optimizer, 0.0)
+
+
+def static_bytes(profile: ArchProfile, w: Workload, layout: Layout) -> tuple[int, int, int, dict[str, int]]:
+    """(weights, gradients, optimizer) bytes per GPU, and what an offloaded strategy keeps on the CPU."""
+    split = param_split(profile, w)
+    s, p, t = layout.shard, w.p, split.trainable
+    opt_state = split.adafactor_states * 4 if w.optimizer == "Adafactor" else optimizer_bytes_per_param(w.optimizer) * t
+    deepspeed = layout.strategy.startswith("zero")
+    cpu: dict[str, int] = {}
+    if layout.strategy == "ddp":
+        # Adapters and full-fine-tuning trainables are fp32 (the latter as master weights under bf16 autocast).
+        weights = split.frozen_bytes + 4 * t
+        grads = 4 * t
+        optim = opt_state + 4 * split.trainable_tensors
+    elif deepspeed:
+        master = 4 * t if w.mixed else 0
+        fp32_grads = 4 * t if w.mixed else 0
+        train_w = p * t
+        if layout.strategy == "zero1":
+            weights, grads, optim = split.frozen_bytes + train_w, p * t + fp32_grads / s, (master + opt_state) / s
+        elif layout.strategy == "zero2":
+            weights, grads, optim = split.frozen_bytes + train_w, (p * t + fp32_grads) / s, (master + opt_state) / s
+        elif layout.strategy == "zero3":
+            weights, grads, optim = (split.frozen_bytes + train_w) / s, (p * t + fp32_grads) / s, (master + opt_state) / s
+        else:  # zero3-offload: parameters, fp32 gradients, master weights and moments live in CPU memory
+            weights, grads, optim = 0, 0, 0
+            cpu = {"cpu_bytes_per_rank": int((split.frozen_bytes + train_w + fp32_grads + master + opt_state) / s)}
+    else:  # fsdp2 / fsdp2-hybrid: fp32 trainable shards (the master copy), bf16 compute
+        weights = (split.frozen_bytes + 4 * t) / s
+        grads = 4 * t / s
+        optim = opt_state / s
+    return int(weights), int(grads), int(optim), cpu
+
+
+# ---- activations -------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _lora_inputs_per_layer(profile: ArchProfile, w: Workload) -> tuple[tuple[int, int], ...]:
+    """(sum of in_features, adapted Linears) of each decoder layer: LoRA keeps an fp32 copy of each input."""
+    per = [(0, 0)] * profile.text.layers
+    if w.mode not in ("lora", "qlora"):
+        return tuple(per)
+    pattern = re.compile(w.lora_regex or "")
+    layer_re = re.compile(re.escape(profile.lm_prefix) + r"\.layers\.(\d+)\.")
+    for lin in profile.linears:
+        m = layer_re.match(lin.name + ".")
+        if m and pattern.fullmatch(lin.name):
+            i = int(m.group(1))
+            per[i] = (per[i][0] + lin.in_features, per[i][1] + 1)
+    return tuple(per)
+
+
+def layer_activation_bytes(profile: ArchProfile, w: Workload, kind: str, lora: tuple[int, int] = (0, 0)) -> float:
+    """Bytes one decoder layer saves for backward, per token."""
+    t = profile.text
+    h, q, kv = t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim
+    ab = w.p
+    if kind == "linear_attention":
+        kd, vd, hv = t.linear_key_heads * t.linear_key_dim, t.linear_value_heads * t.linear_value_dim, t.linear_value_heads
+        attn = 2 * h + 3 * (2 * kd + vd) + 2 * kd + 3 * vd + 2 * hv
+        extra = hv * t.linear_key_dim * t.linear_value_dim * 4 / 64  # fp32 recurrent state per 64-token chunk
+    else:
+        gate = 2 if t.attn_output_gate else 1
+        attn = 2 * h + q * gate + 2 * kv + (q + kv) + q + (2 * q if t.attn_output_gate else 0)
+        extra = 0.0
+    if t.moe:
+        mlp = 2 * h + t.experts_per_tok * (h + 4 * t.moe_intermediate) + (4 * t.shared_intermediate + 1 if t.shared_intermediate else 0)
+        extra += 4 * t.num_experts  # fp32 router probabilities
+    else:
+        mlp = 2 * h + 4 * t.intermediate
+    inputs, modules = lora
+    # fp32 input copy (plus a dropout mask) and the rank-wide fp32 output of A, for each adapted Linear.
+    adapters = inputs * (4 + (1 if w.lora_dropout > 0 else 0)) + 4 * w.lora_rank * modules
+    return (attn + mlp) * ab + extra + adapters
+
+
+@lru_cache(maxsize=4096)
+def _per_layer_bytes(profile: ArchProfile, w: Workload) -> tuple[float, ...]:
+    return tuple(layer_activation_bytes(profile, w, k, lora)
+                 for k, lora in zip(profile.text.layer_kinds, _lora_inputs_per_layer(profile, w)))
+
+
+def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape) -> tuple[int, dict[str, int]]:
+    """Peak activation bytes of one micro-batch, and its parts."""
+    t, v = profile.text, profile.vision
+    b, seq, ab = layout.micro_batch, sample.sequence, w.p
+    tokens = b * seq
+    per_layer = _per_layer_bytes(profile, w)
+    if layout.gradient_checkpointing:
+        lm = tokens * (t.layers * t.hidden * ab + max(per_layer))
+    else:
+        lm = tokens * sum(per_layer)
+    lm += tokens * 4 * t.hidden * ab  # embeddings, merged visual tokens, final norm
+    logits = tokens * t.vocab * (LOGITS_BYTES_PER_ENTRY if w.mixed else 16)
+    patches = b * sample.vision_patches
+    vision_mlp = 3 if v.mlp == "swiglu" else 2
+    vision_block = patches * (6 * v.hidden + vision_mlp * v.intermediate) * ab
+    if w.train_vision:
+        vision_saved = v.depth * vision_block
+        vision_peak = 0
+    else:
+        vision_saved = 0
+        vision_peak = vision_block + patches * v.hidden * ab
+    projector = 0
+    if w.mode == "full":  # the projector trains: its inputs are saved
+        projector = b * sample.visual_tokens * (3 * v.merge * v.merge * v.hidden + 2 * t.hidden) * ab
+    lm_phase = lm + logits + vision_saved + projector
+    peak = max(lm_phase, vision_peak)
+    return int(peak), {"language_model": int(lm), "logits": int(logits), "vision": int(max(vision_saved, vision_peak)),
+                       "projector": int(projector)}
+
+
+# ---- everything --------------------------------------------------------------------------------------
+
+
+def buffers_bytes(profile: ArchProfile, w: Workload, layout: Layout) -> int:
+    """Engine buffers and the stated framework overhead."""
+    p = w.p
+    unit = profile.largest_gather_unit
+    split_trainable = param_split(profile, w).trainable
+    if layout.strategy in ("zero1", "zero2"):
+        bucket = min(DS_BUCKET, max(split_trainable, 1))
+        extra = (3 if layout.strategy == "zero2" else 2) * bucket * p
+    elif layout.strategy in ("zero3", "zero3-offload"):
+        bucket = min(DS_BUCKET, max(split_trainable, 1))
+        extra = 3 * unit * p + bucket * p  # live + prefetched parameters, reduce bucket
+    elif layout.strategy in ("fsdp2", "fsdp2-hybrid"):
+        extra = 2 * unit * 2 + unit * 4  # unsharded bf16 unit and its prefetch, its fp32 gradient before reduce-scatter
+    else:
+        extra = 0
+    return int(FRAMEWORK_OVERHEAD + extra)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted bytes per GPU of one layout."""
+
+    memory: MemoryBreakdown
+    capacity: int
+    margin: int
+    activation_parts: dict[str, int]
+    cpu: dict[str, int]
+    host_limit: int | None = None  # CPU memory one rank may use for offloaded state
+
+    @property
+    def fits(self) -> bool:
+        cpu = self.cpu.get("cpu_bytes_per_rank", 0)
+        return self.memory.total + self.margin <= self.capacity and (self.host_limit is None or cpu <= self.host_limit)
+
+    @property
+    def headroom(self) -> int:
+        return self.capacity - self.margin - self.memory.total
+
+
+def margin_bytes(capacity: int) -> int:
+    """The safety margin: 5% of the GPU's memory plus 1 GiB."""
+    return int(MARGIN_SHARE * capacity + MARGIN_FIXED)
+
+
+HOST_SHARE = 0.8  # of a rank's share of host memory that offloaded state may take
+
+
+def estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, capacity: int,
+             host_memory_per_gpu: int | None = None) -> Estimate:
+    """Predicted peak bytes per GPU of `w` laid out as `layout` (and, for offload, CPU bytes per rank)."""
+    weights, grads, optim, cpu = static_bytes(profile, w, layout)
+    acts, parts = activation_bytes(profile, w, layout, sample)
+    memory = MemoryBreakdown(weights=weights, gradients=grads, optimizer=optim, activations=acts,
+                             other=buffers_bytes(profile, w, layout))
+    limit = int(HOST_SHARE * host_memory_per_gpu) if host_memory_per_gpu else None
+    return Estimate(memory, capacity, margin_bytes(capacity), parts, cpu, limit)

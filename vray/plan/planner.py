@@ -1,0 +1,414 @@
+"""The planner: choose GPUs, strategy, batch split and placement for a run, or say what would fit.
+
+A plan fits when the predicted peak per GPU plus the margin (5% of memory + 1 GiB) is within the GPU's
+memory. Among plans that fit without CPU offload vray takes the fewest GPUs, then the fewest nodes, then
+the fastest estimated step; ZeRO-3 with CPU offload only when nothing else fits. The effective batch
+(batchSize x gradientAccumulation) is preserved as micro-batch x accumulation x workers; gradient
+checkpointing is switched on only when it is needed to fit (or is faster at the larger micro-batch it allows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vray.archs import registry
+from vray.errors import VrayError
+from vray.plan.gpus import CATALOG, GPU
+from vray.plan.memory import Estimate, Layout, SampleShape, Workload, estimate, sample_shape
+from vray.plan.plan import Plan
+from vray.plan.profile import ArchProfile, arch_profile
+from vray.spec import RunSpec
+
+MAX_NODES = 64
+DEFAULT_GPUS_PER_NODE = 8
+DEFAULT_DATASET_SAMPLES = 1000
+# Assumed model-FLOPs utilisation per strategy (share of the GPU's dense bf16 TFLOP/s a step achieves).
+MFU = {"ddp": 0.40, "zero1": 0.38, "zero2": 0.36, "fsdp2-hybrid": 0.34, "fsdp2": 0.33, "zero3": 0.30,
+       "zero3-offload": 0.08}
+CROSS_NODE_FACTOR = 0.85  # sharded all-gathers across nodes (not for fsdp2-hybrid, whose gathers stay in a node)
+PCIE_SHARDED_FACTOR = 0.7  # sharded strategies over PCIe-only GPUs
+STRATEGIES = {
+    "full": ("ddp", "zero1", "zero2", "fsdp2", "fsdp2-hybrid", "zero3"),
+    "lora": ("ddp", "zero2", "fsdp2", "fsdp2-hybrid", "zero3"),
+    "qlora": ("ddp",),  # the 4-bit base is replicated; only the adapter trains
+}
+OFFLOAD = {"full": ("zero3-offload",), "lora": ("zero3-offload",), "qlora": ()}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the run may use: a GPU kind, GPUs per node, and nodes (None: as many as needed)."""
+
+    gpu: GPU
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    nodes: int | None = None
+    host_memory: int | None = None  # CPU memory per GPU, when known (a running cluster); else the catalog's
+
+    @property
+    def host_memory_per_gpu(self) -> int:
+        return self.host_memory or self.gpu.host_memory_per_gpu
+
+    @property
+    def max_gpus(self) -> int:
+        return self.gpus_per_node * (self.nodes or MAX_NODES)
+
+    def describe(self) -> str:
+        nodes = f"{self.nodes} node(s)" if self.nodes else "as many nodes as needed"
+        return f"{self.gpus_per_node}x {self.gpu.name} per node, {nodes}"
+
+
+def workload_of(spec: RunSpec) -> Workload:
+    """The memory model's view of a spec."""
+    arch = spec.arch
+    mode = "full" if spec.trainingMode.type == "Full" else ("qlora" if spec.quantization.enabled else "lora")
+    regex = arch.lora_target_regex(spec.lora.targets) if mode != "full" and arch.lora_supported else None
+    return Workload(mode=mode, precision=spec.compute.precisionType, optimizer=spec.hyperparameters.optimizer,
+                    lora_rank=spec.lora.rank, lora_dropout=spec.lora.dropout, lora_regex=regex)
+
+
+def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
+    """The sample shape a spec's media limits imply."""
+    return sample_shape(profile, spec.media.minPixels, spec.media.maxPixels, spec.media.maxFrames)
+
+
+def dataset_size(spec: RunSpec) -> tuple[int, str]:
+    """(training samples, where the number comes from): counted for local files and synthetic data."""
+    train = spec.data.train or ""
+    if train.startswith("synthetic:"):
+        from vray.testing.synthetic import parse_uri
+
+        return parse_uri(train).train, "synthetic dataset size"
+    path = Path(train).expanduser() if train and "://" not in train else None
+    if path is not None and path.is_file():
+        with open(path) as fh:
+            return sum(1 for line in fh if line.strip()), f"lines of {path.name}"
+    return DEFAULT_DATASET_SAMPLES, "assumed (no local training data to count)"
+
+
+def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool) -> float:
+    """Training FLOPs of one sample: 2 x active parameters per token forward, backward 2x (full) or 1x (frozen
+    weights: input gradients only), one more forward under gradient checkpointing; attention scores and the
+    vision tower on top."""
+    t = profile.text
+    seq = sample.sequence
+    lm_params = profile.active_language_params
+    if profile.params_of("lm_head") == 0:  # tied: the embedding matrix is multiplied once more as the LM head
+        lm_params += t.hidden * t.vocab
+    full_layers = sum(1 for k in t.layer_kinds if k == "full_attention")
+    forward = seq * 2 * lm_params + full_layers * 2 * seq * seq * t.heads * t.head_dim
+    backward = (2.0 if w.mode == "full" else 1.0) * forward
+    recompute = forward if gradient_checkpointing else 0.0
+    vision = 2 * (profile.params_of("vision") + profile.params_of("projector")) * sample.vision_patches
+    return forward + backward + recompute + vision * (3 if w.train_vision else 1)
+
+
+def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, gpu: GPU,
+                  effective_batch: int, samples: int, epochs: int) -> dict[str, float]:
+    """Step time, total hours and GPU-hours at the assumed MFU of the strategy."""
+    mfu = MFU[layout.strategy]
+    if layout.nodes > 1 and layout.strategy not in ("ddp", "zero1", "zero2", "fsdp2-hybrid"):
+        mfu *= CROSS_NODE_FACTOR
+    if gpu.interconnect == "pcie" and layout.strategy != "ddp":
+        mfu *= PCIE_SHARDED_FACTOR
+    flops = effective_batch * flops_per_sample(profile, w, sample, layout.gradient_checkpointing)
+    step_s = flops / (layout.workers * gpu.tflops * 1e12 * mfu)
+    steps = epochs * math.ceil(samples / effective_batch)
+    hours = steps * step_s / 3600
+    return {"step_seconds": round(step_s, 4), "steps": steps, "hours": round(hours, 4),
+            "gpu_hours": round(hours * layout.workers, 4), "mfu": round(mfu, 3)}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    layout: Layout
+    est: Estimate
+    step_seconds: float
+
+
+def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, workers: int,
+                      per_worker: int, strategies: tuple[str, ...], effective: int, samples: int,
+                      epochs: int) -> _Candidate | None:
+    nodes = math.ceil(workers / inv.gpus_per_node)
+    found: list[_Candidate] = []
+    for strategy in strategies:
+        if strategy == "fsdp2-hybrid" and nodes < 2:
+            continue  # within one node it is fsdp2
+        if strategy != "ddp" and workers == 1 and strategy != "zero3-offload":
+            continue  # nothing to shard over
+        for gc in (False, True):
+            for micro in sorted(_divisors(per_worker), reverse=True):
+                layout = Layout(strategy, workers, inv.gpus_per_node, micro, gc)
+                est = estimate(profile, w, layout, sample, inv.gpu.memory_bytes, inv.host_memory_per_gpu)
+                if est.fits:
+                    secs = step_estimate(profile, w, layout, sample, inv.gpu, effective, samples, epochs)["step_seconds"]
+                    found.append(_Candidate(layout, est, secs))
+                    break
+    return min(found, key=lambda c: c.step_seconds) if found else None
+
+
+def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, effective: int,
+           workers: int | None = None, samples: int = DEFAULT_DATASET_SAMPLES, epochs: int = 1,
+           allow_offload: bool = True) -> _Candidate | None:
+    """The cheapest layout that fits, or None: the fewest GPUs without offload; with offload, the fastest."""
+    if workers is not None:
+        counts = [workers]
+    else:
+        counts = [n for n in _divisors(effective) if n <= inv.max_gpus]
+    for n in counts:
+        best = _best_for_workers(profile, w, sample, inv, n, effective // n, STRATEGIES[w.mode], effective, samples, epochs)
+        if best is not None:
+            return best
+    if not (allow_offload and OFFLOAD[w.mode]):
+        return None
+    # Offload is the last resort; every GPU it spreads over shortens the CPU round trips, so take the fastest.
+    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, OFFLOAD[w.mode], effective, samples, epochs)
+                 for n in counts]
+    found = [c for c in offloaded if c is not None]
+    return min(found, key=lambda c: c.step_seconds) if found else None
+
+
+def min_gpus_ignoring_batch(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory) -> int | None:
+    """The fewest GPUs of this kind that hold the run without CPU offload at micro-batch 1 (the effective batch
+    set to match): 1, 2, 4, ... up to a node, then whole nodes."""
+    n = 1
+    while n <= inv.max_gpus:
+        if search(profile, w, sample, inv, effective=n, workers=n, allow_offload=False) is not None:
+            return n
+        n = n * 2 if n < inv.gpus_per_node else n + inv.gpus_per_node
+    return None
+
+
+def deepspeed_config(layout: Layout, spec: RunSpec, profile: ArchProfile, w: Workload) -> dict[str, Any]:
+    """The DeepSpeed config of a ZeRO plan."""
+    stage = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3-offload": 3}[layout.strategy]
+    accum = spec.hyperparameters.effective_batch // (layout.micro_batch * layout.workers)
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 200_000_000}
+    if stage < 3:
+        zero["allgather_bucket_size"] = 200_000_000
+    else:
+        unit = profile.largest_gather_unit
+        zero.update(stage3_prefetch_bucket_size=unit, stage3_max_live_parameters=2 * unit,
+                    stage3_param_persistence_threshold=100_000, stage3_gather_16bit_weights_on_model_save=True)
+    if layout.strategy == "zero3-offload":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": spec.hyperparameters.effective_batch,
+        "gradient_clipping": spec.hyperparameters.maxGradNorm,
+        "bf16": {"enabled": w.precision == "BFloat16"},
+        "fp16": {"enabled": w.precision == "Float16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def fsdp_settings(layout: Layout, w: Workload) -> dict[str, Any]:
+    """The FSDP2 settings of an fsdp2 / fsdp2-hybrid plan."""
+    mesh = [layout.nodes, layout.gpus_per_node] if layout.strategy == "fsdp2-hybrid" else [layout.workers]
+    return {
+        "mesh": mesh,
+        "mesh_dims": ["replicate", "shard"] if layout.strategy == "fsdp2-hybrid" else ["shard"],
+        "reshard_after_forward": True,
+        "param_dtype": {"BFloat16": "bfloat16", "Float16": "float16", "Float32": "float32"}[w.precision],
+        "reduce_dtype": "float32",
+        "shard_units": ["decoder layers", "vision blocks", "root (embeddings, LM head, projector)"],
+        "cpu_offload": False,
+    }
+
+
+def _assumptions(spec: RunSpec, profile: ArchProfile, sample: SampleShape, samples: tuple[int, str],
+                 est: Estimate | None) -> dict[str, Any]:
+    arch = spec.arch
+    out: dict[str, Any] = {
+        **sample.describe(),
+        "dataset_samples": samples[0], "dataset_samples_from": samples[1],
+        "params": {"total": profile.total_params, "vision": profile.params_of("vision") + profile.params_of("projector"),
+                   "language": profile.params_of("language") + profile.params_of("lm_head"),
+                   "active_language": profile.active_language_params},
+        "margin": "5% of GPU memory + 1 GiB (CUDA context, NCCL, fragmentation)",
+        "offload_host_memory": "80% of the node's CPU memory per GPU (catalog: a usual 8-GPU cloud node)",
+        "framework_overhead": "256 MiB per GPU, plus the engine's buffers, counted in 'other'",
+        "mfu": MFU, "logits": "tokens x vocabulary x 12 bytes",
+    }
+    if arch.assumed:
+        out["assumed_config_fields"] = sorted(arch.assumed)
+    if est is not None:
+        out["activation_parts"] = est.activation_parts
+        if est.cpu:
+            out.update(est.cpu)
+    return out
+
+
+def _suggestions(spec: RunSpec, profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory) -> list[str]:
+    out: list[str] = []
+    effective = spec.hyperparameters.effective_batch
+    need = min_gpus_ignoring_batch(profile, w, sample, Inventory(inv.gpu, inv.gpus_per_node, None))
+    if need is not None and need > effective:
+        out.append(f"the run needs {need} x {inv.gpu.name} but the effective batch ({effective}) splits over at most "
+                   f"{effective} workers: set batchSize x gradientAccumulation to a multiple of {need}")
+    if need is not None and (inv.nodes and need > inv.max_gpus):
+        out.append(f"{need} x {inv.gpu.name} ({math.ceil(need / inv.gpus_per_node)} nodes of {inv.gpus_per_node}) would fit")
+    for bigger in CATALOG.values():
+        if bigger.memory_bytes <= inv.gpu.memory_bytes:
+            continue
+        n = min_gpus_ignoring_batch(profile, w, sample, Inventory(bigger, inv.gpus_per_node, inv.nodes))
+        if n is not None:
+            out.append(f"{n} x {bigger.name} would fit")
+            break
+    if w.mode == "full" and spec.arch.lora_supported:
+        lora = Workload("lora", w.precision, w.optimizer, spec.lora.rank, spec.lora.dropout,
+                        spec.arch.lora_target_regex(spec.lora.targets))
+        if search(profile, lora, sample, inv, effective) is not None:
+            out.append("trainingMode.type: LoRA fits this inventory")
+    if w.mode in ("full", "lora") and spec.arch.lora_supported:
+        qlora = Workload("qlora", w.precision, w.optimizer, spec.lora.rank, spec.lora.dropout,
+                         spec.arch.lora_target_regex(spec.lora.targets))
+        if search(profile, qlora, sample, inv, effective) is not None:
+            out.append("LoRA with quantization.enabled: true (NF4) fits this inventory")
+    for size in registry.sizes_of(spec.architecture.name):
+        smaller = registry.get(spec.architecture.name, size)
+        if smaller.key == spec.arch.key or "-A" in size:
+            continue
+        sp = arch_profile(smaller)
+        if sp.total_params >= profile.total_params:
+            continue
+        sw = workload_of(spec.model_copy(update={"architecture": spec.architecture.model_copy(update={"size": size})}))
+        if search(sp, sw, sample_shape(sp, spec.media.minPixels, spec.media.maxPixels, spec.media.maxFrames),
+                  inv, effective) is not None:
+            out.append(f"architecture.size: {size} fits this inventory")
+            break
+    if spec.media.maxPixels is None or spec.media.maxPixels > 512 * 512:
+        out.append("smaller images (media.maxPixels) shorten the sequence and its activations")
+    return out
+
+
+def plan_run(spec: RunSpec, inventory: Inventory) -> Plan:
+    """The plan for a spec on an inventory; `fits` is False (with reason and suggestions) when nothing fits."""
+    arch = spec.arch
+    profile = arch_profile(arch)
+    w = workload_of(spec)
+    sample = sample_of(spec, profile)
+    samples = dataset_size(spec)
+    effective = spec.hyperparameters.effective_batch
+    epochs = spec.hyperparameters.epochs
+    gpu = inventory.gpu
+    if w.precision == "BFloat16" and not gpu.bf16:
+        return _not_fitting(spec, inventory, profile, sample, samples,
+                            f"{gpu.name} has no bfloat16 support", ["compute.precisionType: Float16 (or Float32)"])
+    workers = spec.cluster.workers
+    if workers is not None:
+        if effective % workers:
+            raise VrayError(
+                f"cluster.workers: {workers} does not divide the effective batch (batchSize x gradientAccumulation = "
+                f"{effective}); the plan keeps the effective batch, so pick a divisor of {effective}"
+            )
+        if workers > inventory.max_gpus:
+            return _not_fitting(spec, inventory, profile, sample, samples,
+                                f"cluster.workers asks for {workers} GPUs but the inventory has {inventory.max_gpus}",
+                                [f"at most {inventory.max_gpus} workers"])
+    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs)
+    if best is None:
+        where = inventory.describe()
+        reason = f"no layout of {arch.display} ({w.mode}, {w.precision}) fits {where} with the effective batch {effective}"
+        return _not_fitting(spec, inventory, profile, sample, samples, reason,
+                            _suggestions(spec, profile, w, sample, inventory))
+    layout, est = best.layout, best.est
+    timing = step_estimate(profile, w, layout, sample, gpu, effective, samples[0], epochs)
+    accum = effective // (layout.micro_batch * layout.workers)
+    return Plan(
+        fits=True, strategy=layout.strategy, device="gpu", num_workers=layout.workers, nodes=layout.nodes,
+        gpus_per_node=inventory.gpus_per_node, micro_batch=layout.micro_batch, grad_accum=accum,
+        gradient_checkpointing=layout.gradient_checkpointing, cpus_per_worker=spec.cluster.cpusPerWorker or 2,
+        gpu=gpu.name, per_gpu_bytes=est.memory, capacity_bytes=est.capacity, margin_bytes=est.margin,
+        assumptions=_assumptions(spec, profile, sample, samples, est), estimate=timing,
+        deepspeed=deepspeed_config(layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
+        fsdp=fsdp_settings(layout, w) if layout.strategy.startswith("fsdp2") else None,
+    )
+
+
+def _not_fitting(spec: RunSpec, inventory: Inventory, profile: ArchProfile, sample: SampleShape,
+                 samples: tuple[int, str], reason: str, suggestions: list[str]) -> Plan:
+    return Plan(
+        fits=False, strategy=None, device="gpu", num_workers=0, nodes=0, gpus_per_node=inventory.gpus_per_node,
+        micro_batch=0, grad_accum=0, gradient_checkpointing=False, gpu=inventory.gpu.name,
+        capacity_bytes=inventory.gpu.memory_bytes, assumptions=_assumptions(spec, profile, sample, samples, None),
+        reason=reason, suggestions=tuple(suggestions),
+    )
+
+
+def inventory_from_cluster(address: str | None, gpu_name: str | None = None) -> Inventory:
+    """The GPU inventory of a running Ray cluster (GPU kind from its accelerator_type resources)."""
+    inventory = cluster_gpu_inventory(address, gpu_name)
+    if inventory is None:
+        raise VrayError(f"the Ray cluster at {address} has no GPU nodes; `vray train` plans CPU workers there")
+    return inventory
+
+
+def cluster_gpu_inventory(address: str | None, gpu_name: str | None = None) -> Inventory | None:
+    """The GPU inventory of the Ray cluster at `address` (None: the one this process is connected to, or
+    would join); None when it has no GPUs."""
+    import ray
+
+    from vray.plan.gpus import from_ray_accelerator_type, gpu as catalog_gpu
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+    gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
+    if not gpu_nodes:
+        return None
+    counts = sorted({int(n["Resources"]["GPU"]) for n in gpu_nodes})
+    kinds = sorted({k.split(":", 1)[1] for n in gpu_nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
+    if gpu_name:
+        kind = catalog_gpu(gpu_name)
+    else:
+        known = [g for g in (from_ray_accelerator_type(k) for k in kinds) if g is not None]
+        if len({g.name for g in known}) != 1:
+            raise VrayError(
+                f"the cluster at {address} reports accelerator types {kinds or 'none'}; name the GPU with --gpu "
+                f"(one of {', '.join(CATALOG)})"
+            )
+        kind = known[0]
+    per_gpu_memory = min(int(n["Resources"].get("memory", 0) / n["Resources"]["GPU"]) for n in gpu_nodes)
+    return Inventory(kind, gpus_per_node=max(counts), nodes=len(gpu_nodes), host_memory=per_gpu_memory or None)
+
+
+def placement(plan: Plan, node_gpus: list[int]) -> list[int]:
+    """Node index of each worker when the plan's bundles are packed onto nodes with these free GPU counts;
+    a VrayError before anything starts when they do not fit."""
+    order = sorted(range(len(node_gpus)), key=lambda i: -node_gpus[i])
+    free = list(node_gpus)
+    out: list[int] = []
+    for _ in range(plan.num_workers):
+        slot = next((i for i in order if free[i] > 0), None)
+        if slot is None:
+            break
+        free[slot] -= 1
+        out.append(slot)
+    used_nodes = len(set(out))
+    if len(out) < plan.num_workers or used_nodes > plan.nodes:
+        raise VrayError(
+            f"the plan needs {plan.num_workers} GPU(s) on {plan.nodes} node(s) of {plan.gpus_per_node}; the cluster has "
+            f"{sum(node_gpus)} free GPU(s) on {len(node_gpus)} node(s) ({', '.join(str(g) for g in node_gpus) or 'none'}); "
+            "add nodes, or plan for this cluster with --from-cluster"
+        )
+    return out
+
+
+def check_cluster_capacity(plan: Plan) -> list[int]:
+    """Refuse, before anything starts, a GPU plan the connected Ray cluster cannot place; returns the
+    node index of each worker otherwise."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return placement(plan, [int(n["Resources"].get("GPU", 0)) for n in nodes])

@@ -1,0 +1,204 @@
+"""What the memory model needs to know of an architecture, read off the model transformers builds.
+
+Parameters and Linear shapes come from instantiating the checkpoint's real config on the meta device
+(or from a loaded model, which the CPU checks use); layer dimensions come from the same config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache, cached_property
+
+from torch import nn
+
+from vray.archs.registry import Architecture
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter tensor (tied parameters appear once)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear module."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The language model's dimensions."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    layer_kinds: tuple[str, ...]  # "full_attention" | "linear_attention" per layer
+    moe: bool = False
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    moe_intermediate: int = 0
+    shared_intermediate: int = 0
+    attn_output_gate: bool = False
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """The vision tower's dimensions and how images become tokens."""
+
+    kind: str  # "qwen" (dynamic resolution), "internvl" (448 tiles + pixel shuffle), "siglip-s2" (NVILA)
+    depth: int
+    hidden: int
+    intermediate: int
+    mlp: str  # "swiglu" | "gelu"
+    patch: int
+    merge: int  # tokens merged per side (spatial merge, pixel shuffle 1/downsample, or 3x3 pooling)
+    temporal_patch: int = 1
+    tile: int = 0  # tile side in pixels for tiled towers
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: profiles key the memory model's caches
+class ArchProfile:
+    """Parameters, Linear shapes and dimensions of one checkpoint."""
+
+    key: str
+    tensors: tuple[Tensor, ...]
+    linears: tuple[Linear, ...]
+    vision_prefixes: tuple[str, ...]
+    projector_prefixes: tuple[str, ...]
+    lm_prefix: str
+    text: TextDims
+    vision: VisionDims
+    layer_params: tuple[int, ...]  # parameters of each decoder layer
+
+    def role(self, name: str) -> str:
+        """'projector', 'vision', 'lm_head' or 'language' for a parameter or module name."""
+        if name.startswith(tuple(p + "." for p in self.projector_prefixes)):
+            return "projector"
+        if name.startswith(tuple(p + "." for p in self.vision_prefixes)):
+            return "vision"
+        if name.split(".")[-2:-1] == ["lm_head"] or name.startswith(("lm_head", "llm.lm_head")):
+            return "lm_head"
+        return "language"
+
+    @cached_property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @cached_property
+    def _params_by_role(self) -> dict[str, int]:
+        out = {"vision": 0, "projector": 0, "lm_head": 0, "language": 0}
+        for t in self.tensors:
+            out[self.role(t.name)] += t.numel
+        return out
+
+    def params_of(self, role: str) -> int:
+        """Parameters whose role is `role`."""
+        return self._params_by_role[role]
+
+    @cached_property
+    def expert_params(self) -> int:
+        """Fused routed-expert parameters (MoE)."""
+        return sum(t.numel for t in self.tensors if ".mlp.experts." in t.name)
+
+    @cached_property
+    def active_language_params(self) -> int:
+        """Language-model parameters used per token (routed experts scaled by top-k / experts)."""
+        lang = self.params_of("language") + self.params_of("lm_head")
+        if not self.text.moe:
+            return lang
+        experts = self.expert_params
+        return lang - experts + experts * self.text.experts_per_tok // self.text.num_experts
+
+    @cached_property
+    def largest_gather_unit(self) -> int:
+        """The most parameters one sharded unit all-gathers at once (a decoder layer, or the embedding / LM head)."""
+        embed = max((t.numel for t in self.tensors if "embed_tokens" in t.name), default=0)
+        head = max((t.numel for t in self.tensors if self.role(t.name) == "lm_head"), default=0)
+        return max(max(self.layer_params, default=0), embed, head)
+
+
+def _text_dims(cfg: dict) -> TextDims:
+    t = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+    layers = t["num_hidden_layers"]
+    heads = t["num_attention_heads"]
+    head_dim = t.get("head_dim") or t["hidden_size"] // heads
+    kinds = tuple(t.get("layer_types") or ["full_attention"] * layers)
+    moe = bool(t.get("num_experts"))
+    return TextDims(
+        hidden=t["hidden_size"], layers=layers, heads=heads, kv_heads=t.get("num_key_value_heads", heads),
+        head_dim=head_dim, intermediate=t.get("intermediate_size", 0), vocab=t["vocab_size"], layer_kinds=kinds,
+        moe=moe, num_experts=t.get("num_experts") or 0, experts_per_tok=t.get("num_experts_per_tok") or 0,
+        moe_intermediate=t.get("moe_intermediate_size") or 0,
+        shared_intermediate=t.get("shared_expert_intermediate_size") or 0,
+        attn_output_gate=cfg.get("model_type", "").startswith("qwen3_5"),
+        linear_key_heads=t.get("linear_num_key_heads") or 0, linear_value_heads=t.get("linear_num_value_heads") or 0,
+        linear_key_dim=t.get("linear_key_head_dim") or 0, linear_value_dim=t.get("linear_value_head_dim") or 0,
+    )
+
+
+def _vision_dims(cfg: dict) -> VisionDims:
+    mt = cfg.get("model_type", "")
+    if mt == "internvl":
+        v = cfg["vision_config"]
+        size = v["image_size"][0] if isinstance(v["image_size"], list) else v["image_size"]
+        patch = v["patch_size"][0] if isinstance(v["patch_size"], list) else v["patch_size"]
+        return VisionDims("internvl", v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"], "gelu", patch,
+                          round(1 / cfg.get("downsample_ratio", 0.5)), 1, size)
+    if mt == "llava_llama":
+        v = cfg["vision_tower_cfg"]
+        return VisionDims("siglip-s2", v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"], "gelu",
+                          v["patch_size"], 3, 1, v["image_size"])
+    v = cfg["vision_config"]
+    mlp = "swiglu" if mt == "qwen2_5_vl" else "gelu"
+    return VisionDims("qwen", v["depth"], v["hidden_size"], v["intermediate_size"], mlp, v["patch_size"],
+                      v["spatial_merge_size"], v.get("temporal_patch_size", 2))
+
+
+def profile_model(model: nn.Module, arch: Architecture, config: dict | None = None) -> ArchProfile:
+    """The profile of a built model (meta device or loaded) of a registry architecture."""
+    cfg = config if config is not None else arch.config
+    tensors = tuple(Tensor(n, tuple(p.shape)) for n, p in model.named_parameters())
+    linears = tuple(Linear(n, m.in_features, m.out_features, m.bias is not None)
+                    for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    layer_re = re.compile(re.escape(arch.language_model_prefix) + r"\.layers\.(\d+)\.")
+    per_layer: dict[int, int] = {}
+    for t in tensors:
+        m = layer_re.match(t.name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + t.numel
+    return ArchProfile(
+        key=arch.key, tensors=tensors, linears=linears, vision_prefixes=arch.vision_modules,
+        projector_prefixes=arch.projector_modules, lm_prefix=arch.language_model_prefix,
+        text=_text_dims(cfg), vision=_vision_dims(cfg), layer_params=tuple(per_layer[i] for i in sorted(per_layer)),
+    )
+
+
+@cache
+def arch_profile(arch: Architecture) -> ArchProfile:
+    """The profile of a registry checkpoint from its real config on the meta device."""
+    from vray.archs.params import build_meta_model
+
+    return profile_model(build_meta_model(arch), arch)

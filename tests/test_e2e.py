@@ -138,3 +138,11 @@ def ray_address() -> str:
 def test_serving_beyond_loopback_needs_a_key(cli_run):
     proc = run_cli("serve", str(cli_run.root), "--host", "0.0.0.0", timeout=120)
     assert proc.returncode == 1 and "--api-key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_refuses_a_gpu_plan_the_cluster_cannot_place(ray_head, tmp_path):
+    proc = run_cli("train", "jobs/tiny-cpu.yaml", "--set", f"output={tmp_path}", "--set", "cluster.gpu=A100-80GB",
+                   timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "needs 1 GPU(s) on 1 node(s)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written

@@ -142,3 +142,17 @@ def test_existing_run_directory_is_not_overwritten(trained):
     prepared, _ = trained
     with pytest.raises(VrayError, match="already exists"):
         prepare(prepared.spec)
+
+
+def test_gpu_runs_are_planned_from_the_cluster_block(tmp_path):
+    from vray.errors import PlanError
+
+    prepared = prepare(validate_spec(_spec(tmp_path, cluster={"gpu": "A100-80GB", "gpusPerNode": 8})))
+    plan = prepared.plan
+    assert plan.device == "gpu" and plan.fits and plan.strategy == "ddp" and plan.gpu == "A100-80GB"
+    assert plan.scaling_config["use_gpu"] and plan.scaling_config["resources_per_worker"]["GPU"] == 1
+    with pytest.raises(PlanError) as exc:
+        prepare(validate_spec(_spec(tmp_path, architecture={"name": "qwen3vl", "size": "235B-A22B"},
+                                    model={"source": None}, trainingMode={"type": "Full"},
+                                    cluster={"gpu": "T4-16GB", "nodes": 1})))
+    assert exc.value.exit_code == 2 and "what would fit" in str(exc.value)

@@ -17,7 +17,8 @@ from vray.errors import VrayError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Fine-tune and serve vision-language models on Ray.")
-err = Console(stderr=True)
+# Messages are not wrapped when stderr is a file or a pipe (logs, CI): one problem stays one line.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 # Piped output is not wrapped at 80 columns: tables stay one row per checkpoint.
 out = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -93,6 +94,102 @@ def train(
     if best is not None:
         err.print(f"best checkpoint: {best.name}")
     typer.echo(str(run.root))
+
+
+@app.command()
+def plan(
+    spec_file: Optional[Path] = typer.Argument(None, help="run spec (YAML)"),
+    run_json: Optional[Path] = typer.Option(None, "--run-json", help="a saved run.json: its model block"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU kind: T4-16GB, L4-24GB, A10G-24GB, A100-40GB, A100-80GB, "
+                                      "H100-80GB, H200-141GB, B200-192GB"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default 8)"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="nodes available (default: as many as needed)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="more workers than the minimum, to go faster"),
+    from_cluster: Optional[str] = typer.Option(None, "--from-cluster", help="plan for the GPUs of a running Ray cluster"),
+    set_: list[str] = typer.Option([], "--set", help="override any key of the spec"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan object"),
+    table: bool = typer.Option(False, "--table", help="the architecture-to-VRAM table of all 21 checkpoints"),
+) -> None:
+    """Size a run: GPUs, strategy, batch split and placement, with the per-GPU memory breakdown. Exit 2 if it does not fit."""
+    _quiet_libraries()
+    if table:
+        _print_vram_table(as_json)
+        return
+    from vray.plan.gpus import gpu as catalog_gpu
+    from vray.plan.planner import DEFAULT_GPUS_PER_NODE, Inventory, inventory_from_cluster, plan_run
+    from vray.spec import load_spec
+
+    spec = load_spec(spec_file, run_json=run_json, overrides=set_)
+    if workers is not None:
+        spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"workers": workers})})
+    if from_cluster:
+        inventory = inventory_from_cluster(from_cluster, gpu)
+    else:
+        kind = gpu or spec.cluster.gpu
+        if kind is None:
+            raise VrayError("give --gpu KIND (or cluster.gpu in the spec), or --from-cluster ADDRESS")
+        inventory = Inventory(catalog_gpu(kind), gpus_per_node or spec.cluster.gpusPerNode or DEFAULT_GPUS_PER_NODE,
+                              nodes or spec.cluster.nodes)
+    result = plan_run(spec, inventory)
+    if as_json:
+        typer.echo(result.to_json())
+    else:
+        _print_plan(spec, inventory, result)
+    if not result.fits:
+        raise typer.Exit(2)
+
+
+def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inventory, Plan (imported lazily)
+    gib = 1024**3
+    a = result.assumptions
+    mode = spec.trainingMode.type + (f" + {spec.quantization.type}" if spec.quantization.enabled else "")
+    out.print(f"[bold]{spec.arch.display}[/bold] ({spec.arch.repo_id}): {mode}, {spec.compute.precisionType}, "
+              f"{spec.hyperparameters.optimizer}; effective batch {spec.hyperparameters.effective_batch}")
+    out.print(f"inventory: {inventory.describe()}")
+    out.print(f"sample: {a['sample']} -> {a['visual_tokens']} visual tokens, sequence {a['sequence']}")
+    if a.get("assumed_config_fields"):
+        out.print(f"[yellow]assumed config fields: {', '.join(a['assumed_config_fields'])}[/yellow]")
+    if not result.fits:
+        out.print(f"[bold red]does not fit:[/bold red] {result.reason}")
+        for s in result.suggestions:
+            out.print(f"  - {s}")
+        return
+    m = result.per_gpu_bytes
+    rows = Table(title=f"per GPU ({result.gpu})")
+    rows.add_column("")
+    rows.add_column("GiB", justify="right")
+    for label, value in (("weights", m.weights), ("gradients", m.gradients), ("optimizer", m.optimizer),
+                         ("activations", m.activations), ("other", m.other), ("total", m.total),
+                         ("margin", result.margin_bytes), ("capacity", result.capacity_bytes),
+                         ("headroom", result.capacity_bytes - result.margin_bytes - m.total)):
+        rows.add_row(label, f"{value / gib:.2f}")
+    out.print(rows)
+    gc = "on" if result.gradient_checkpointing else "off"
+    out.print(f"plan: [bold]{result.strategy}[/bold] on {result.num_workers} GPU(s) over {result.nodes} node(s); "
+              f"micro-batch {result.micro_batch} x accumulation {result.grad_accum} x {result.num_workers} worker(s) "
+              f"= {result.effective_batch}; gradient checkpointing {gc}")
+    e = result.estimate
+    out.print(f"estimate: {e['step_seconds']:.2f} s/step, {e['steps']} steps, {e['hours']:.2f} h, "
+              f"{e['gpu_hours']:.2f} GPU-hours (assumed MFU {e['mfu']}, {a['dataset_samples']} samples: "
+              f"{a['dataset_samples_from']})")
+
+
+def _print_vram_table(as_json: bool) -> None:
+    from vray.plan.gpus import CATALOG
+    from vray.plan.table import TABLE_ASSUMPTIONS, vram_table
+
+    rows = vram_table()
+    if as_json:
+        typer.echo(json.dumps({"assumptions": TABLE_ASSUMPTIONS, "rows": rows}, indent=2))
+        return
+    table = Table(title="GPUs needed per checkpoint and mode (1 = fits on one GPU)")
+    for col in ("architecture", "size", "mode", *CATALOG):
+        table.add_column(col, justify="left" if col in ("architecture", "size", "mode") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["name"], r["size"] + (" *" if r["assumed"] else ""), r["mode"], *r["gpus"].values())
+    out.print(table)
+    out.print(TABLE_ASSUMPTIONS)
+    out.print("* some config values of this checkpoint are assumptions (see `vray archs --json`)")
 
 
 @app.command()

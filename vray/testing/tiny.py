@@ -74,7 +74,7 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]) -> dict
         v = cfg["vision_config"]
         v.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  image_size=[112, 112], patch_size=[14, 14])
-        cfg.update(image_seq_length=16, image_token_id=token_ids["<IMG_CONTEXT>"])
+        cfg.update(image_seq_length=16)
         cfg["text_config"]["tie_word_embeddings"] = False
     else:
         v = cfg["vision_config"]
@@ -85,16 +85,24 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]) -> dict
             v.update(fullatt_block_indexes=[1], window_size=112)
         if "num_position_embeddings" in v:
             v["num_position_embeddings"] = 64
+    cfg["tie_word_embeddings"] = cfg["text_config"].get("tie_word_embeddings", False)
+    # A wider initialisation than the real 0.02: with 64-wide hidden states and a frozen RMSNorm, 0.02-scale
+    # embeddings cap the logits near 1, and a LoRA adapter on a random base could never become confident.
+    cfg["initializer_range"] = cfg["text_config"]["initializer_range"] = TINY_INIT_RANGE
+    return use_token_ids(cfg, family, token_ids)
+
+
+def use_token_ids(cfg: dict[str, Any], family: str, token_ids: dict[str, int]) -> dict[str, Any]:
+    """Point a config's special-token ids at a tokenizer's (image, video, vision start / end, eos, pad)."""
+    if family == "internvl":
+        cfg["image_token_id"] = token_ids["<IMG_CONTEXT>"]
+    else:
         cfg.update(
             image_token_id=token_ids["<|image_pad|>"],
             video_token_id=token_ids["<|video_pad|>"],
             vision_start_token_id=token_ids["<|vision_start|>"],
             vision_end_token_id=token_ids["<|vision_end|>"],
         )
-    cfg["tie_word_embeddings"] = cfg["text_config"].get("tie_word_embeddings", False)
-    # A wider initialisation than the real 0.02: with 64-wide hidden states and a frozen RMSNorm, 0.02-scale
-    # embeddings cap the logits near 1, and a LoRA adapter on a random base could never become confident.
-    cfg["initializer_range"] = cfg["text_config"]["initializer_range"] = TINY_INIT_RANGE
     cfg["text_config"]["eos_token_id"] = token_ids["<|im_end|>"]
     cfg["text_config"]["pad_token_id"] = token_ids["<|endoftext|>"]
     cfg["text_config"]["bos_token_id"] = token_ids["<|endoftext|>"]

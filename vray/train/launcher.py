@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from vray.errors import VrayError
+from vray.errors import PlanError, VrayError
 from vray.plan.plan import Plan, cpu_plan
 from vray.ray_session import ensure_ray
 from vray.spec import RunSpec, require_for_training
@@ -58,14 +58,41 @@ def data_paths(spec: RunSpec) -> tuple[str, str | None]:
     return str(Path(train).expanduser().resolve()), (str(Path(spec.data.eval).expanduser().resolve()) if spec.data.eval else None)
 
 
-def plan_for(spec: RunSpec) -> Plan:
-    """The plan for this machine or cluster (CPU workers when no GPU is available)."""
+def gpu_inventory(spec: RunSpec) -> Any:
+    """The GPUs a run may use: the spec's cluster block, else the Ray cluster it will join, else this machine."""
+    import os
+
+    from vray.plan.gpus import gpu, local_gpu
+    from vray.plan.planner import DEFAULT_GPUS_PER_NODE, Inventory, cluster_gpu_inventory
+
     if spec.cluster.gpu:
+        return Inventory(gpu(spec.cluster.gpu), spec.cluster.gpusPerNode or DEFAULT_GPUS_PER_NODE, spec.cluster.nodes)
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets it): plan for its GPUs
+        return cluster_gpu_inventory(os.environ["RAY_ADDRESS"])
+    local = local_gpu()
+    if local is not None:
+        return Inventory(local[0], local[1], 1)
+    return None
+
+
+def plan_for(spec: RunSpec) -> Plan:
+    """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit."""
+    from vray.plan.planner import plan_run
+    from vray.train.engines import ENGINES
+
+    inventory = gpu_inventory(spec)
+    if inventory is None:
+        return cpu_plan(spec)
+    plan = plan_run(spec, inventory)
+    if not plan.fits:
+        lines = "\n".join(f"  - {s}" for s in plan.suggestions)
+        raise PlanError(f"{plan.reason}" + (f"\nwhat would fit:\n{lines}" if lines else "") + "\n(`vray plan` shows the breakdown)")
+    if plan.strategy not in ENGINES:
         raise VrayError(
-            f"cluster.gpu: {spec.cluster.gpu} asks for GPU planning, which this version does not do yet; "
-            "remove cluster.gpu to train on CPU workers"
+            f"the plan needs the {plan.strategy} strategy, which has no engine in this version (engines: "
+            f"{', '.join(ENGINES)}); `vray plan` shows the plan"
         )
-    return cpu_plan(spec)
+    return plan
 
 
 def prepare(spec: RunSpec, resume: bool = False) -> PreparedRun:
@@ -78,6 +105,15 @@ def prepare(spec: RunSpec, resume: bool = False) -> PreparedRun:
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise VrayError(f"run directory {run.root} already exists; set another name, or resume it with --resume {run.root}")
     return PreparedRun(spec, plan, run, train, eval_path)
+
+
+def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
+    """What every worker of the run receives."""
+    return WorkerConfig(
+        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
+        train_path=prepared.train_path, eval_path=prepared.eval_path,
+        resume_from=str(resume_from) if resume_from else None,
+    )
 
 
 def write_run_files(prepared: PreparedRun) -> None:
@@ -209,13 +245,13 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    write_run_files(prepared)
-    config = WorkerConfig(
-        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
-        train_path=prepared.train_path, eval_path=prepared.eval_path,
-        resume_from=str(resume_from) if resume_from else None,
-    )
     ensure_ray(verbose)
+    if prepared.plan.device == "gpu":
+        from vray.plan.planner import check_cluster_capacity
+
+        check_cluster_capacity(prepared.plan)  # refuse what the cluster cannot place, before anything starts
+    write_run_files(prepared)
+    config = worker_config(prepared, resume_from)
     sc = prepared.plan.scaling_config
     trainer = TorchTrainer(
         _ray_train_func,
@@ -241,11 +277,6 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
 def train_local(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
     """Run the same worker code in this process, without Ray (a single worker)."""
     write_run_files(prepared)
-    config = WorkerConfig(
-        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
-        train_path=prepared.train_path, eval_path=prepared.eval_path,
-        resume_from=str(resume_from) if resume_from else None,
-    )
-    train_worker(config.to_dict())
+    train_worker(worker_config(prepared, resume_from).to_dict())
     draw_curves(prepared.run)
     return prepared.run

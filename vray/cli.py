@@ -168,6 +168,9 @@ def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inv
     out.print(f"plan: [bold]{result.strategy}[/bold] on {result.num_workers} GPU(s) over {result.nodes} node(s); "
               f"micro-batch {result.micro_batch} x accumulation {result.grad_accum} x {result.num_workers} worker(s) "
               f"= {result.effective_batch}; gradient checkpointing {gc}")
+    if a.get("cpu_bytes_per_rank"):
+        out.print(f"offloaded to CPU memory: {a['cpu_bytes_per_rank'] / gib:.1f} GiB per GPU rank "
+                  f"({a['cpu_bytes_per_rank'] * min(result.num_workers, result.gpus_per_node) / gib:.0f} GiB per node)")
     e = result.estimate
     out.print(f"estimate: {e['step_seconds']:.2f} s/step, {e['steps']} steps, {e['hours']:.2f} h, "
               f"{e['gpu_hours']:.2f} GPU-hours (assumed MFU {e['mfu']}, {a['dataset_samples']} samples: "

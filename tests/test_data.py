@@ -82,8 +82,8 @@ def test_sample_validation_names_the_line_and_the_problem(tmp_path):
     msg = str(exc.value)
     assert "4 bad row(s)" in msg
     assert f"{path}:2: not valid JSON" in msg
-    assert f"{path}:3:" in msg and "must end with the assistant turn" in msg
-    assert f"{path}:4:" in msg and "x1 > x0" in msg
+    assert f"{path}:3:" in msg and "must end with an assistant turn" in msg
+    assert f"{path}:4:" in msg and "degenerate" in msg
     assert f"{path}:5:" in msg and "extra" in msg
     (tmp_path / "ok.jsonl").write_text(rows[0] + "\n")
     (sample,) = read_jsonl(tmp_path / "ok.jsonl")

@@ -1,15 +1,16 @@
 """Turn samples into model inputs with the family's processor and chat template.
 
-The prompt (system prompt, earlier turns, user turn with its images) goes through the processor, which
-expands image placeholders into visual tokens; the answer is tokenized on its own and appended, so the
-labels cover exactly the answer tokens and the end-of-turn token, never the prompt.
+The conversation is rendered with the chat template turn by turn. Context (system prompt, user turns with
+their images and videos, the template's own markup) goes through the processor, which expands image and
+video placeholders into visual tokens; every assistant answer is tokenized on its own and followed by the
+end-of-turn token. Labels cover exactly the answers and their end-of-turn tokens, never the context.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,32 +18,15 @@ from PIL import Image
 
 from vray.archs.registry import BOX_QWEN25_ABS, Architecture
 from vray.data.boxes import ImageGeometry, PixelBox, format_answer
-from vray.data.sample import Sample, Turn
+from vray.data.media import load_image, load_video
+from vray.data.sample import IMAGE_TAG, VIDEO_TAG, Sample, Turn
 from vray.errors import DataError
 
 IGNORE_INDEX = -100
 # Every transformers-native family in the registry closes a turn with this token (Qwen chat layout).
 END_OF_TURN = "<|im_end|>"
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def load_image(ref: str) -> Image.Image:
-    """An RGB image from a path, an s3:// or http(s) URI, or a data: URL."""
-    try:
-        if ref.startswith("data:"):
-            payload = ref.split(",", 1)[1]
-            raw = base64.b64decode(payload)
-            return Image.open(io.BytesIO(raw)).convert("RGB")
-        if "://" in ref:
-            import fsspec
-
-            with fsspec.open(ref, "rb") as fh:
-                return Image.open(io.BytesIO(fh.read())).convert("RGB")
-        with Image.open(ref) as im:
-            return im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder error becomes one clear message
-        shown = ref if len(ref) < 120 else ref[:60] + "..."
-        raise DataError(f"image {shown!r} cannot be read ({type(exc).__name__}: {exc})") from None
+NEAR_BUDGET = 0.9  # a sample above this share of the token budget is reported as a warning
 
 
 def image_geometry(processor: Any, arch: Architecture, image: Image.Image) -> ImageGeometry:
@@ -61,12 +45,12 @@ def image_geometry(processor: Any, arch: Architecture, image: Image.Image) -> Im
 
 
 def answer_text(turn: Turn, arch: Architecture, geometries: list[ImageGeometry]) -> str:
-    """The text the model is trained to write for a turn: its text, or its boxes in the family's form."""
+    """The text the model is trained to write for a turn: its text, then its boxes in the family's form."""
     if not turn.boxes:
         return turn.text
     geo = geometries[turn.boxes[0].image]
     boxes = format_answer([PixelBox(b.label, b.bbox) for b in turn.boxes], arch.box_convention, geo)
-    return f"{turn.text}\n{boxes}" if turn.text else boxes
+    return f"{turn.text}\n{boxes}" if turn.text.strip() else boxes
 
 
 @dataclass
@@ -75,91 +59,210 @@ class Encoded:
 
     tensors: dict[str, torch.Tensor]
     geometries: list[ImageGeometry]
-    reference: str  # the gold answer text
+    reference: str  # the gold text of the last answer
+    visual_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors["input_ids"].shape[0])
+
+
+@dataclass
+class Media:
+    """A sample's decoded images and videos."""
+
+    images: list[Image.Image]
+    videos: list[tuple[list[Image.Image], float]]
 
 
 class Collator:
     """Builds padded training batches and left-padded generation batches for one family."""
 
     def __init__(self, processor: Any, arch: Architecture, system_prompt: str | None,
-                 chat_template_kwargs: dict[str, Any] | None = None):
+                 max_tokens: int | None = None, max_frames: int | None = None):
         self.processor = processor
         self.arch = arch
         self.system_prompt = system_prompt
-        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.max_tokens = max_tokens
+        self.max_frames = max_frames
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(END_OF_TURN)
         self.eot_id = tok.convert_tokens_to_ids(END_OF_TURN)
         if self.eot_id is None or self.eot_id == tok.unk_token_id:
             raise DataError(f"the tokenizer has no {END_OF_TURN} token; vray expects a Qwen-layout chat template")
+        template = getattr(processor, "chat_template", None) or ""
+        self.thinking_switch = "enable_thinking" in template
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.video_token = getattr(processor, "video_token", "<|video_pad|>")
+        self.qwen_video = "Qwen" in type(getattr(processor, "video_processor", None)).__name__
+
+    # ---- media ---------------------------------------------------------------------------------
+    def load_media(self, sample: Sample) -> Media:
+        """Decode the sample's images and videos; a DataError names the sample and the file."""
+        try:
+            images = [load_image(ref) for ref in sample.images]
+            videos = [load_video(v, self.max_frames) for v in sample.videos]
+        except DataError as exc:
+            raise DataError(f"sample '{sample.id}': {exc}") from None
+        return Media(images, videos)
 
     # ---- messages ------------------------------------------------------------------------------
-    def messages(self, sample: Sample, geometries: list[ImageGeometry], system_prompt: str | None = None) -> list[dict]:
-        """Chat-template messages for everything before the final assistant turn."""
-        system = sample.system or system_prompt or self.system_prompt
+    def _user_parts(self, text: str, images_left: list[int], videos_left: list[int], first: bool) -> list[dict]:
+        if IMAGE_TAG in text or VIDEO_TAG in text:
+            parts: list[dict] = []
+            for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", text):
+                if piece == IMAGE_TAG:
+                    images_left.pop(0)
+                    parts.append({"type": "image"})
+                elif piece == VIDEO_TAG:
+                    videos_left.pop(0)
+                    parts.append({"type": "video"})
+                elif piece:
+                    parts.append({"type": "text", "text": piece})
+            return parts
+        parts = []
+        if first:  # untagged media open the first user turn
+            parts += [{"type": "image"} for _ in images_left] + [{"type": "video"} for _ in videos_left]
+            images_left.clear()
+            videos_left.clear()
+        return parts + [{"type": "text", "text": text}]
+
+    def messages(self, sample: Sample, geometries: list[ImageGeometry]) -> tuple[list[dict], list[int]]:
+        """Chat-template messages of the whole conversation, and the indexes of the assistant messages."""
+        system = sample.system or self.system_prompt
         out: list[dict] = [{"role": "system", "content": system}] if system else []
-        images_left = len(sample.images)
-        for turn in sample.conversation[:-1]:
+        images_left, videos_left = list(range(len(sample.images))), list(range(len(sample.videos)))
+        tagged = any(IMAGE_TAG in t.text or VIDEO_TAG in t.text for t in sample.conversation if t.role == "user")
+        first = True
+        answers = []
+        for turn in sample.conversation:
             if turn.role == "system":
                 continue
             if turn.role == "user":
-                parts: list[dict] = [{"type": "image"} for _ in range(images_left)]
-                images_left = 0
-                parts.append({"type": "text", "text": turn.text})
-                out.append({"role": "user", "content": parts})
+                out.append({"role": "user", "content": self._user_parts(turn.text, images_left, videos_left, first and not tagged)})
+                first = False
             else:
+                answers.append(len(out))
                 out.append({"role": "assistant", "content": answer_text(turn, self.arch, geometries)})
-        return out
+        return out, answers
 
-    def prompt_text(self, messages: list[dict]) -> str:
-        """The rendered prompt, ending with the assistant generation prompt."""
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
-        )
+    def _render(self, messages: list[dict], thinking: bool) -> str:
+        kwargs = {"enable_thinking": thinking} if self.thinking_switch else {}
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+
+    def segments(self, sample: Sample, geometries: list[ImageGeometry], with_answer: bool) -> tuple[list[tuple[str, bool]], list[str]]:
+        """(text, is_answer) pieces of the conversation in order, and notes (history the template rewrote)."""
+        messages, answers = self.messages(sample, geometries)
+        thinking = sample.has_reasoning
+        if not with_answer:
+            return [(self._render(messages[: answers[-1]], thinking), False)], []
+        pieces: list[tuple[str, bool]] = []
+        consumed = ""
+        for i in answers:
+            prompt = self._render(messages[:i], thinking)
+            if not prompt.startswith(consumed):  # the template rewrites earlier answers: learn the last one only
+                last = answers[-1]
+                prompt = self._render(messages[:last], thinking)
+                answer = self._answer(prompt, messages[last]["content"])
+                return [(prompt, False), (answer, True)], ["history rewritten by the chat template: last answer only"]
+            answer = self._answer(prompt, messages[i]["content"])
+            pieces += [(prompt[len(consumed):], False), (answer, True)]
+            consumed = prompt + answer + END_OF_TURN
+        return pieces, []
+
+    @staticmethod
+    def _answer(prompt: str, answer: str) -> str:
+        # A template that opens the think block in the generation prompt: the answer continues inside it.
+        if prompt.rstrip().endswith("<think>") and answer.lstrip().startswith("<think>"):
+            return answer.lstrip()[len("<think>"):].lstrip("\n")
+        return answer
 
     # ---- encoding ------------------------------------------------------------------------------
-    def encode(self, sample: Sample, with_answer: bool = True, images: list[Image.Image] | None = None) -> Encoded:
-        """Tensors for one sample; labels cover the answer and the end-of-turn token only."""
-        try:
-            images = images if images is not None else [load_image(ref) for ref in sample.images]
-        except DataError as exc:
-            raise DataError(f"sample '{sample.id}': {exc}") from None
-        geometries = [image_geometry(self.processor, self.arch, im) for im in images]
-        prompt = self.prompt_text(self.messages(sample, geometries))
-        out = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+    def _context(self, text: str, media: Media, next_image: int, next_video: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        n_img, n_vid = text.count(self.image_token), text.count(self.video_token)
+        images = media.images[next_image:next_image + n_img]
+        videos = media.videos[next_video:next_video + n_vid]
+        kwargs: dict[str, Any] = {}
+        if videos:
+            from transformers.video_utils import VideoMetadata
+
+            kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(f), fps=fps, frames_indices=list(range(len(f))))
+                                        for f, fps in videos]
+            kwargs["do_sample_frames"] = False
+            if self.qwen_video:
+                kwargs["cap_pixels_per_frame"] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.processor(text=[text], images=images or None, videos=[f for f, _ in videos] or None,
+                                 return_tensors="pt", **kwargs)
         tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        reference = answer_text(sample.answer, self.arch, geometries)
         for key in _PER_TOKEN:
             if key in tensors:
                 tensors[key] = tensors[key][0]
-        if with_answer:
-            answer_ids = self.processor.tokenizer(reference, add_special_tokens=False)["input_ids"] + [self.eot_id]
-            answer = torch.tensor(answer_ids, dtype=tensors["input_ids"].dtype)
-            n_prompt = tensors["input_ids"].shape[0]
-            tensors["input_ids"] = torch.cat([tensors["input_ids"], answer])
-            for key in _PER_TOKEN[1:]:
-                if key in tensors:
-                    fill = 1 if key == "attention_mask" else 0
-                    tensors[key] = torch.cat([tensors[key], torch.full((len(answer_ids),), fill, dtype=tensors[key].dtype)])
-            labels = torch.full_like(tensors["input_ids"], IGNORE_INDEX)
-            labels[n_prompt:] = answer
-            tensors["labels"] = labels
-        return Encoded(tensors, geometries, reference)
+        return tensors, next_image + n_img, next_video + n_vid
+
+    def encode(self, sample: Sample, with_answer: bool = True, media: Media | None = None,
+               images: list[Image.Image] | None = None) -> Encoded:
+        """Tensors for one sample: labels cover every answer and its end-of-turn token only. `media` (or just
+        `images`) skips decoding the sample's files."""
+        if media is None:
+            media = Media(images, []) if images is not None else self.load_media(sample)
+        geometries = [image_geometry(self.processor, self.arch, im) for im in media.images]
+        pieces, notes = self.segments(sample, geometries, with_answer)
+        parts: list[dict[str, torch.Tensor]] = []
+        next_image = next_video = 0
+        for text, is_answer in pieces:
+            if is_answer:
+                ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eot_id]
+                t = torch.tensor(ids, dtype=torch.long)
+                parts.append({"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()})
+            else:
+                ctx, next_image, next_video = self._context(text, media, next_image, next_video)
+                ctx["labels"] = torch.full_like(ctx["input_ids"], IGNORE_INDEX) if with_answer else None
+                parts.append({k: v for k, v in ctx.items() if v is not None})
+        tensors = _concat(parts)
+        ids = tensors["input_ids"]
+        visual = int(((ids == self.processor.tokenizer.convert_tokens_to_ids(self.image_token))
+                      | (ids == self.processor.tokenizer.convert_tokens_to_ids(self.video_token))).sum())
+        encoded = Encoded(tensors, geometries, answer_text(sample.answer, self.arch, geometries), visual, notes)
+        if self.max_tokens and encoded.length > self.max_tokens:
+            raise DataError(
+                f"sample '{sample.id}' is {encoded.length} tokens ({visual} visual + {encoded.length - visual} text), over "
+                f"the budget of {self.max_tokens}; lower media.maxPixels / media.maxFrames, shorten it, or raise data.maxTokens"
+            )
+        return encoded
 
     def batch(self, encoded: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
         """Pad per-token tensors (right for training, left for generation) and concatenate visual ones."""
-        longest = max(e.tensors["input_ids"].shape[0] for e in encoded)
+        longest = max(e.length for e in encoded)
         out: dict[str, torch.Tensor] = {}
-        keys = [k for k in encoded[0].tensors]
+        keys = list(dict.fromkeys(k for e in encoded for k in e.tensors))
         for key in keys:
             values = [e.tensors[key] for e in encoded if key in e.tensors]
             if key in _PER_TOKEN or key == "labels":
                 fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
                 rows = []
-                for v in values:
+                for e in encoded:
+                    v = e.tensors.get(key)
+                    if v is None:  # a text-only row in a batch whose other rows carry this column
+                        v = torch.zeros(e.length, dtype=values[0].dtype)
                     pad = torch.full((longest - v.shape[0],), fill, dtype=v.dtype)
                     rows.append(torch.cat([pad, v]) if left_pad else torch.cat([v, pad]))
                 out[key] = torch.stack(rows)
             else:
                 out[key] = torch.cat(values, dim=0)
         return out
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Join the pieces of one sample: token columns end to end (zeros where a piece lacks one), visual ones stacked."""
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key in _PER_TOKEN or key == "labels":
+            cols = [p[key] if key in p else torch.zeros_like(p["input_ids"]) for p in parts]
+            out[key] = torch.cat(cols)
+        else:
+            out[key] = torch.cat([p[key] for p in parts if key in p], dim=0)
+    return out

@@ -1,0 +1,170 @@
+"""Read and write vray datasets: JSONL or Parquet, on a local disk or s3:// (fsspec / s3fs, pyarrow)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vray.data.sample import Sample, is_remote, parse_row
+from vray.errors import DataError
+
+DATA_FILES = ("data.jsonl", "data.parquet")
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a local path or URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def dataset_file(uri: str) -> str:
+    """The data file a path names: itself, or data.jsonl / data.parquet inside a folder."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise DataError(f"data: {uri!r} does not exist")
+    if fs.isdir(path):
+        for name in DATA_FILES:
+            if fs.exists(f"{path.rstrip('/')}/{name}"):
+                return f"{uri.rstrip('/')}/{name}"
+        raise DataError(f"data: folder {uri!r} has neither data.jsonl nor data.parquet")
+    return uri
+
+
+def base_of(uri: str) -> str:
+    """The folder relative references of a dataset file resolve against."""
+    if is_remote(uri):
+        return uri.rsplit("/", 1)[0]
+    return str(Path(uri).expanduser().resolve().parent)
+
+
+def iter_rows(uri: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line` or `file:row N`, parsed row) for every row; undecodable JSON lines yield a DataError."""
+    fs, path = filesystem(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield f"{uri}:row {i}", _drop_nulls(row)
+        return
+    with fs.open(path, "rt") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{uri}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})")
+
+
+def _drop_nulls(value: Any) -> Any:
+    """Parquet gives every struct field to every row; absent fields come back as None."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+@dataclass
+class ReadResult:
+    """The samples of a dataset and one message per bad row."""
+
+    source: str
+    samples: list[Sample] = field(default_factory=list)
+    wheres: list[str] = field(default_factory=list)  # the row of each sample (file:line)
+    problems: list[str] = field(default_factory=list)
+    rows: int = 0
+
+    def samples_or_raise(self) -> list[Sample]:
+        """The samples, or a DataError listing the bad rows (the first 20) and how to proceed."""
+        if self.problems:
+            shown = "\n".join(f"  - {m}" for m in self.problems[:20])
+            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+            raise DataError(
+                f"{len(self.problems)} bad row(s) of {self.rows} in {self.source}; fix them, or train with --skip-invalid "
+                f"to leave them out (each is counted and reported):\n{shown}{more}"
+            )
+        if not self.samples:
+            raise DataError(f"data: {self.source} holds no samples")
+        return self.samples
+
+
+def read_samples(uri: str, task: str | None = None) -> ReadResult:
+    """Parse every row of a dataset (schema problems per row; images are not opened here)."""
+    source = dataset_file(uri)
+    base = base_of(source)
+    result = ReadResult(source)
+    seen: dict[str, str] = {}
+    for where, row in iter_rows(source):
+        result.rows += 1
+        if isinstance(row, DataError):
+            result.problems.append(str(row))
+            continue
+        try:
+            sample = parse_row(row, where)
+        except DataError as exc:
+            result.problems.append(str(exc))
+            continue
+        if task is not None and sample.task != task:
+            result.problems.append(f"{where}: sample '{sample.id}' is a {sample.task} sample but the run's task is {task}")
+            continue
+        if sample.id in seen:
+            result.problems.append(f"{where}: duplicate id '{sample.id}' (first at {seen[sample.id]})")
+            continue
+        seen[sample.id] = where
+        result.samples.append(sample.resolved(base))
+        result.wheres.append(where)
+    return result
+
+
+def sample_row(sample: Sample) -> dict[str, Any]:
+    """The plain row of a sample (what a JSONL line or Parquet row holds)."""
+    row = sample.model_dump(mode="json", exclude_defaults=False)
+    if not row.get("videos"):
+        row.pop("videos", None)
+    for turn in row["conversation"]:
+        if not turn.get("boxes"):
+            turn.pop("boxes", None)
+    return row
+
+
+def write_samples(samples: list[Sample], folder: str, parquet: bool = False) -> str:
+    """Write DEST/data.jsonl (or data.parquet); image paths under DEST become relative to it."""
+    fs, path = filesystem(folder)
+    fs.makedirs(path, exist_ok=True)
+    rows = [sample_row(_relative_to(s, folder)) for s in samples]
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        target = f"{folder.rstrip('/')}/data.parquet"
+        with fs.open(f"{path.rstrip('/')}/data.parquet", "wb") as fh:
+            pq.write_table(pa.Table.from_pylist(rows), fh)
+        return target
+    target = f"{folder.rstrip('/')}/data.jsonl"
+    with fs.open(f"{path.rstrip('/')}/data.jsonl", "wt") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return target
+
+
+def _relative_to(sample: Sample, folder: str) -> Sample:
+    if is_remote(folder):
+        prefix = folder.rstrip("/") + "/"
+        rel = lambda ref: ref[len(prefix):] if ref.startswith(prefix) else ref  # noqa: E731
+    else:
+        root = os.path.abspath(folder)
+        rel = lambda ref: (os.path.relpath(ref, root)  # noqa: E731
+                           if not is_remote(ref) and not ref.startswith("data:") and os.path.abspath(ref).startswith(root + os.sep)
+                           else ref)
+    videos = tuple(v.model_copy(update={"path": rel(v.path) if v.path else None,
+                                        "frames": tuple(rel(f) for f in v.frames) if v.frames else None})
+                   for v in sample.videos)
+    return sample.model_copy(update={"images": tuple(rel(i) for i in sample.images), "videos": videos})

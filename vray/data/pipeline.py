@@ -1,0 +1,153 @@
+"""The data pipeline of a training worker: deterministic order, parallel preprocessing, a resumable position.
+
+The driver hands Ray Train the validated samples as Ray Datasets; each worker reads its rows with
+`ray.train.get_dataset_shard` (or from the files, in a plain process). The order of every epoch is a
+permutation drawn from the seed and the epoch, padded by wrapping around to whole optimizer steps; each
+rank takes every world-size-th sample of a step. Decoding, resizing and tokenizing run ahead of the training
+loop in a Ray Data actor pool (in a thread pool without Ray) and stream back in order. The position
+(epoch, samples consumed) follows from the optimizer step, so a checkpoint stores it and a resumed run
+continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from vray.data.sample import Sample
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where training is in the data."""
+
+    epoch: int
+    samples_consumed: int  # over all workers, since the start of the run
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed}
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """The deterministic order of a run's samples over epochs and ranks."""
+
+    num_samples: int
+    effective_batch: int
+    micro_batch: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.num_samples / self.effective_batch))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Every sample once in a seeded order, wrapped around to fill the last step (nothing dropped)."""
+        order = list(range(self.num_samples))
+        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        need = self.steps_per_epoch * self.effective_batch
+        return (order * math.ceil(need / len(order)))[:need]
+
+    def step_indexes(self, step: int) -> list[int]:
+        """This rank's sample indexes of global optimizer step `step` (0-based)."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        e = self.effective_batch
+        chunk = self.epoch_order(epoch)[in_epoch * e:(in_epoch + 1) * e]
+        return chunk[self.rank::self.world]
+
+    def position(self, step: int) -> DataPosition:
+        """The data position after `step` optimizer steps."""
+        return DataPosition(epoch=step // self.steps_per_epoch, samples_consumed=step * self.effective_batch)
+
+
+def _split(indexes: list[int], size: int) -> list[list[int]]:
+    return [indexes[j:j + size] for j in range(0, len(indexes), size)]
+
+
+class _Preprocessor:
+    """A Ray Data actor: builds the collator once, then encodes batches of samples."""
+
+    def __init__(self, make_collator: Any):
+        self.collator = make_collator()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        payloads = []
+        for row in batch["row"]:
+            sample = Sample.model_validate(row if isinstance(row, dict) else pickle.loads(row))
+            payloads.append(pickle.dumps(self.collator.encode(sample)))
+        return {"step": batch["step"], "payload": payloads}
+
+
+class SampleStream:
+    """Encoded micro-batches of one worker, in order, from a given step to the end of training."""
+
+    def __init__(self, samples: list[Sample], order: DataOrder, make_collator: Any, use_ray: bool,
+                 prefetch: int = 4, actors: int = 1):
+        self.samples = samples
+        self.order = order
+        self.make_collator = make_collator
+        self.use_ray = use_ray
+        self.prefetch = prefetch
+        self.actors = actors
+        self.wait_seconds = 0.0  # time the training loop spent waiting for data
+        self.step_wait = 0.0  # ... for the last step
+
+    def steps(self, start: int, stop: int) -> Iterator[list[list[Any]]]:
+        """For each optimizer step in [start, stop): this rank's micro-batches of Encoded samples."""
+        plan = [(step, self.order.step_indexes(step)) for step in range(start, stop)]
+        source = self._ray(plan) if self.use_ray else self._threads(plan)
+        encoded_by_step: dict[int, list[Any]] = {}
+        for step, indexes in plan:
+            need = len(indexes)
+            self.step_wait = 0.0
+            while len(encoded_by_step.get(step, [])) < need:
+                t0 = time.perf_counter()
+                s, enc = next(source)
+                self.step_wait += time.perf_counter() - t0
+                encoded_by_step.setdefault(s, []).append(enc)
+            self.wait_seconds += self.step_wait
+            items = encoded_by_step.pop(step)
+            yield _split(items, self.order.micro_batch)
+
+    def _threads(self, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, Any]]:
+        collator = self.make_collator()
+        work = [(step, i) for step, indexes in plan for i in indexes]
+        with ThreadPoolExecutor(max_workers=max(1, self.actors)) as pool:
+            window = max(1, self.prefetch * self.order.micro_batch)
+            futures: list[tuple[int, Any]] = []
+            it = iter(work)
+            for step, i in it:
+                futures.append((step, pool.submit(collator.encode, self.samples[i])))
+                if len(futures) >= window:
+                    break
+            for step, i in it:
+                s, f = futures.pop(0)
+                yield s, f.result()
+                futures.append((step, pool.submit(collator.encode, self.samples[i])))
+            for s, f in futures:
+                yield s, f.result()
+
+    def _ray(self, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, Any]]:
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        rows = [{"step": step, "row": pickle.dumps(self.samples[i].model_dump(mode="json"))}
+                for step, indexes in plan for i in indexes]
+        if not rows:
+            return
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / max(1, self.order.micro_batch))))
+        ds = ds.map_batches(_Preprocessor, fn_constructor_args=(self.make_collator,), batch_size=self.order.micro_batch,
+                            compute=ray.data.ActorPoolStrategy(size=max(1, self.actors)), num_cpus=0.5)
+        for batch in ds.iter_batches(batch_size=None, prefetch_batches=self.prefetch, batch_format="numpy"):
+            for step, payload in zip(batch["step"], batch["payload"]):
+                yield int(step), pickle.loads(payload)

@@ -65,6 +65,8 @@ def train(
     output: Optional[str] = typer.Option(None, help="parent folder of run directories"),
     set_: list[str] = typer.Option([], "--set", help="override any key: --set hyperparameters.epochs=3"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run directory from its latest checkpoint"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="train without the rows the data check refuses "
+                                      "(each is counted and listed in data_check.json)"),
     verbose: bool = typer.Option(False, "--verbose", help="stream worker logs"),
 ) -> None:
     """Fine-tune on Ray Train; prints the run directory as the last line."""
@@ -81,11 +83,11 @@ def train(
             raise VrayError(f"--resume {resume}: not a run directory (no spec.yaml)")
         spec = load_spec(run.spec, overrides=set_)
         resume_from = run.latest_checkpoint()
-        prepared = prepare(spec, resume=True)
+        prepared = prepare(spec, resume=True, skip_invalid=skip_invalid, console=err)
     else:
         spec = load_spec(spec_file, run_json=run_json, overrides=set_, task=task, data=data, eval_data=eval_data,
                          output=output)
-        prepared = prepare(spec)
+        prepared = prepare(spec, skip_invalid=skip_invalid, console=err)
     err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
               f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
               f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}")
@@ -193,6 +195,91 @@ def _print_vram_table(as_json: bool) -> None:
     out.print(table)
     out.print(TABLE_ASSUMPTIONS)
     out.print("* some config values of this checkpoint are assumptions (see `vray archs --json`)")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Convert and check datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("convert")
+def data_convert(
+    src: str = typer.Argument(..., help="the source file (local or s3://)"),
+    from_: str = typer.Option(..., "--from", help="coco | coco-captions | llamafactory | ms-swift | llava | openai"),
+    to: str = typer.Option(..., "--to", help="destination folder: data.jsonl (or data.parquet) is written there"),
+    parquet: bool = typer.Option(False, "--parquet", help="write data.parquet instead of data.jsonl"),
+    copy_images: bool = typer.Option(False, "--copy-images", help="copy images and videos into DEST/media/"),
+    task: Optional[str] = typer.Option(None, help="task of chat-format samples (default freeform; boxes make grounding)"),
+    images_root: Optional[str] = typer.Option(None, "--images-root", help="folder image paths are relative to "
+                                              "(default: the source's folder)"),
+) -> None:
+    """Convert a dataset in a format you already have into vray samples."""
+    from vray.data.importers import convert
+
+    written, result = convert(src, from_, to, parquet=parquet, copy_images=copy_images, task=task, images_root=images_root)
+    err.print(f"converted {len(result.samples)} sample(s) from {src} ({from_})")
+    for reason, n in result.skipped.most_common():
+        err.print(f"  skipped {n}: {reason} (first: {result.examples[reason]})")
+    typer.echo(written)
+
+
+@data_app.command("check")
+def data_check(
+    dataset: str = typer.Argument(..., help="a vray dataset: JSONL, Parquet or a folder with data.jsonl (local or s3://)"),
+    arch: str = typer.Option(..., "--arch", help="the architecture it will train: NAME or NAME:SIZE (e.g. qwen2.5vl:7B)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model source whose processor counts tokens "
+                                        "(default: the architecture's repo; estimated when out of reach)"),
+    task: Optional[str] = typer.Option(None, help="the run's task: rows of another task are errors"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="token budget of a sample (default: the context)"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="frames a video is sampled down to"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    show: int = typer.Option(50, "--show", help="problems to list (all are in --json)"),
+) -> None:
+    """Report every problem of every row (missing or corrupt media, bad boxes, empty answers, token budget,
+    duplicate ids); exit 1 when there are errors."""
+    _quiet_libraries()
+    from rich.progress import Progress
+
+    from vray.archs import registry
+    from vray.data.check import check_dataset
+    from vray.models.loader import load_processor, resolve_processor_source
+    from vray.spec import validate_spec
+    from vray.train.launcher import token_budget
+
+    name, _, size = arch.partition(":")
+    if not size and name in registry.FAMILIES:
+        size = registry.FAMILIES[name].recommended_size
+    architecture = registry.get(name, size)
+    spec = validate_spec({"architecture": {"name": name, "size": size}, "trainingMode": {"type": "Full"},
+                          "data": {"maxTokens": max_tokens}, "media": {"maxFrames": max_frames}})
+    source = model or architecture.repo_id
+    try:
+        processor = load_processor(resolve_processor_source(source))
+    except VrayError as exc:
+        err.print(f"[yellow]token counts are estimated: {exc}[/yellow]")
+        processor = None
+    budget = token_budget(spec)
+    with Progress(console=err, transient=True) as progress:
+        bar = progress.add_task("checking", total=None)
+        report = check_dataset(dataset, architecture, processor, task=task, max_tokens=budget, max_frames=max_frames,
+                               progress=lambda: progress.advance(bar))
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        summary = report.summary()
+        out.print(f"{summary['rows']} row(s) in {summary['source']}: {summary['valid_rows']} valid, "
+                  f"{summary['errors']} error(s), {summary['warnings']} warning(s)")
+        for kind, n in sorted(summary["by_kind"].items()):
+            out.print(f"  {n:6d}  {kind}")
+        if summary["tokens"]:
+            t = summary["tokens"]
+            out.print(f"tokens per sample: median {t['median']}, max {t['max']}, budget {t['budget']} ({t['counted_with']})")
+        for issue in report.issues[:show]:
+            colour = "red" if issue.severity == "error" else "yellow"
+            out.print(f"[{colour}]{issue.severity}[/{colour}] {issue.where}: {issue.message}", highlight=False)
+        if len(report.issues) > show:
+            out.print(f"... and {len(report.issues) - show} more (--json lists all)")
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @app.command()

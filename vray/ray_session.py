@@ -16,8 +16,14 @@ def ensure_ray(verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose,
-             configure_logging=True, logging_level="WARNING", include_dashboard=False)
+    address = os.environ.get("RAY_ADDRESS") or running_cluster_address()
+    kwargs = {}
+    if not address:
+        # A local cluster of this machine: two logical CPUs beyond the cores, so the data-preprocessing actors
+        # and a Serve replica find room beside training workers that take a core each.
+        kwargs["num_cpus"] = (os.cpu_count() or 1) + 2
+    ray.init(address=address or None, log_to_driver=verbose, configure_logging=True, logging_level="WARNING",
+             include_dashboard=False, **kwargs)
 
 
 def running_cluster_address() -> str | None:

@@ -136,6 +136,9 @@ class LoraBlock(_Block):
 class DataBlock(_Block):
     train: str | None = None
     eval: str | None = None
+    maxTokens: int | None = Field(None, ge=16, description="token budget of one sample (default: the model's context)")
+    preprocessors: int | None = Field(None, ge=0, le=64, description="Ray Data preprocessing actors per training worker "
+                                      "(0: threads inside the worker; default 1 on GPUs, 0 on CPU workers)")
 
 
 class ModelBlock(_Block):

@@ -34,14 +34,36 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: Path | N
     return _fetch_hub(source, revision)
 
 
+PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+
+
+def resolve_processor_source(source: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
+    """A local folder with the checkpoint's processor files (tokenizer, chat template, image processor), without
+    fetching the weights when the checkpoint is remote."""
+    if source.startswith("tiny:") or Path(source).expanduser().exists():
+        return resolve_source(source, revision, cache_dir)
+    if source.startswith("s3://"):
+        return _fetch_s3(source, cache_dir, patterns=PROCESSOR_FILES)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=revision, token=os.environ.get("HF_TOKEN"),
+                                      allow_patterns=PROCESSOR_FILES))
+    except (GatedRepoError, RepositoryNotFoundError, LocalEntryNotFoundError):
+        return _fetch_hub(source, revision)  # the same download, with its explained errors
+
+
 def _cache_dir() -> Path:
     from vray.testing.synthetic import cache_root
 
     return cache_root()
 
 
-def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:
-    """Copy an s3:// checkpoint into the node's cache once (a marker file says the copy is complete)."""
+def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = None) -> Path:
+    """Copy an s3:// checkpoint (or only the files matching `patterns`) into the node's cache once; a marker
+    file says the copy is complete, and a lock keeps the workers of a node from fetching it twice."""
+    import fnmatch
     import hashlib
 
     import fsspec
@@ -49,14 +71,22 @@ def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:
 
     base = (cache_dir or _cache_dir()) / "models"
     base.mkdir(parents=True, exist_ok=True)
-    folder = base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    key = uri + ("|" + ",".join(patterns) if patterns else "")
+    folder = base / hashlib.sha256(key.encode()).hexdigest()[:16]
     done = folder / ".vray_complete"
     with FileLock(str(folder) + ".lock"):
         if not done.exists():
             fs, path = fsspec.core.url_to_fs(uri)
             if not fs.exists(path):
                 raise VrayError(f"model.source: {uri} does not exist (check the bucket, prefix and AWS_* settings)")
-            fs.get(path.rstrip("/") + "/", str(folder), recursive=True)
+            root = path.rstrip("/")
+            folder.mkdir(parents=True, exist_ok=True)
+            for remote in fs.find(root):
+                rel = remote[len(root) + 1:]
+                if patterns and not any(fnmatch.fnmatch(rel.rsplit("/", 1)[-1], p) for p in patterns):
+                    continue
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get(remote, str(folder / rel))
             done.write_text(uri + "\n")
     return folder
 

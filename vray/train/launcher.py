@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from vray.errors import PlanError, VrayError
+from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan, cpu_plan
 from vray.ray_session import ensure_ray
 from vray.spec import RunSpec, require_for_training
@@ -32,30 +32,77 @@ class PreparedRun:
     run: RunDir
     train_path: str
     eval_path: str | None
+    data: DataCheck | None = None
 
 
 def data_paths(spec: RunSpec) -> tuple[str, str | None]:
-    """(train, eval) JSONL paths; `synthetic:` datasets are written on first use."""
-    from vray.data.sample import read_jsonl
+    """(train, eval) dataset paths or URIs; `synthetic:` datasets are written on first use."""
     from vray.testing import synthetic
 
     train = spec.data.train or ""
+    eval_path = spec.data.eval
     if train.startswith("synthetic:"):
         tr, ev = synthetic.split_paths(train)
-        eval_path = spec.data.eval
         if eval_path and eval_path.startswith("synthetic:"):
             eval_path = str(synthetic.split_paths(eval_path)[1])
         return str(tr), eval_path or str(ev)
-    for key, path in (("data.train", train), ("data.eval", spec.data.eval)):
-        if path and "://" in path:
-            raise VrayError(f"{key}: {path} is remote; this version reads local JSONL files")
-        if path and not Path(path).expanduser().exists():
-            raise VrayError(f"{key}: {path!r} does not exist")
-    # Read both now so a bad row fails here, before Ray starts, naming the line.
-    read_jsonl(train, task=spec.effective_task)
-    if spec.data.eval:
-        read_jsonl(spec.data.eval, task=spec.effective_task)
-    return str(Path(train).expanduser().resolve()), (str(Path(spec.data.eval).expanduser().resolve()) if spec.data.eval else None)
+    if eval_path and eval_path.startswith("synthetic:"):
+        eval_path = str(synthetic.split_paths(eval_path)[1])
+    local = lambda p: p if (p is None or "://" in p) else str(Path(p).expanduser().resolve())  # noqa: E731
+    return local(train), local(eval_path)
+
+
+def token_budget(spec: RunSpec) -> int:
+    """The most tokens one sample may take: data.maxTokens, else the model's context length."""
+    if spec.data.maxTokens:
+        return spec.data.maxTokens
+    cfg = spec.arch.config
+    text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+    return int(text.get("max_position_embeddings") or 32768)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What the driver's check of the data decided."""
+
+    reports: tuple[Any, ...]
+    exclude_ids: tuple[str, ...]
+    skipped_rows: int
+
+
+def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
+    """Check every row of the training and held-out data before anything starts; refuse errors unless told to
+    skip them, and then count and report every skipped row."""
+    from vray.data.check import check_dataset
+    from vray.models.loader import load_processor, resolve_processor_source
+
+    try:
+        processor = load_processor(resolve_processor_source(spec.model.source or spec.arch.repo_id, spec.model.revision),
+                                   spec.media)
+    except VrayError:
+        processor = None  # the hub is out of reach: token counts are estimated
+    budget = token_budget(spec)
+    reports = []
+    for uri in (train, eval_path):
+        if not uri:
+            continue
+        reports.append(check_dataset(uri, spec.arch, processor, task=spec.effective_task, max_tokens=budget,
+                                     max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt))
+    errors = [i for r in reports for i in r.errors]
+    skipped = sum(r.invalid_rows for r in reports)
+    if errors and not skip_invalid:
+        shown = "\n".join(f"  - {i.where}: {i.message}" for i in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(
+            f"{skipped} row(s) with errors ({len(errors)} problem(s)); nothing was trained. Fix them, or pass "
+            f"--skip-invalid to train without them (`vray data check` lists them all):\n{shown}{more}"
+        )
+    if errors and console is not None:
+        console.print(f"[yellow]skipping {skipped} invalid row(s) (--skip-invalid); each is listed in data_check.json[/yellow]")
+    for r in reports:
+        if r.rows - r.invalid_rows == 0:
+            raise DataError(f"data: no valid sample in {r.source}")
+    return DataCheck(tuple(reports), tuple(sorted({i for r in reports for i in r.invalid_ids})), skipped)
 
 
 def gpu_inventory(spec: RunSpec) -> Any:
@@ -95,16 +142,17 @@ def plan_for(spec: RunSpec) -> Plan:
     return plan
 
 
-def prepare(spec: RunSpec, resume: bool = False) -> PreparedRun:
-    """Everything checked and decided before any work starts."""
+def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, console: Console | None = None) -> PreparedRun:
+    """Everything checked and decided before any work starts: spec, data (every row), plan, run directory."""
     require_for_training(spec)
     spec = spec.resolved()
-    train, eval_path = data_paths(spec)
-    plan = plan_for(spec)
     run = RunDir.of(spec.run_dir)
     if run.root.exists() and any(run.root.iterdir()) and not resume:
         raise VrayError(f"run directory {run.root} already exists; set another name, or resume it with --resume {run.root}")
-    return PreparedRun(spec, plan, run, train, eval_path)
+    train, eval_path = data_paths(spec)
+    data = check_data(spec, train, eval_path, skip_invalid, console)
+    plan = plan_for(spec)
+    return PreparedRun(spec, plan, run, train, eval_path, data)
 
 
 def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
@@ -113,15 +161,43 @@ def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> Wor
         spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
         train_path=prepared.train_path, eval_path=prepared.eval_path,
         resume_from=str(resume_from) if resume_from else None,
+        exclude_ids=prepared.data.exclude_ids if prepared.data else (),
+        skip_invalid=bool(prepared.data and prepared.data.skipped_rows),
+        max_tokens=token_budget(prepared.spec),
     )
 
 
 def write_run_files(prepared: PreparedRun) -> None:
-    """spec.yaml (resolved) and plan.json."""
+    """spec.yaml (resolved), plan.json and data_check.json (what the data check found and skipped)."""
+    import json
+
     prepared.run.root.mkdir(parents=True, exist_ok=True)
     (prepared.run.root / "checkpoints").mkdir(exist_ok=True)
     prepared.run.spec.write_text(prepared.spec.to_yaml())
     prepared.run.plan.write_text(prepared.plan.to_json() + "\n")
+    if prepared.data is not None:
+        reports = [json.loads(r.to_json()) for r in prepared.data.reports]
+        (prepared.run.root / "data_check.json").write_text(
+            json.dumps({"skipped_rows": prepared.data.skipped_rows, "excluded_ids": list(prepared.data.exclude_ids),
+                        "datasets": reports}, indent=2) + "\n")
+
+
+def ray_datasets(prepared: PreparedRun) -> dict[str, Any]:
+    """The validated samples as Ray Datasets (one JSON row each); every worker reads its rows from them."""
+    import json
+
+    import ray.data
+
+    from vray.data.io import read_samples, sample_row
+
+    excluded = set(prepared.data.exclude_ids) if prepared.data else set()
+    out = {}
+    for split, uri in (("train", prepared.train_path), ("eval", prepared.eval_path)):
+        if not uri:
+            continue
+        samples = [s for s in read_samples(uri, task=prepared.spec.effective_task).samples if s.id not in excluded]
+        out[split] = ray.data.from_items([{"sample_json": json.dumps(sample_row(s))} for s in samples])
+    return out
 
 
 class _RayReporter:
@@ -214,7 +290,11 @@ def draw_curves(run: RunDir) -> Path | None:
         for key in sorted({k for r in evals for k in r if k.startswith("eval/") and k not in ("eval/loss", "eval/samples")}):
             axes[1].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-", label=key[5:])
     axes[0].set_xlabel("step"), axes[0].set_title("loss"), axes[0].legend()
-    axes[1].set_xlabel("step"), axes[1].set_title("held-out metric"), axes[1].set_ylim(0, 1.05), axes[1].legend()
+    axes[1].set_xlabel("step"), axes[1].set_title("held-out metric"), axes[1].set_ylim(0, 1.05)
+    if evals:
+        axes[1].legend()
+    else:
+        axes[1].text(0.5, 0.5, "no held-out data", ha="center", va="center", transform=axes[1].transAxes)
     fig.tight_layout()
     fig.savefig(run.curves, dpi=100)
     plt.close(fig)
@@ -253,9 +333,14 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
     write_run_files(prepared)
     config = worker_config(prepared, resume_from)
     sc = prepared.plan.scaling_config
+    from ray.train import DataConfig
+
     trainer = TorchTrainer(
         _ray_train_func,
         train_loop_config=config.to_dict(),
+        datasets=ray_datasets(prepared),
+        # Every worker sees all rows and takes its share in the run's seeded order (deterministic, resumable).
+        dataset_config=DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=sc["resources_per_worker"],
                                      placement_strategy=sc["placement_strategy"]),

@@ -21,11 +21,13 @@ import torch
 
 from vray.archs import registry
 from vray.data.boxes import PixelBox
-from vray.data.collate import Collator
-from vray.data.sample import Sample, read_jsonl
+from vray.data.collate import Collator, Encoded
+from vray.data.io import read_samples
+from vray.data.pipeline import DataOrder, SampleStream
+from vray.data.sample import Sample
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_processor, prepare_for_training, resolve_source, trainable_parameters
-from vray.plan.plan import Plan, steps_per_epoch
+from vray.plan.plan import Plan
 from vray.spec import RunSpec
 from vray.train import metrics as task_metrics
 from vray.train.engines import Engine, all_reduce_sum, barrier, build_engine, evaluating, world
@@ -66,10 +68,59 @@ class WorkerConfig:
     eval_path: str | None
     resume_from: str | None = None
     eval_limit: int | None = None
+    exclude_ids: tuple[str, ...] = ()  # rows the driver's check refused (--skip-invalid)
+    skip_invalid: bool = False  # rows that do not even parse were reported by the driver and are left out
+    max_tokens: int | None = None  # the token budget of a sample
 
     def to_dict(self) -> dict[str, Any]:
         """For Ray's train_loop_config."""
         return dict(self.__dict__)
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+        import ray.train
+
+        return ray.is_initialized() and ray.train.get_context() is not None
+    except Exception:  # noqa: BLE001 - no Ray, or not inside a Ray Train worker
+        return False
+
+
+def _dataset_rows(split: str) -> list[dict[str, Any]] | None:
+    """The rows Ray Train hands this worker for a split, or None outside Ray Train."""
+    if not _in_ray_worker():
+        return None
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard(split)
+    except Exception:  # noqa: BLE001 - the run was started without datasets
+        return None
+    if shard is None:
+        return None
+    return [json.loads(row["sample_json"]) for row in shard.iter_rows()]
+
+
+@dataclass(frozen=True)
+class CollatorFactory:
+    """Builds the run's collator wherever preprocessing runs (a training worker or a Ray Data actor)."""
+
+    source: str
+    revision: str | None
+    architecture: str
+    system_prompt: str | None
+    media: dict[str, Any]
+    max_tokens: int | None
+
+    def __call__(self) -> Collator:
+        from vray.models.loader import resolve_processor_source
+        from vray.spec import MediaBlock
+
+        arch = registry.get(*self.architecture.split(":", 1))
+        media = MediaBlock(**self.media)
+        processor = load_processor(resolve_processor_source(self.source, self.revision), media)
+        return Collator(processor, arch, self.system_prompt, max_tokens=self.max_tokens, max_frames=media.maxFrames)
 
 
 def _device(plan: Plan) -> torch.device:
@@ -165,32 +216,40 @@ class Recipe:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
 
     def _setup_data(self) -> None:
-        self.collator = Collator(self.processor, self.arch, self.spec.systemPrompt)
-        self.train_samples = read_jsonl(self.config.train_path, task=self.task)
-        self.eval_samples: list[Sample] = []
-        if self.config.eval_path:
-            self.eval_samples = read_jsonl(self.config.eval_path, task=self.task)
-            if self.config.eval_limit:
-                self.eval_samples = self.eval_samples[: self.config.eval_limit]
-        self.steps_per_epoch = steps_per_epoch(len(self.train_samples), self.plan)
+        self.collator = self.collator_factory()
+        self.train_samples = self._samples("train", self.config.train_path)
+        self.eval_samples: list[Sample] = self._samples("eval", self.config.eval_path) if self.config.eval_path else []
+        if self.config.eval_limit:
+            self.eval_samples = self.eval_samples[: self.config.eval_limit]
+        self.order = DataOrder(len(self.train_samples), self.plan.effective_batch, self.plan.micro_batch,
+                               self.spec.seed, self.rank, self.world_size)
+        self.steps_per_epoch = self.order.steps_per_epoch
         self.total_steps = self.steps_per_epoch * self.spec.hyperparameters.epochs
         self.generation = GenerationSettings.from_evaluation(self.spec.evaluation)
+        # On GPUs a Ray Data actor pool preprocesses beside the worker; on CPU workers the cores are the training,
+        # so a thread inside the worker does it (no second process competing for the same cores).
+        actors = self.spec.data.preprocessors
+        if actors is None:
+            actors = 1 if self.plan.device == "gpu" else 0
+        self.stream = SampleStream(self.train_samples, self.order, self.collator_factory,
+                                   use_ray=_in_ray_worker() and actors > 0, actors=max(1, actors))
 
-    # ---- data order ----------------------------------------------------------------------------
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The epoch's sample order, padded by wrapping around to whole steps (every sample is seen)."""
-        order = list(range(len(self.train_samples)))
-        random.Random(self.spec.seed * 1000003 + epoch).shuffle(order)
-        need = self.steps_per_epoch * self.plan.effective_batch
-        return (order * math.ceil(need / len(order)))[:need]
+    @property
+    def collator_factory(self) -> CollatorFactory:
+        return CollatorFactory(self.spec.model.source or self.arch.repo_id, self.spec.model.revision, self.arch.key,
+                               self.spec.systemPrompt, self.spec.media.model_dump(), self.config.max_tokens)
 
-    def _micro_batches(self, epoch: int, step_in_epoch: int) -> list[list[Sample]]:
-        """This rank's micro-batches of one optimizer step."""
-        e = self.plan.effective_batch
-        chunk = self._epoch_order(epoch)[step_in_epoch * e:(step_in_epoch + 1) * e]
-        mine = chunk[self.rank::self.world_size]
-        m = self.plan.micro_batch
-        return [[self.train_samples[i] for i in mine[j:j + m]] for j in range(0, len(mine), m)]
+    def _samples(self, split: str, path: str | None) -> list[Sample]:
+        """The split's validated samples: from Ray Train's dataset shard, or read from the file."""
+        exclude = set(self.config.exclude_ids)
+        rows = _dataset_rows(split)
+        if rows is not None:
+            samples = [Sample.model_validate(r) for r in rows]
+        else:
+            result = read_samples(path, task=self.task)
+            # With --skip-invalid the driver has checked the data and reported every row it leaves out.
+            samples = result.samples if self.config.skip_invalid else result.samples_or_raise()
+        return [s for s in samples if s.id not in exclude]
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -203,16 +262,19 @@ class Recipe:
             self._log({"step": 0, "epoch": 0, **self.validate()})
         started, steps_done = time.time(), 0
         last: dict[str, Any] = {}
+        batches = self.stream.steps(self.step, self.total_steps)
         while self.step < self.total_steps:
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
-            loss = self._train_step(epoch, step_in_epoch)
+            loss = self._train_step(next(batches))
             self.step += 1
             steps_done += 1
             elapsed = time.time() - started
             rate = steps_done * self.plan.effective_batch / max(elapsed, 1e-9)
             last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
                     "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
-                    "eta_s": (self.total_steps - self.step) * elapsed / steps_done}
+                    "eta_s": (self.total_steps - self.step) * elapsed / steps_done,
+                    "data_wait_s": self.stream.step_wait,
+                    "data_wait_share": self.stream.wait_seconds / max(elapsed, 1e-9),
+                    **self.order.position(self.step).to_dict()}
             self._log(last)
             if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                 evaluation = self.validate() if self.eval_samples else {}
@@ -223,11 +285,10 @@ class Recipe:
         self.save_final()
         return last
 
-    def _train_step(self, epoch: int, step_in_epoch: int) -> float:
-        micro_batches = self._micro_batches(epoch, step_in_epoch)
+    def _train_step(self, micro_batches: list[list[Encoded]]) -> float:
         total = 0.0
-        for i, samples in enumerate(micro_batches):
-            batch = self.collator.batch([self.collator.encode(s) for s in samples])
+        for i, encoded in enumerate(micro_batches):
+            batch = self.collator.batch(encoded)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(micro_batches) - 1):
                 with self._autocast():

@@ -7,6 +7,7 @@ import string
 from collections import Counter
 
 from vray.data.boxes import ImageGeometry, PixelBox, iou, parse_answer
+from vray.data.sample import final_answer
 
 PRIMARY_METRIC = {"vqa": "exact_match", "phrase_grounding": "recall@0.5", "freeform": "token_f1"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -57,7 +58,9 @@ def box_recall(predicted: list[PixelBox], reference: list[PixelBox], threshold: 
 
 def score(task: str, prediction: str, reference: str, reference_boxes: list[PixelBox],
           convention: str, geometry: ImageGeometry | None) -> tuple[float, float]:
-    """(numerator, denominator) of the task's primary metric for one sample, so shards sum exactly."""
+    """(numerator, denominator) of the task's primary metric for one sample, so shards sum exactly.
+    Reasoning traces (`<think>...</think>`) are left out of the comparison."""
+    prediction, reference = final_answer(prediction), final_answer(reference)
     if task == "vqa":
         return exact_match(prediction, reference), 1.0
     if task == "freeform":

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from vray.data.boxes import parse_answer
-from vray.data.collate import Collator, image_geometry, load_image
+from vray.data.collate import Collator, image_geometry
+from vray.data.media import load_image
 from vray.errors import RequestError
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source

@@ -24,6 +24,7 @@ def _spec(tmp_path: Path, **over) -> dict:
         "hyperparameters": {"epochs": 3, "learningRate": 3e-3, "batchSize": 8},
         "evaluation": {"maxNewTokens": 4, "temperature": 0, "repetitionPenalty": 1.0},
         "cluster": {"workers": 2}, "output": str(tmp_path / "runs"), "name": "unit",
+        "checkpointing": {"keepBest": 5},
     }
     for key, value in over.items():
         base[key] = value
@@ -54,6 +55,18 @@ def test_run_directory_contract(trained):
     assert run.best.is_symlink() and run.best_checkpoint() in [f for _, f in run.complete_checkpoints()]
     assert (run.final / "adapter_config.json").exists() and (run.final / "processor_config.json").exists()
     assert run.curves.exists() and run.curves.stat().st_size > 10_000
+
+
+def test_checkpoints_beyond_the_latest_and_the_best_n_are_removed(tmp_path):
+    spec = validate_spec(_spec(tmp_path, checkpointing={"keepBest": 1, "everySteps": 3},
+                               hyperparameters={"epochs": 2, "learningRate": 3e-3, "batchSize": 8}))
+    run = train_local(prepare(spec))
+    evals = {r["step"]: r["eval/exact_match"] for r in run.read_metrics() if "eval/exact_match" in r and r["step"]}
+    assert sorted(evals) == [3, 6, 9, 12]  # every 3 steps (and at the end)
+    kept = [s for s, _ in run.complete_checkpoints()]
+    best = max(evals, key=lambda k: (evals[k], -k))
+    assert kept == sorted({12, best})
+    assert run.best_checkpoint().name == f"step-{best}"
 
 
 def test_metrics_show_learning_and_best_is_the_best(trained):
@@ -126,8 +139,9 @@ def test_batch_is_split_over_workers_preserving_the_effective_batch():
 def test_cpu_refuses_what_it_cannot_do():
     with pytest.raises(VrayError, match="Float16 training needs a GPU"):
         cpu_plan(validate_spec({"compute": {"precisionType": "Float16"}}))
-    with pytest.raises(VrayError, match="quantization.enabled"):
-        cpu_plan(validate_spec({"quantization": {"enabled": True}}))
+    with pytest.raises(VrayError, match="quantization.enabled: 4-bit .* replicated, not sharded"):
+        cpu_plan(validate_spec({"quantization": {"enabled": True}, "cluster": {"strategy": "zero3"}}))
+    assert cpu_plan(validate_spec({"quantization": {"enabled": True}})).strategy == "ddp"  # QLoRA on CPU: ddp
 
 
 def test_bad_data_fails_before_any_work(tmp_path):

@@ -1,10 +1,18 @@
-"""The run directory: spec.yaml, plan.json, metrics.jsonl, checkpoints/step-N/, best, final/, curves.png."""
+"""The run directory: spec.yaml, plan.json, metrics.jsonl, checkpoints/step-N/, best, final/, curves.png.
+
+A run directory is a local folder or an s3:// prefix. Checkpoints are written to a local folder first and then
+published: renamed into place locally, uploaded to S3. Either way the marker file `vray_checkpoint.json` is
+written last, so a checkpoint without it is incomplete and never read. `best` is a relative link locally and a
+small JSON pointer on S3.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +23,50 @@ CHECKPOINT_MARKER = "vray_checkpoint.json"  # written last: a checkpoint folder 
 _STEP = re.compile(r"^step-(\d+)$")
 
 
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run directory (a local folder)."""
+    """Paths and files of one run directory (a local folder, or a URI such as s3://bucket/runs/name)."""
 
-    root: Path
+    uri: str
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> RunDir:
-        """The run directory at `path`; a VrayError for an s3:// URI until remote run directories land."""
+        """The run directory at a path or URI."""
         text = str(path)
         if "://" in text:
-            raise VrayError(f"output: {text} is remote; this version writes run directories to a local folder only")
-        return cls(Path(text).expanduser())
+            return cls(text.rstrip("/"))
+        return cls(str(Path(text).expanduser().resolve()))
 
+    def __post_init__(self) -> None:
+        if isinstance(self.uri, Path):  # RunDir(Path(...)) keeps working
+            object.__setattr__(self, "uri", str(self.uri))
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.uri
+
+    @property
+    def root(self) -> Path:
+        """The folder of a local run directory."""
+        if not self.local:
+            raise VrayError(f"{self.uri} is remote; it has no local folder")
+        return Path(self.uri)
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> str:
+        """A path or URI inside the run directory."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    # ---- well-known files (local paths; remote runs read and write through the methods below) ----
     @property
     def spec(self) -> Path:
         return self.root / "spec.yaml"
@@ -58,47 +96,131 @@ class RunDir:
         return self.root / "curves.png"
 
     def checkpoint(self, step: int) -> Path:
-        """Folder of the checkpoint taken after optimizer step `step`."""
+        """Folder of the checkpoint taken after optimizer step `step` (local runs)."""
         return self.checkpoints / f"step-{step}"
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every complete checkpoint, oldest first."""
-        if not self.checkpoints.is_dir():
+    # ---- files -----------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        fs, path = _fs(self.join(rel))
+        return fs.exists(path)
+
+    def read_text(self, rel: str) -> str:
+        fs, path = _fs(self.join(rel))
+        with fs.open(path, "rt") as fh:
+            return fh.read()
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a small file whole (atomically on a local disk)."""
+        if self.local:
+            target = self.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, target)
+            return
+        fs, path = _fs(self.join(rel))
+        with fs.open(path, "wt") as fh:
+            fh.write(text)
+
+    def upload(self, local_file: str | Path, rel: str) -> None:
+        """Copy a local file into the run directory."""
+        if self.local:
+            target = self.root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(local_file).resolve() != target.resolve():
+                shutil.copyfile(local_file, target)
+            return
+        fs, path = _fs(self.join(rel))
+        fs.put(str(local_file), path)
+
+    def remove(self, rel: str) -> None:
+        """Delete a file or folder of the run directory (no error when it is absent)."""
+        if self.local:
+            shutil.rmtree(self.root / rel, ignore_errors=True)
+            return
+        fs, path = _fs(self.join(rel))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def staging(self, step: int) -> Path:
+        """A local folder to write the checkpoint of `step` into before `publish` (inside the run on a local
+        disk, so the final rename is atomic)."""
+        if self.local:
+            folder = self.checkpoints / f".step-{step}.tmp-{os.getpid()}"
+        else:
+            folder = Path(tempfile.mkdtemp(prefix=f"vray-step-{step}-"))
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def publish(self, staged: Path, rel: str, marker: dict[str, Any]) -> str:
+        """Move a staged folder into the run directory at `rel`, then write the marker that makes it complete."""
+        if self.local:
+            (staged / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            target = self.root / rel
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            return str(target)
+        self.remove(rel)
+        fs, path = _fs(self.join(rel))
+        for file in sorted(staged.rglob("*")):
+            if file.is_file():
+                fs.put(str(file), f"{path}/{file.relative_to(staged).as_posix()}")
+        self.write_text(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(marker, indent=2) + "\n")
+        shutil.rmtree(staged, ignore_errors=True)
+        return self.join(rel)
+
+    def complete_checkpoints(self) -> list[tuple[int, Any]]:
+        """(step, folder: a Path locally, a URI remotely) of every complete checkpoint, oldest first."""
+        fs, path = _fs(self.join("checkpoints"))
+        if not fs.exists(path):
             return []
         found = []
-        for child in self.checkpoints.iterdir():
-            m = _STEP.match(child.name)
-            if m and (child / CHECKPOINT_MARKER).exists():
-                found.append((int(m.group(1)), child))
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = _STEP.match(name)
+            if m and fs.exists(f"{entry.rstrip('/')}/{CHECKPOINT_MARKER}"):
+                where = self.join("checkpoints", name)
+                found.append((int(m.group(1)), Path(where) if self.local else where))
         return sorted(found)
 
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint, if any."""
+    def latest_checkpoint(self) -> Any:
+        """The newest complete checkpoint (a Path locally, a URI remotely), if any."""
         found = self.complete_checkpoints()
         return found[-1][1] if found else None
 
-    def best_checkpoint(self) -> Path | None:
+    def best_checkpoint(self) -> Any:
         """The checkpoint `best` points at, if it exists and is complete."""
-        if self.best.is_symlink() or self.best.exists():
-            target = self.best.resolve()
-            if (target / CHECKPOINT_MARKER).exists():
-                return target
-        return None
+        if self.local:
+            if self.best.is_symlink() or self.best.exists():
+                target = self.best.resolve()
+                if (target / CHECKPOINT_MARKER).exists():
+                    return target
+            return None
+        if not self.exists("best"):
+            return None
+        rel = json.loads(self.read_text("best"))["checkpoint"]
+        return self.join(rel) if self.exists(f"{rel}/{CHECKPOINT_MARKER}") else None
 
-    def point_best_at(self, checkpoint: Path) -> None:
-        """Atomically make `best` a relative link to `checkpoint`."""
-        tmp = self.root / f".best-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(os.path.relpath(checkpoint, self.root))
-        os.replace(tmp, self.best)
+    def point_best_at(self, rel: str) -> None:
+        """Make `best` point at the checkpoint at `rel` (relative to the run): an atomic link or a JSON pointer."""
+        if self.local:
+            tmp = self.root / f".best-{os.getpid()}"
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            tmp.symlink_to(rel)
+            os.replace(tmp, self.best)
+            return
+        self.write_text("best", json.dumps({"checkpoint": rel}) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record of metrics.jsonl (a partially written last line is skipped)."""
-        if not self.metrics.exists():
+        if not self.exists("metrics.jsonl"):
             return []
         records = []
-        for line in self.metrics.read_text().splitlines():
+        for line in self.read_text("metrics.jsonl").splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
@@ -106,9 +228,30 @@ class RunDir:
         return records
 
 
-def read_checkpoint_info(folder: Path) -> dict[str, Any]:
-    """The `vray_checkpoint.json` of a checkpoint (or final/) folder."""
-    marker = Path(folder) / CHECKPOINT_MARKER
-    if not marker.exists():
+def read_checkpoint_info(folder: str | Path) -> dict[str, Any]:
+    """The `vray_checkpoint.json` of a checkpoint (or final/) folder, local or remote."""
+    fs, path = _fs(str(folder))
+    marker = f"{path.rstrip('/')}/{CHECKPOINT_MARKER}"
+    if not fs.exists(marker):
         raise VrayError(f"{folder} is not a complete vray checkpoint (no {CHECKPOINT_MARKER})")
-    return json.loads(marker.read_text())
+    with fs.open(marker, "rt") as fh:
+        return json.loads(fh.read())
+
+
+def fetch_checkpoint(uri: str, cache: Path | None = None) -> Path:
+    """A local copy of a remote checkpoint folder (cached by URI); a local path as it is."""
+    if "://" not in uri:
+        return Path(uri)
+    import hashlib
+
+    from vray.testing.synthetic import cache_root
+
+    folder = (cache or cache_root()) / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (folder / CHECKPOINT_MARKER).exists():
+        fs, path = _fs(uri)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent if folder.parent.exists() else None))
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder

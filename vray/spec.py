@@ -125,12 +125,38 @@ class EvaluationBlock(_Block):
 
 
 class LoraBlock(_Block):
-    """Maps onto peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules)."""
+    """Maps onto peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules, target_parameters)."""
 
     rank: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: tuple[str, ...] | None = None
+    scope: tuple[Literal["language", "projector", "vision"], ...] = Field(
+        ("language",), description="where adapters go: the language model, and optionally the projector and vision tower")
+    experts: bool = Field(False, description="also adapt the routed experts of MoE models (fused 3-D parameters)")
+
+    @field_validator("scope")
+    @classmethod
+    def _has_language(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "language" not in v:
+            raise ValueError("scope must include 'language' (add 'projector' and 'vision' to it)")
+        return tuple(dict.fromkeys(v))
+
+
+class FullBlock(_Block):
+    """Full fine-tuning options: the vision tower is frozen unless trainVision; separate learning rates."""
+
+    trainVision: bool = False
+    visionLearningRate: float | None = Field(None, gt=0)
+    projectorLearningRate: float | None = Field(None, gt=0)
+
+
+class CheckpointingBlock(_Block):
+    """When to evaluate and checkpoint, and how many checkpoints to keep."""
+
+    everySteps: int | None = Field(None, ge=1, description="evaluate and checkpoint every N optimizer steps "
+                                   "(default: after every epoch)")
+    keepBest: int = Field(2, ge=1, description="checkpoints kept by the task's metric, besides the latest")
 
 
 class DataBlock(_Block):
@@ -164,6 +190,8 @@ class ClusterBlock(_Block):
     nodes: int | None = Field(None, ge=1)
     workers: int | None = Field(None, ge=1)
     cpusPerWorker: int | None = Field(None, ge=1)
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid"] | None = Field(
+        None, description="use this engine instead of the planner's choice")
 
 
 class RunSpec(_Block):
@@ -176,6 +204,8 @@ class RunSpec(_Block):
     hyperparameters: HyperparametersBlock = HyperparametersBlock()
     evaluation: EvaluationBlock = EvaluationBlock()
     lora: LoraBlock = LoraBlock()
+    full: FullBlock = FullBlock()
+    checkpointing: CheckpointingBlock = CheckpointingBlock()
     task: Literal["phrase_grounding", "vqa", "freeform"] | None = None
     systemPrompt: str | None = None
     data: DataBlock = DataBlock()
@@ -226,6 +256,14 @@ class RunSpec(_Block):
         if self.lora.targets is not None and self.trainingMode.type == "LoRA":
             if not self.lora.targets:
                 problems.append("lora.targets: an empty list adapts nothing; omit it for the architecture's defaults")
+        if self.lora.experts and self.trainingMode.type == "LoRA" and not arch.is_moe:
+            problems.append(f"lora.experts: {arch.key} has no routed experts (MoE models only); remove lora.experts")
+        if self.lora.experts and self.lora.dropout > 0:
+            problems.append(f"lora.experts: adapters on the fused expert parameters cannot apply dropout; "
+                            f"set lora.dropout: 0 (got {self.lora.dropout})")
+        if self.full.trainVision and self.trainingMode.type != "Full":
+            problems.append("full.trainVision: applies to full fine-tuning; for LoRA on the vision tower set "
+                            "lora.scope: [language, vision]")
         if problems:
             raise ValueError("\n".join(problems))
         return self

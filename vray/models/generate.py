@@ -18,6 +18,7 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 50
     repetition_penalty: float = 1.05
+    synced: bool = False  # sharded engines: ranks that finish keep stepping until every rank has (synced_gpus)
 
     @classmethod
     def from_evaluation(cls, evaluation: Any) -> GenerationSettings:
@@ -33,6 +34,8 @@ class GenerationSettings:
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for transformers' `generate`."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.synced:
+            kwargs["synced_gpus"] = True
         if self.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

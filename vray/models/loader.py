@@ -179,18 +179,63 @@ def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> int:
     return frozen
 
 
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def lora_target_modules(model: nn.Module, arch: Architecture, lora: LoraBlock) -> list[str]:
+    """Full names of the Linear modules LoRA adapts: the language model's targets, plus every Linear of the
+    projector and vision tower when the scope includes them."""
+    import re
+
+    pattern = re.compile(arch.lora_target_regex(lora.targets))
+    prefixes: tuple[str, ...] = ()
+    if "projector" in lora.scope:
+        prefixes += arch.projector_modules
+    if "vision" in lora.scope:
+        prefixes += arch.vision_modules
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if pattern.fullmatch(name) or name.startswith(tuple(p + "." for p in prefixes)):
+            names.append(name)
+    return names
+
+
 def apply_lora(model: nn.Module, arch: Architecture, lora: LoraBlock) -> nn.Module:
-    """Wrap the model with peft LoRA on the language-model targets (base weights frozen)."""
+    """Wrap the model with peft LoRA (base weights frozen): the language model's targets by default, the
+    projector / vision tower when in `lora.scope`, the fused routed experts with `lora.experts`."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_target_modules(model, arch, lora)
+    if not targets:
+        raise VrayError(f"lora.targets: no Linear module of {arch.key} matches {list(lora.targets or arch.lora_targets)}")
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=arch.lora_target_regex(lora.targets),
+        target_modules=targets,
+        target_parameters=list(EXPERT_PARAMETERS) if lora.experts else None,
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def parameter_groups(model: nn.Module, arch: Architecture, lr: float, vision_lr: float | None = None,
+                     projector_lr: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable parameters: vision tower, projector and the rest, each with its
+    learning rate (the run's, unless one is given)."""
+    projector = tuple(p + "." for p in arch.projector_modules)
+    vision = tuple(p + "." for p in arch.vision_modules)
+    groups: dict[str, list[nn.Parameter]] = {"vision": [], "projector": [], "language": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        bare = name.removeprefix("base_model.model.")
+        key = "projector" if bare.startswith(projector) else ("vision" if bare.startswith(vision) else "language")
+        groups[key].append(p)
+    rates = {"vision": vision_lr or lr, "projector": projector_lr or lr, "language": lr}
+    return [{"params": ps, "lr": rates[k], "name": k} for k, ps in groups.items() if ps]
 
 
 def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False) -> nn.Module:
@@ -209,7 +254,7 @@ def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False)
 
 def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: dict[str, Any] | None,
                          lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
-                         ) -> tuple[nn.Module, torch.dtype | None]:
+                         train_vision: bool = False) -> tuple[nn.Module, torch.dtype | None]:
     """The model ready to train, and the autocast dtype its forward runs under (None: no autocast).
 
     LoRA / QLoRA: the base at the run's precision (4-bit Linear weights under QLoRA), fp32 adapters.
@@ -223,7 +268,7 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
         model.enable_input_require_grads()
     if not full:
         return apply_lora(model, arch, lora), None
-    model = apply_full(model, arch)
+    model = apply_full(model, arch, train_vision)
     dtype = DTYPES[precision]
     for p in model.parameters():
         if not p.requires_grad:

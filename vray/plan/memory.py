@@ -88,6 +88,13 @@ class Workload:
     lora_dropout: float = 0.05
     lora_regex: str | None = None
     train_vision: bool = False
+    lora_scope: tuple[str, ...] = ("language",)
+    lora_experts: bool = False
+
+    @property
+    def vision_trains(self) -> bool:
+        """Whether anything in the vision tower trains (its activations are then kept for backward)."""
+        return self.train_vision or (self.mode != "full" and "vision" in self.lora_scope)
 
     @property
     def p(self) -> int:
@@ -203,13 +210,21 @@ def param_split(profile: ArchProfile, w: Workload) -> ParamSplit:
     targets = 0
     if w.mode in ("lora", "qlora"):
         pattern = re.compile(w.lora_regex or "")
+        extra_roles = {r for r in ("projector", "vision") if r in w.lora_scope}
         for lin in profile.linears:
-            if pattern.fullmatch(lin.name):
+            if pattern.fullmatch(lin.name) or profile.role(lin.name) in extra_roles:
                 targets += 1
                 a, b = w.lora_rank * lin.in_features, lin.out_features * w.lora_rank
                 trainable += a + b
                 tensors += 2
                 ada += (w.lora_rank + lin.in_features) + (lin.out_features + w.lora_rank)
+        if w.lora_experts:  # peft's adapters on fused [experts, in, out] parameters: rank x experts wide
+            for t in profile.tensors:
+                if ".mlp.experts." in t.name and len(t.shape) == 3:
+                    e, a, b = t.shape
+                    trainable += w.lora_rank * e * (a + b)
+                    tensors += 2
+                    ada += (w.lora_rank * e + a) + (b + w.lora_rank * e)
     return ParamSplit(frozen, trainable, tensors, ada, targets, w.mode == "full")
 
 
@@ -314,7 +329,7 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     patches = b * sample.vision_patches
     vision_mlp = 3 if v.mlp == "swiglu" else 2
     vision_block = patches * (6 * v.hidden + vision_mlp * v.intermediate) * ab
-    if w.train_vision:
+    if w.vision_trains:
         vision_saved = v.depth * vision_block
         vision_peak = 0
     else:

@@ -66,7 +66,9 @@ def workload_of(spec: RunSpec) -> Workload:
     mode = "full" if spec.trainingMode.type == "Full" else ("qlora" if spec.quantization.enabled else "lora")
     regex = arch.lora_target_regex(spec.lora.targets) if mode != "full" and arch.lora_supported else None
     return Workload(mode=mode, precision=spec.compute.precisionType, optimizer=spec.hyperparameters.optimizer,
-                    lora_rank=spec.lora.rank, lora_dropout=spec.lora.dropout, lora_regex=regex)
+                    lora_rank=spec.lora.rank, lora_dropout=spec.lora.dropout, lora_regex=regex,
+                    train_vision=mode == "full" and spec.full.trainVision, lora_scope=spec.lora.scope,
+                    lora_experts=mode != "full" and spec.lora.experts)
 
 
 def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
@@ -102,7 +104,7 @@ def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gra
     backward = (2.0 if w.mode == "full" else 1.0) * forward
     recompute = forward if gradient_checkpointing else 0.0
     vision = 2 * (profile.params_of("vision") + profile.params_of("projector")) * sample.vision_patches
-    return forward + backward + recompute + vision * (3 if w.train_vision else 1)
+    return forward + backward + recompute + vision * (3 if w.vision_trains else 1)
 
 
 def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, gpu: GPU,
@@ -140,6 +142,8 @@ def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, in
     for strategy in strategies:
         if strategy == "fsdp2-hybrid" and nodes < 2:
             continue  # within one node it is fsdp2
+        if strategy.startswith("fsdp2") and w.precision == "Float16":
+            continue  # fp16 needs loss scaling, which vray does with DDP and DeepSpeed
         if strategy != "ddp" and workers == 1 and strategy != "zero3-offload":
             continue  # nothing to shard over
         for gc in (False, True):
@@ -155,20 +159,22 @@ def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, in
 
 def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, effective: int,
            workers: int | None = None, samples: int = DEFAULT_DATASET_SAMPLES, epochs: int = 1,
-           allow_offload: bool = True) -> _Candidate | None:
+           allow_offload: bool = True, only: str | None = None) -> _Candidate | None:
     """The cheapest layout that fits, or None: the fewest GPUs without offload; with offload, the fastest."""
     if workers is not None:
         counts = [workers]
     else:
         counts = [n for n in _divisors(effective) if n <= inv.max_gpus]
+    strategies = tuple(s for s in STRATEGIES[w.mode] if only is None or s == only)
+    offload = tuple(s for s in OFFLOAD[w.mode] if only is None or s == only)
     for n in counts:
-        best = _best_for_workers(profile, w, sample, inv, n, effective // n, STRATEGIES[w.mode], effective, samples, epochs)
+        best = _best_for_workers(profile, w, sample, inv, n, effective // n, strategies, effective, samples, epochs)
         if best is not None:
             return best
-    if not (allow_offload and OFFLOAD[w.mode]):
+    if not (allow_offload and offload):
         return None
     # Offload is the last resort; every GPU it spreads over shortens the CPU round trips, so take the fastest.
-    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, OFFLOAD[w.mode], effective, samples, epochs)
+    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, offload, effective, samples, epochs)
                  for n in counts]
     found = [c for c in offloaded if c is not None]
     return min(found, key=lambda c: c.step_seconds) if found else None
@@ -317,7 +323,7 @@ def plan_run(spec: RunSpec, inventory: Inventory) -> Plan:
             return _not_fitting(spec, inventory, profile, sample, samples,
                                 f"cluster.workers asks for {workers} GPUs but the inventory has {inventory.max_gpus}",
                                 [f"at most {inventory.max_gpus} workers"])
-    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs)
+    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs, only=spec.cluster.strategy)
     if best is None:
         where = inventory.describe()
         reason = f"no layout of {arch.display} ({w.mode}, {w.precision}) fits {where} with the effective batch {effective}"

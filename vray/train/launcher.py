@@ -359,6 +359,17 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
     return prepared.run
 
 
+def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
+    """Run the plan's workers as local processes in a plain torch.distributed group (no Ray)."""
+    from vray.train.local import run_workers
+
+    write_run_files(prepared)
+    run_workers(worker_config(prepared, resume_from).to_dict(), prepared.plan.num_workers,
+                backend="nccl" if prepared.plan.device == "gpu" else "gloo")
+    draw_curves(prepared.run)
+    return prepared.run
+
+
 def train_local(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
     """Run the same worker code in this process, without Ray (a single worker)."""
     write_run_files(prepared)

@@ -8,10 +8,10 @@ runs the epochs with evaluation and checkpoints beside it. It runs under Ray Tra
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +26,16 @@ from vray.data.io import read_samples
 from vray.data.pipeline import DataOrder, SampleStream
 from vray.data.sample import Sample
 from vray.models.generate import GenerationSettings, generate_texts
-from vray.models.loader import load_processor, prepare_for_training, resolve_source, trainable_parameters
+from vray.models.loader import (
+    load_processor, parameter_groups, prepare_for_training, resolve_source, trainable_parameters,
+)
 from vray.plan.plan import Plan
 from vray.spec import RunSpec
 from vray.train import metrics as task_metrics
-from vray.train.engines import Engine, all_reduce_sum, barrier, build_engine, evaluating, world
-from vray.rundir import CHECKPOINT_MARKER, RunDir, read_checkpoint_info
+from vray.train.engines import (
+    Engine, all_reduce_max, all_reduce_sum, barrier, build_engine, evaluating, shard_units, world,
+)
+from vray.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 
 TRAINING_STATE = "training_state.pt"
 
@@ -137,7 +141,14 @@ def _device(plan: Plan) -> torch.device:
     return device
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+def fsspec_fs(uri: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def build_optimizer(name: str, params: list[Any], lr: float, weight_decay: float,
                     device: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer a spec names (the fused CUDA kernels on a GPU: no temporaries in the step)."""
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
@@ -171,24 +182,26 @@ class Recipe:
         self.primary = task_metrics.PRIMARY_METRIC[self.task]
         self.step = 0
         self.best_metric: float | None = None
-        self.history: list[dict[str, Any]] = []
+        self.metrics_log = MetricsLog(self.run, self.rank)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Model, optimizer, scheduler and data, in that order; then restore a checkpoint if there is one."""
+        """Model, data, engine (wrapping and optimizer), scheduler, in that order; then restore a checkpoint."""
         torch.manual_seed(self.spec.seed)
         random.seed(self.spec.seed)
         restore = self.reporter.restore_from()
-        self._setup_model(Path(restore) if restore is not None else None)
+        local_restore = fetch_checkpoint(str(restore)) if restore is not None else None
+        self._setup_model(local_restore)
         self._setup_data()
-        self._setup_optimizer()
-        self._setup_lr_scheduler()
         self.engine: Engine = build_engine(
-            self.plan.strategy, self.model, self.optimizer, self.scheduler,
-            self.spec.hyperparameters.maxGradNorm, self.device,
+            self.plan.strategy, self.model, self._make_optimizer, self.spec.hyperparameters.maxGradNorm, self.device,
+            self.spec.compute.precisionType, deepspeed_config=self.plan.deepspeed, fsdp=self.plan.fsdp,
+            units=shard_units(self.model, self.arch.language_model_prefix, self.arch.vision_modules)
+            if self.plan.strategy.startswith("fsdp2") else None,
         )
-        if restore is not None:
-            self._restore(Path(restore))
+        self._setup_lr_scheduler()
+        if local_restore is not None:
+            self._restore(local_restore)
 
     def _setup_model(self, restore: Path | None) -> None:
         self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
@@ -199,21 +212,38 @@ class Recipe:
         model, self.autocast_dtype = prepare_for_training(
             weights, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
             self.spec.quantization.model_dump(), self.spec.lora, self.device, self.plan.gradient_checkpointing,
+            train_vision=self.spec.full.trainVision,
         )
         model.train()
         self.model = model
         self.trainable, self.total_params = trainable_parameters(model)
+        self._kernel_notes()
 
-    def _setup_optimizer(self) -> None:
-        hp = self.spec.hyperparameters
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(hp.optimizer, params, hp.learningRate, hp.weightDecay, self.device)
+    def _kernel_notes(self) -> None:
+        """Qwen3.5's Gated DeltaNet is fast only with the flash-linear-attention kernels: say when they are missing."""
+        if not self.arch.model_type.startswith("qwen3_5"):
+            return
+        try:
+            import fla  # noqa: F401
+
+            have = True
+        except ImportError:
+            have = False
+        if self.device.type == "cuda" and not have:
+            self.metrics_log.write({"event": "warning", "message": (
+                "flash-linear-attention is not installed: Qwen3.5's Gated DeltaNet layers run the slow PyTorch path "
+                "(pip install flash-linear-attention causal-conv1d)")})
+
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        hp, full = self.spec.hyperparameters, self.spec.full
+        groups = parameter_groups(model, self.arch, hp.learningRate, full.visionLearningRate, full.projectorLearningRate)
+        return build_optimizer(hp.optimizer, groups, hp.learningRate, hp.weightDecay, self.device)
 
     def _setup_lr_scheduler(self) -> None:
         from transformers import get_cosine_schedule_with_warmup
 
         warmup = int(self.total_steps * self.spec.hyperparameters.warmupRatio)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        self.engine.attach_scheduler(lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total_steps))
 
     def _setup_data(self) -> None:
         self.collator = self.collator_factory()
@@ -253,13 +283,14 @@ class Recipe:
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run every remaining step; evaluate and checkpoint after each epoch. Returns the last metrics."""
+        """Run every remaining step; evaluate and checkpoint at the interval. Returns the last metrics."""
         epochs = self.spec.hyperparameters.epochs
-        self._log({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                   "epochs": epochs, "workers": self.world_size, "trainable_params": self.trainable,
-                   "total_params": self.total_params, "resumed_at": self.step})
+        self.metrics_log.write({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                                "epochs": epochs, "workers": self.world_size, "strategy": self.engine.name,
+                                "trainable_params": self.trainable, "total_params": self.total_params,
+                                "resumed_at": self.step})
         if self.step == 0 and self.eval_samples:
-            self._log({"step": 0, "epoch": 0, **self.validate()})
+            self.metrics_log.write({"step": 0, "epoch": 0, **self.validate()})
         started, steps_done = time.time(), 0
         last: dict[str, Any] = {}
         batches = self.stream.steps(self.step, self.total_steps)
@@ -270,31 +301,36 @@ class Recipe:
             elapsed = time.time() - started
             rate = steps_done * self.plan.effective_batch / max(elapsed, 1e-9)
             last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss,
-                    "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                    "lr": self.engine.scheduler.get_last_lr()[0], "samples_per_s": rate,
                     "eta_s": (self.total_steps - self.step) * elapsed / steps_done,
                     "data_wait_s": self.stream.step_wait,
                     "data_wait_share": self.stream.wait_seconds / max(elapsed, 1e-9),
                     **self.order.position(self.step).to_dict()}
-            self._log(last)
-            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+            self.metrics_log.write(last)
+            if self._at_checkpoint():
                 evaluation = self.validate() if self.eval_samples else {}
                 if evaluation:
-                    self._log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
+                    self.metrics_log.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
                 checkpoint = self.save_checkpoint({**last, **evaluation})
                 self.reporter.report({**last, **evaluation}, checkpoint)
         self.save_final()
+        self.metrics_log.close()
         return last
+
+    def _at_checkpoint(self) -> bool:
+        every = self.spec.checkpointing.everySteps
+        at_interval = self.step % every == 0 if every else self.step % self.steps_per_epoch == 0
+        return at_interval or self.step == self.total_steps
 
     def _train_step(self, micro_batches: list[list[Encoded]]) -> float:
         total = 0.0
         for i, encoded in enumerate(micro_batches):
-            batch = self.collator.batch(encoded)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
             with self.engine.no_sync(last_micro_batch=i == len(micro_batches) - 1):
                 with self._autocast():
-                    loss = self.engine.module(**batch).loss / len(micro_batches)
-                self.engine.backward(loss)
-            total += float(loss.detach())
+                    loss = self.engine.module(**batch).loss
+                self.engine.backward(loss, len(micro_batches))
+            total += float(loss.detach()) / len(micro_batches)
         self.engine.step()
         return all_reduce_sum([total], self.device)[0] / self.world_size
 
@@ -304,35 +340,59 @@ class Recipe:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Held-out loss and the task's primary metric, summed exactly over every rank's shard."""
+        """Held-out loss and the task's metrics, summed exactly over every rank's shard."""
         mine = self.eval_samples[self.rank::self.world_size]
-        loss_sum, loss_n, num, den = 0.0, 0.0, 0.0, 0.0
+        lockstep = self.engine.lockstep_generation and self.world_size > 1
         batch_size = max(1, self.plan.micro_batch)
-        with evaluating(self.model), self._autocast():
-            for j in range(0, len(mine), batch_size):
-                samples = mine[j:j + batch_size]
+        batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+        if lockstep:  # sharded weights: every rank runs as many batches as the others (a padded copy is never scored)
+            rounds = all_reduce_max(len(batches), self.device)
+            filler = (self.eval_samples[:1] or mine[:1])
+            batches += [filler] * (rounds - len(batches))
+            scored = len(mine)
+        settings = self.generation
+        if lockstep:
+            from dataclasses import replace
+
+            settings = replace(settings, synced=True)
+        sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
+        seen = 0
+        with evaluating(self.engine.model), self._autocast(), self.engine.generation() as model:
+            for samples in batches:
                 encoded = [self.collator.encode(s) for s in samples]
                 batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
-                loss_sum += float(self.model(**batch).loss) * len(samples)
-                loss_n += len(samples)
+                loss = float(self.engine.module(**batch).loss)
                 prompts = [self.collator.encode(s, with_answer=False) for s in samples]
-                texts, _ = generate_texts(self.model, self.processor.tokenizer,
-                                          self.collator.batch(prompts, left_pad=True), self.generation)
+                texts, _ = generate_texts(model, self.processor.tokenizer,
+                                          self.collator.batch(prompts, left_pad=True), settings)
                 for sample, enc, text in zip(samples, prompts, texts):
+                    seen += 1
+                    if lockstep and seen > scored:
+                        continue
+                    sums["loss"][0] += loss
+                    sums["loss"][1] += 1
                     boxes = [PixelBox(b.label, b.bbox) for b in sample.answer.boxes]
                     geo = enc.geometries[sample.answer.boxes[0].image] if boxes else (enc.geometries[0] if enc.geometries else None)
-                    n, d = task_metrics.score(self.task, text, enc.reference, boxes, self.arch.box_convention, geo)
-                    num, den = num + n, den + d
-        loss_sum, loss_n, num, den = all_reduce_sum([loss_sum, loss_n, num, den], self.device)
-        return {"eval/loss": loss_sum / max(loss_n, 1), f"eval/{self.primary}": num / max(den, 1e-9),
-                "eval/samples": loss_n}
+                    for name, (n, d) in task_metrics.sample_scores(self.task, text, enc.reference, boxes,
+                                                                     self.arch.box_convention, geo).items():
+                        acc = sums.setdefault(name, [0.0, 0.0])
+                        acc[0] += n
+                        acc[1] += d
+        names = sorted(sums)
+        flat = all_reduce_sum([v for k in names for v in sums[k]], self.device)
+        totals = {k: (flat[2 * i], flat[2 * i + 1]) for i, k in enumerate(names)}
+        out = {f"eval/{k}": n / max(d, 1e-9) for k, (n, d) in totals.items()}
+        out["eval/samples"] = totals["loss"][1]
+        return out
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _info(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
+            "data_position": self.order.position(self.step).to_dict(),
             "kind": "lora" if self.spec.trainingMode.type == "LoRA" else "full",
+            "strategy": self.engine.name,
             "architecture": self.arch.key,
             "model_type": self.arch.model_type,
             "base_model": self.spec.model.source,
@@ -340,68 +400,168 @@ class Recipe:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
 
-    def _write_weights(self, folder: Path) -> None:
-        self.model.save_pretrained(folder, safe_serialization=True)
-        self.processor.save_pretrained(folder)
+    def _staging(self, name: str) -> Path:
+        """A folder every rank writes this checkpoint into: one shared folder on a local run, one per rank (uploaded
+        after) on a remote one."""
+        if self.run.local:
+            folder = self.run.checkpoints / f".{name}.tmp"
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+            barrier()
+            return folder
+        return Path(tempfile.mkdtemp(prefix=f"vray-{name}-rank{self.rank}-"))
 
-    def save_checkpoint(self, metrics: dict[str, Any]) -> Path:
-        """Write checkpoints/step-N atomically (temp folder, then rename) and move `best` when it improved."""
-        target = self.run.checkpoint(self.step)
-        if self.engine.saves_on_this_rank():
-            tmp = self.run.checkpoints / f".step-{self.step}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._write_weights(tmp)
-            value = metrics.get(f"eval/{self.primary}")
-            improved = value is not None and (self.best_metric is None or value > self.best_metric)
-            if improved:
-                self.best_metric = value
-            torch.save({**self.engine.training_state(), "step": self.step, "best_metric": self.best_metric,
-                        "rng": torch.get_rng_state()}, tmp / TRAINING_STATE)
-            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(self._info(metrics), indent=2) + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-            if improved or self.run.best_checkpoint() is None:
-                self.run.point_best_at(target)
+    def _write(self, rel: str, staged: Path, info: dict[str, Any]) -> str:
+        """Save through the engine on every rank, add the training state, and publish with the marker last."""
+        self.engine.save(staged, self.processor)
+        if self.rank == 0:
+            torch.save({"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
+                        "best_metric": self.best_metric, "rng": torch.get_rng_state()}, staged / TRAINING_STATE)
         barrier()
-        return target
+        if self.run.local:
+            if self.rank == 0:
+                self.run.publish(staged, rel, info)
+            barrier()
+            return str(self.run.root / rel)
+        fs, path = fsspec_fs(self.run.join(rel))
+        if self.rank == 0:
+            self.run.remove(rel)
+        barrier()
+        for file in sorted(staged.rglob("*")):  # each rank uploads what it wrote (its shards)
+            if file.is_file():
+                fs.put(str(file), f"{path}/{file.relative_to(staged).as_posix()}")
+        shutil.rmtree(staged, ignore_errors=True)
+        barrier()
+        if self.rank == 0:
+            self.run.write_text(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(info, indent=2) + "\n")
+        barrier()
+        return self.run.join(rel)
+
+    def save_checkpoint(self, metrics: dict[str, Any]) -> str:
+        """checkpoints/step-N, visible only when complete; `best` moves when the metric improved; older checkpoints
+        beyond the latest and the best N are removed."""
+        value = metrics.get(f"eval/{self.primary}")
+        improved = value is not None and (self.best_metric is None or value > self.best_metric)
+        if improved:
+            self.best_metric = value
+        rel = f"checkpoints/step-{self.step}"
+        path = self._write(rel, self._staging(f"step-{self.step}"), self._info(metrics))
+        if self.rank == 0:
+            if improved or self.run.best_checkpoint() is None:
+                self.run.point_best_at(rel)
+            self._retain()
+            self.metrics_log.flush()
+        barrier()
+        return path
+
+    def _retain(self) -> None:
+        """Keep the latest checkpoint and the best `checkpointing.keepBest` by the task's metric."""
+        found = self.run.complete_checkpoints()
+        if len(found) <= 1:
+            return
+        key = f"eval/{self.primary}"
+        scored = []
+        for step, path in found:
+            value = read_checkpoint_info(path)["metrics"].get(key)
+            scored.append((value if value is not None else float("-inf"), step, path))
+        keep = {found[-1][0]} | {step for _, step, _ in sorted(scored, key=lambda t: (-t[0], t[1]))[: self.spec.checkpointing.keepBest]}
+        best = self.run.best_checkpoint()
+        for step, path in found:
+            if step not in keep and str(path) != str(best):
+                self.run.remove(f"checkpoints/step-{step}")
 
     def save_final(self) -> None:
         """final/: the trained weights (adapter or full) in Hugging Face format, with the processor."""
-        if self.engine.saves_on_this_rank():
-            tmp = self.run.root / f".final.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._write_weights(tmp)
-            (tmp / CHECKPOINT_MARKER).write_text(json.dumps(self._info({}), indent=2) + "\n")
-            shutil.rmtree(self.run.final, ignore_errors=True)
-            os.replace(tmp, self.run.final)
-        barrier()
+        self._write("final", self._staging("final"), self._info({}))
 
     def _restore(self, folder: Path) -> None:
-        """Adapter weights, optimizer, scheduler, step and best metric from a checkpoint."""
-        from safetensors.torch import load_file
-
-        info = read_checkpoint_info(folder)
-        if info["kind"] == "lora":  # full weights were loaded from the checkpoint in _setup_model
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        """Weights, optimizer, scheduler, step, data position, best metric and RNG from a checkpoint."""
+        read_checkpoint_info(folder)
+        self.engine.load(folder)
         saved = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
-        self.engine.load_training_state(saved)
+        self.engine.scheduler.load_state_dict(saved["scheduler"])
         self.step = int(saved["step"])
         self.best_metric = saved.get("best_metric")
         if "rng" in saved:  # dropout continues with the same random stream
             torch.set_rng_state(saved["rng"])
+        self.metrics_log.truncate_after(self.step)
+        self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
+                                **self.order.position(self.step).to_dict()})
 
-    # ---- logging -------------------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        """Rank 0 appends one line to metrics.jsonl (the driver renders progress from it)."""
+
+class MetricsLog:
+    """metrics.jsonl, written by rank 0 (the driver renders progress from it): appended locally; on a remote run
+    directory written to a local file and uploaded whole every few seconds and at checkpoints."""
+
+    def __init__(self, run: RunDir, rank: int, upload_every_s: float = 5.0):
+        self.run = run
+        self.rank = rank
+        self.upload_every_s = upload_every_s
+        self._last_upload = 0.0
+        self.path = run.metrics if run.local else Path(tempfile.mkdtemp(prefix="vray-metrics-")) / "metrics.jsonl"
+        if not run.local and rank == 0 and run.exists("metrics.jsonl"):  # a resumed run continues its log
+            self.path.write_text(run.read_text("metrics.jsonl"))
+        self._tb: Any = None
+
+    def write(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
         record = {"time": time.time(), **record}
-        self.history.append(record)
-        with open(self.run.metrics, "a") as fh:
+        with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._tensorboard(record)
+        if not self.run.local and time.time() - self._last_upload > self.upload_every_s:
+            self.flush()
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if step is None:
+            return
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                self._tb = False
+                return
+            folder = (self.run.root / "tensorboard") if self.run.local else self.path.parent / "tensorboard"
+            self._tb = SummaryWriter(str(folder))
+        if self._tb:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step"):
+                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def flush(self) -> None:
+        """Upload the log (and TensorBoard events) of a remote run directory."""
+        if self.rank != 0:
+            return
+        if self._tb:
+            self._tb.flush()
+        if not self.run.local:
+            self.run.upload(self.path, "metrics.jsonl")
+            events = self.path.parent / "tensorboard"
+            for file in events.glob("*") if events.exists() else []:
+                self.run.upload(file, f"tensorboard/{file.name}")
+            self._last_upload = time.time()
+
+    def close(self) -> None:
+        self.flush()
+        if self._tb:
+            self._tb.close()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
+        if self.rank != 0 or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step") is None or rec["step"] <= step:
+                kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
 
 
 def train_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:

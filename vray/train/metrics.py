@@ -1,4 +1,8 @@
-"""Task metrics: VQA exact match, grounding recall at IoU 0.5, freeform token-overlap F1."""
+"""Task metrics: VQA exact match and ANLS; grounding precision, recall and mean IoU at IoU 0.5; freeform token F1.
+
+Each metric is a (numerator, denominator) pair per sample, so the shards of every rank sum exactly.
+Reasoning traces (`<think>...</think>`) are left out of every comparison.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from vray.data.sample import final_answer
 
 PRIMARY_METRIC = {"vqa": "exact_match", "phrase_grounding": "recall@0.5", "freeform": "token_f1"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+ANLS_THRESHOLD = 0.5
 
 
 def normalize_answer(text: str) -> str:
@@ -26,6 +31,25 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+def _levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def anls(prediction: str, reference: str) -> float:
+    """Average normalised Levenshtein similarity of one answer (0 below the 0.5 threshold), as DocVQA scores it."""
+    p, r = " ".join(prediction.lower().split()), " ".join(reference.lower().split())
+    if not p and not r:
+        return 1.0
+    similarity = 1 - _levenshtein(p, r) / max(len(p), len(r))
+    return similarity if similarity >= ANLS_THRESHOLD else 0.0
+
+
 def token_f1(prediction: str, reference: str) -> float:
     """Harmonic mean of token precision and recall between normalised texts."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
@@ -38,34 +62,50 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def box_recall(predicted: list[PixelBox], reference: list[PixelBox], threshold: float = 0.5) -> tuple[int, int]:
-    """(reference boxes matched by a same-label prediction with IoU >= threshold, reference boxes); one-to-one."""
+def match_boxes(predicted: list[PixelBox], reference: list[PixelBox], threshold: float = 0.5) -> tuple[int, float]:
+    """(reference boxes matched by a same-label prediction with IoU >= threshold, sum of each reference box's best
+    same-label IoU); predictions match one-to-one."""
     used: set[int] = set()
-    hits = 0
+    hits, iou_sum = 0, 0.0
     for ref in reference:
-        best, best_iou = None, threshold
+        best, best_iou, any_iou = None, threshold, 0.0
         for i, pred in enumerate(predicted):
-            if i in used or normalize_answer(pred.label) != normalize_answer(ref.label):
+            if normalize_answer(pred.label) != normalize_answer(ref.label):
                 continue
             score = iou(pred.bbox, ref.bbox)
-            if score >= best_iou:
+            any_iou = max(any_iou, score)
+            if i not in used and score >= best_iou:
                 best, best_iou = i, score
+        iou_sum += any_iou
         if best is not None:
             used.add(best)
             hits += 1
-    return hits, len(reference)
+    return hits, iou_sum
+
+
+def box_recall(predicted: list[PixelBox], reference: list[PixelBox], threshold: float = 0.5) -> tuple[int, int]:
+    """(reference boxes matched at IoU >= threshold, reference boxes)."""
+    return match_boxes(predicted, reference, threshold)[0], len(reference)
+
+
+def sample_scores(task: str, prediction: str, reference: str, reference_boxes: list[PixelBox], convention: str,
+                  geometry: ImageGeometry | None) -> dict[str, tuple[float, float]]:
+    """Every metric of the task for one sample, as (numerator, denominator)."""
+    prediction, reference = final_answer(prediction), final_answer(reference)
+    if task == "vqa":
+        return {"exact_match": (exact_match(prediction, reference), 1.0), "anls": (anls(prediction, reference), 1.0)}
+    if task == "freeform":
+        return {"token_f1": (token_f1(prediction, reference), 1.0), "exact_match": (exact_match(prediction, reference), 1.0)}
+    if geometry is None:
+        raise ValueError("scoring a grounding answer needs the image geometry")
+    predicted = parse_answer(prediction, convention, geometry)
+    hits, iou_sum = match_boxes(predicted, reference_boxes)
+    return {"recall@0.5": (float(hits), float(len(reference_boxes))),
+            "precision@0.5": (float(hits), float(len(predicted))),
+            "mean_iou": (iou_sum, float(len(reference_boxes)))}
 
 
 def score(task: str, prediction: str, reference: str, reference_boxes: list[PixelBox],
           convention: str, geometry: ImageGeometry | None) -> tuple[float, float]:
-    """(numerator, denominator) of the task's primary metric for one sample, so shards sum exactly.
-    Reasoning traces (`<think>...</think>`) are left out of the comparison."""
-    prediction, reference = final_answer(prediction), final_answer(reference)
-    if task == "vqa":
-        return exact_match(prediction, reference), 1.0
-    if task == "freeform":
-        return token_f1(prediction, reference), 1.0
-    if geometry is None:
-        raise ValueError("scoring a grounding answer needs the image geometry")
-    hits, total = box_recall(parse_answer(prediction, convention, geometry), reference_boxes)
-    return float(hits), float(total)
+    """(numerator, denominator) of the task's primary metric for one sample."""
+    return sample_scores(task, prediction, reference, reference_boxes, convention, geometry)[PRIMARY_METRIC[task]]

@@ -41,7 +41,7 @@ DEMO_SPEC: dict[str, Any] = {
 class DemoResult:
     """What the demo measured."""
 
-    run_dir: Path
+    run_dir: str
     exact_match_before: float
     exact_match_after: float
     question: str
@@ -116,7 +116,7 @@ def run_demo(console: Console, output: str | None = None, overrides: list[str] |
     before, after = held_out_metric(run, "eval/exact_match")
 
     t2 = time.time()
-    target = resolve_target(str(run.root))
+    target = resolve_target(run.uri)
     endpoint = deploy(target, port=port or free_port())
     seconds["serve_start"] = time.time() - t2
     sample = read_jsonl(prepared.eval_path)[0]
@@ -137,8 +137,8 @@ def run_demo(console: Console, output: str | None = None, overrides: list[str] |
     console.print(f"  question: {question}")
     console.print(f"  expected: {sample.answer.text}")
     console.print(f"  [bold]answer:   {answer}[/bold]")
-    console.print(f"run directory: {run.root}  ({seconds['total']:.0f}s in all)")
-    result = DemoResult(run.root, before, after, question, sample.answer.text, answer, endpoint.url,
+    console.print(f"run directory: {run.uri}  ({seconds['total']:.0f}s in all)")
+    result = DemoResult(run.uri, before, after, question, sample.answer.text, answer, endpoint.url,
                         endpoint.model_id, seconds)
     if keep_serving:
         block_until_interrupted(endpoint, console)

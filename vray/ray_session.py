@@ -50,3 +50,12 @@ def start_persistent_head() -> str:
     if address is None:
         raise VrayError("`ray start --head` ran but no cluster address was recorded")
     return address
+
+
+# Settings a worker needs to reach storage and the hub, carried from the driver's environment.
+FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "HUGGING_FACE_", "VRAY_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's storage / hub / vray environment variables, for the workers' runtime_env."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}

@@ -111,7 +111,8 @@ class ModelEngine:
         base = resolve_source(target.base_source)
         weights = target.weights or base
         self.processor = load_processor(target.adapter or weights)
-        model = load_model(weights, self.arch, precision, device=self.device)
+        model = load_model(weights, self.arch, precision, target.quantization if target.adapter else None,
+                           device=self.device)
         if target.adapter:
             from peft import PeftModel
 

@@ -11,7 +11,7 @@ import yaml
 
 from vray.archs import registry
 from vray.errors import VrayError
-from vray.rundir import CHECKPOINT_MARKER, RunDir, read_checkpoint_info
+from vray.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, RunSpec, validate_spec
 
 
@@ -28,6 +28,7 @@ class ServeTarget:
     system_prompt: str | None
     evaluation: dict[str, Any]
     checkpoint: str | None = None  # which checkpoint this is (for /v1/models and logs)
+    quantization: dict[str, Any] | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
 
     @property
     def arch(self) -> registry.Architecture:
@@ -45,15 +46,15 @@ class ServeTarget:
         return asdict(self)
 
 
-def _spec_of_run(root: Path) -> RunSpec:
-    path = root / "spec.yaml"
-    if not path.exists():
-        raise VrayError(f"{root} has no spec.yaml; is it a vray run directory?")
-    return validate_spec(yaml.safe_load(path.read_text()))
+def _spec_of_run(run: RunDir) -> RunSpec:
+    if not run.exists("spec.yaml"):
+        raise VrayError(f"{run.uri} has no spec.yaml; is it a vray run directory?")
+    return validate_spec(yaml.safe_load(run.read_text("spec.yaml")))
 
 
-def _from_checkpoint(folder: Path, spec: RunSpec, label: str) -> ServeTarget:
-    info = read_checkpoint_info(folder)
+def _from_checkpoint(where: Any, spec: RunSpec, label: str) -> ServeTarget:
+    info = read_checkpoint_info(where)
+    folder = fetch_checkpoint(str(where))  # a local copy when the run directory is remote
     adapter = folder if (folder / "adapter_config.json").exists() else None
     return ServeTarget(
         model_id=spec.name or folder.name,
@@ -65,28 +66,31 @@ def _from_checkpoint(folder: Path, spec: RunSpec, label: str) -> ServeTarget:
         system_prompt=spec.systemPrompt,
         evaluation=spec.evaluation.model_dump(),
         checkpoint=label,
+        quantization=spec.quantization.model_dump() if (adapter and spec.quantization.enabled) else None,
     )
 
 
 def resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
     """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
     p = Path(path_or_source).expanduser()
-    if p.is_dir() and (p / "spec.yaml").exists():  # a run directory
-        run = RunDir(p.resolve())
-        spec = _spec_of_run(run.root)
+    remote = "://" in path_or_source
+    if (remote or p.is_dir()) and RunDir.of(path_or_source).exists("spec.yaml"):  # a run directory
+        run = RunDir.of(path_or_source)
+        spec = _spec_of_run(run)
         best, latest = run.best_checkpoint(), run.latest_checkpoint()
         if best is not None:
-            return _from_checkpoint(best, spec, f"best ({best.name})")
+            return _from_checkpoint(best, spec, f"best ({str(best).rstrip('/').rsplit('/', 1)[-1]})")
         if latest is not None:
-            return _from_checkpoint(latest, spec, f"latest ({latest.name})")
-        if (run.final / CHECKPOINT_MARKER).exists():
-            return _from_checkpoint(run.final, spec, "final")
-        raise VrayError(f"{p} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
-    if p.is_dir() and (p / CHECKPOINT_MARKER).exists():  # a checkpoint folder inside a run directory
-        for root in (p.parent.parent, p.parent):
-            if (root / "spec.yaml").exists():
-                return _from_checkpoint(p.resolve(), _spec_of_run(root), p.name)
-        raise VrayError(f"{p} is a checkpoint outside its run directory (no spec.yaml beside it)")
+            return _from_checkpoint(latest, spec, f"latest ({str(latest).rstrip('/').rsplit('/', 1)[-1]})")
+        if run.exists(f"final/{CHECKPOINT_MARKER}"):
+            return _from_checkpoint(run.join("final"), spec, "final")
+        raise VrayError(f"{path_or_source} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
+    if (remote or p.is_dir()) and RunDir.of(path_or_source).exists(CHECKPOINT_MARKER):  # a checkpoint inside a run
+        here = RunDir.of(path_or_source).uri
+        for root in (here.rsplit("/", 2)[0], here.rsplit("/", 1)[0]):
+            if RunDir.of(root).exists("spec.yaml"):
+                return _from_checkpoint(here, _spec_of_run(RunDir.of(root)), here.rsplit("/", 1)[-1])
+        raise VrayError(f"{path_or_source} is a checkpoint outside its run directory (no spec.yaml beside it)")
     # A base or merged model: architecture from the registry by model_type, defaults from the registry.
     arch = _architecture_for(p, path_or_source, architecture)
     return ServeTarget(

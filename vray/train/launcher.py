@@ -17,7 +17,7 @@ from rich.console import Console
 
 from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan, cpu_plan
-from vray.ray_session import ensure_ray
+from vray.ray_session import ensure_ray, forwarded_env
 from vray.spec import RunSpec, require_for_training
 from vray.train.loop import WorkerConfig, train_worker
 from vray.rundir import RunDir
@@ -147,8 +147,8 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
     require_for_training(spec)
     spec = spec.resolved()
     run = RunDir.of(spec.run_dir)
-    if run.root.exists() and any(run.root.iterdir()) and not resume:
-        raise VrayError(f"run directory {run.root} already exists; set another name, or resume it with --resume {run.root}")
+    if run.exists("spec.yaml") and not resume:
+        raise VrayError(f"run directory {run.uri} already exists; set another name, or resume it with --resume {run.uri}")
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, eval_path, skip_invalid, console)
     plan = plan_for(spec)
@@ -158,7 +158,7 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
 def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
     """What every worker of the run receives."""
     return WorkerConfig(
-        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=str(prepared.run.root.resolve()),
+        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=prepared.run.uri,
         train_path=prepared.train_path, eval_path=prepared.eval_path,
         resume_from=str(resume_from) if resume_from else None,
         exclude_ids=prepared.data.exclude_ids if prepared.data else (),
@@ -171,15 +171,16 @@ def write_run_files(prepared: PreparedRun) -> None:
     """spec.yaml (resolved), plan.json and data_check.json (what the data check found and skipped)."""
     import json
 
-    prepared.run.root.mkdir(parents=True, exist_ok=True)
-    (prepared.run.root / "checkpoints").mkdir(exist_ok=True)
-    prepared.run.spec.write_text(prepared.spec.to_yaml())
-    prepared.run.plan.write_text(prepared.plan.to_json() + "\n")
+    run = prepared.run
+    if run.local:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    run.write_text("spec.yaml", prepared.spec.to_yaml())
+    run.write_text("plan.json", prepared.plan.to_json() + "\n")
     if prepared.data is not None:
         reports = [json.loads(r.to_json()) for r in prepared.data.reports]
-        (prepared.run.root / "data_check.json").write_text(
-            json.dumps({"skipped_rows": prepared.data.skipped_rows, "excluded_ids": list(prepared.data.exclude_ids),
-                        "datasets": reports}, indent=2) + "\n")
+        run.write_text("data_check.json", json.dumps({"skipped_rows": prepared.data.skipped_rows,
+                                                      "excluded_ids": list(prepared.data.exclude_ids),
+                                                      "datasets": reports}, indent=2) + "\n")
 
 
 def ray_datasets(prepared: PreparedRun) -> dict[str, Any]:
@@ -200,32 +201,73 @@ def ray_datasets(prepared: PreparedRun) -> dict[str, Any]:
     return out
 
 
+def ray_storage_filesystem(run: RunDir) -> Any:
+    """The pyarrow filesystem Ray Train writes a remote run directory through: fsspec's (s3fs), so Ray and vray
+    use the same endpoint and credentials; None for a local run."""
+    if run.local:
+        return None
+    import os
+
+    import fsspec
+    import pyarrow.fs
+
+    options: dict[str, Any] = {}
+    if run.uri.startswith("s3://"):
+        # Explicit settings travel with the filesystem to Ray's controller and workers (their environment may lack them).
+        env = os.environ
+        if env.get("AWS_ACCESS_KEY_ID"):
+            options.update(key=env["AWS_ACCESS_KEY_ID"], secret=env.get("AWS_SECRET_ACCESS_KEY"),
+                           token=env.get("AWS_SESSION_TOKEN"))
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+    fs = fsspec.filesystem(run.uri.split("://", 1)[0], **options)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def ray_storage_path(run: RunDir) -> str:
+    """Ray Train's storage_path: the run directory's parent (without the scheme when Ray gets a filesystem)."""
+    parent = run.uri.rsplit("/", 1)[0]
+    return parent if run.local else parent.split("://", 1)[1]
+
+
 class _RayReporter:
     """Reports to Ray Train; checkpoints are already in the run directory (Ray records, does not copy)."""
 
-    def __init__(self, resume_from: str | None):
+    def __init__(self, resume_from: str | None, run_dir: str):
         self.resume_from = resume_from
+        self.run_dir = run_dir
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
         rank = ray.train.get_context().get_world_rank()
-        ckpt = Checkpoint(path=str(checkpoint)) if (checkpoint is not None and rank == 0) else None
+        ckpt = None
+        if checkpoint is not None and rank == 0:
+            run = RunDir.of(self.run_dir)
+            fs = ray_storage_filesystem(run)
+            ckpt = Checkpoint(path=str(checkpoint).split("://", 1)[-1], filesystem=fs) if fs else Checkpoint(path=str(checkpoint))
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(clean, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    def restore_from(self) -> Path | None:
+    def restore_from(self) -> Any:
+        """The newest complete checkpoint of the run (after a restart), else the one to resume from. The run
+        directory decides, not Ray's record: a checkpoint whose report Ray had not registered when a worker died
+        is complete all the same (its marker is written last)."""
         import ray.train
 
+        latest = RunDir.of(self.run_dir).latest_checkpoint()
+        if latest is not None:
+            return latest
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            return Path(ckpt.path)
-        return Path(self.resume_from) if self.resume_from else None
+            return ckpt.path
+        return self.resume_from
 
 
 def _ray_train_func(config: dict[str, Any]) -> None:
-    train_worker(config, _RayReporter(config.get("resume_from")))
+    train_worker(config, _RayReporter(config.get("resume_from"), config["run_dir"]))
 
 
 class ProgressView:
@@ -296,9 +338,13 @@ def draw_curves(run: RunDir) -> Path | None:
     else:
         axes[1].text(0.5, 0.5, "no held-out data", ha="center", va="center", transform=axes[1].transAxes)
     fig.tight_layout()
-    fig.savefig(run.curves, dpi=100)
-    plt.close(fig)
-    return run.curves
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "curves.png", dpi=100)
+        plt.close(fig)
+        run.upload(Path(tmp) / "curves.png", "curves.png")
+    return run.join("curves.png")
 
 
 def _vray_error_in(exc: BaseException) -> VrayError | None:
@@ -344,7 +390,9 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=sc["resources_per_worker"],
                                      placement_strategy=sc["placement_strategy"]),
-        run_config=RunConfig(name=prepared.run.root.name, storage_path=str(prepared.run.root.parent.resolve()),
+        run_config=RunConfig(name=prepared.run.name, storage_path=ray_storage_path(prepared.run),
+                             storage_filesystem=ray_storage_filesystem(prepared.run),
+                             worker_runtime_env={"env_vars": forwarded_env()},
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     try:

@@ -95,7 +95,7 @@ def train(
     best = run.best_checkpoint()
     if best is not None:
         err.print(f"best checkpoint: {best.name}")
-    typer.echo(str(run.root))
+    typer.echo(run.uri)
 
 
 @app.command()
@@ -195,6 +195,79 @@ def _print_vram_table(as_json: bool) -> None:
     out.print(table)
     out.print(TABLE_ASSUMPTIONS)
     out.print("* some config values of this checkpoint are assumptions (see `vray archs --json`)")
+
+
+@app.command("export")
+def export(
+    run: str = typer.Argument(..., help="run directory (local or s3://) or checkpoint folder"),
+    merge: bool = typer.Option(False, "--merge", help="fold the LoRA adapter into its base (required for LoRA runs)"),
+    out: Optional[str] = typer.Option(None, "--out", help="destination folder (default: RUN_DIR/export/merged)"),
+    dtype: str = typer.Option("BFloat16", help="BFloat16 | Float16 | Float32"),
+) -> None:
+    """Write a standalone Hugging Face checkpoint of a run (LoRA merged into the base, or the full weights)."""
+    _quiet_libraries()
+    from vray.evaluate import export_merged
+    from vray.serve.target import resolve_target
+
+    if dtype not in ("BFloat16", "Float16", "Float32"):
+        raise VrayError(f"--dtype {dtype!r}: choose BFloat16, Float16 or Float32")
+    target = resolve_target(run)
+    if target.adapter and not merge:
+        raise VrayError(f"{run} holds a LoRA adapter: pass --merge to fold it into its base model")
+    if out is None:
+        if "://" in run:
+            raise VrayError("give --out for a remote run directory")
+        out = str(Path(run) / "export" / "merged")
+    folder = export_merged(run, out, dtype)
+    err.print(f"exported {target.model_id} ({target.checkpoint}) as {dtype}")
+    typer.echo(str(folder))
+
+
+@app.command("eval")
+def eval_(
+    run: str = typer.Argument(..., help="run directory (local or s3://) or checkpoint folder"),
+    data: str = typer.Option(..., "--data", help="dataset to score on (JSONL / Parquet / folder, or synthetic:<task>)"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="score the base model too"),
+    limit: Optional[int] = typer.Option(None, help="score only the first N samples"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Score a run on a dataset with the task's metrics, next to its base model."""
+    _quiet_libraries()
+    from vray.evaluate import evaluate_run
+
+    report = evaluate_run(run, data, baseline=baseline, limit=limit, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{report['samples']} sample(s) of {data} ({report['task']}; {report['checkpoint']})")
+    table.add_column("metric")
+    if baseline:
+        table.add_column("base", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for name, value in report["fine_tuned"].items():
+        row = [name + (" *" if name == report["primary_metric"] else "")]
+        if baseline:
+            row.append(f"{report['base'][name]:.4f}")
+        table.add_row(*row, f"{value:.4f}")
+    out.print(table)
+
+
+@app.command("predict")
+def predict_cmd(
+    run: str = typer.Argument(..., help="run directory (local or s3://) or checkpoint folder"),
+    data: str = typer.Option(..., "--data", help="dataset to answer (JSONL / Parquet / folder, or synthetic:<task>)"),
+    out_path: str = typer.Option(..., "--out", help="predictions file (JSON Lines)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N samples"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+) -> None:
+    """Batch predictions: one JSON line per sample (boxes in image pixels for grounding)."""
+    _quiet_libraries()
+    from vray.evaluate import predict_run
+
+    n = predict_run(run, data, out_path, limit=limit, batch_size=batch_size)
+    err.print(f"wrote {n} prediction(s)")
+    typer.echo(out_path)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Convert and check datasets.")

@@ -306,6 +306,8 @@ class Recipe:
                     "data_wait_s": self.stream.step_wait,
                     "data_wait_share": self.stream.wait_seconds / max(elapsed, 1e-9),
                     **self.order.position(self.step).to_dict()}
+            if self.device.type == "cuda":
+                last["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             self.metrics_log.write(last)
             if self._at_checkpoint():
                 evaluation = self.validate() if self.eval_samples else {}
@@ -503,6 +505,7 @@ class MetricsLog:
         if not run.local and rank == 0 and run.exists("metrics.jsonl"):  # a resumed run continues its log
             self.path.write_text(run.read_text("metrics.jsonl"))
         self._tb: Any = None
+        self._trackers: Any = None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -511,6 +514,13 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self._tensorboard(record)
+        if record.get("step") is not None:
+            if self._trackers is None:
+                from vray.train.trackers import Trackers
+
+                self._trackers = Trackers(self.run.name, {"run": self.run.uri})
+            numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
+            self._trackers.log(numeric, int(record["step"]))
         if not self.run.local and time.time() - self._last_upload > self.upload_every_s:
             self.flush()
 
@@ -548,6 +558,8 @@ class MetricsLog:
         self.flush()
         if self._tb:
             self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
@@ -571,5 +583,7 @@ def train_worker(config: dict[str, Any], reporter: Reporter | None = None) -> di
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = WorkerConfig(**config)
     recipe = Recipe(cfg, reporter or LocalReporter(Path(cfg.resume_from) if cfg.resume_from else None))
+    if recipe.run.local:  # which process is which rank: for operators (and the failure test) to find a worker
+        recipe.run.write_text(f".workers/rank-{recipe.rank}.pid", f"{os.getpid()}\n")
     recipe.setup()
     return recipe.train()

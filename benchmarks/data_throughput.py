@@ -29,6 +29,7 @@ from vray.data.collate import Collator
 from vray.data.sample import Sample
 from vray.models.loader import load_processor
 from vray.testing.tiny import REFERENCE, tiny_checkpoint
+from results_io import write_result
 
 
 def processor_throughput(family: str, side: int, count: int, folder: Path) -> dict:
@@ -89,12 +90,7 @@ def main() -> int:
     result = {"benchmark": "data_throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu"},
               "processing": rows, "training_data_wait": wait}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data_throughput-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(path)
+    write_result(args.out, "data_throughput", result, echo=True)
     return 0
 
 

@@ -9,7 +9,6 @@ under 5 minutes on a 2-core CPU machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -17,6 +16,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from results_io import write_result
 
 TARGET_SECONDS = 300
 
@@ -48,12 +48,7 @@ def main() -> int:
         "target_seconds": TARGET_SECONDS,
         "meets_target": wall < TARGET_SECONDS,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"demo_e2e-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
-    print(path)
+    write_result(args.out, "demo_e2e", record, echo=True)
     return 0
 
 

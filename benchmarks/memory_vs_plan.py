@@ -32,37 +32,10 @@ from vray.models.loader import load_processor, prepare_for_training
 from vray.plan.gpus import local_gpu
 from vray.plan.planner import Inventory, plan_run
 from vray.spec import LoraBlock, validate_spec
+from vray.testing.tiny import tiny_checkpoint, write_real_shaped_checkpoint
+from results_io import write_result
 
 MODES = {"lora": ("LoRA", False), "qlora": ("LoRA", True), "full": ("Full", False)}
-
-
-def write_random_checkpoint(arch: registry.Architecture, folder: Path, tiny: bool) -> Path:
-    """A checkpoint of the architecture with random weights (a tiny one with --tiny), processor included."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vray.testing.tiny import tiny_checkpoint
-
-    from vray.testing.tiny import use_token_ids
-
-    if tiny:
-        return tiny_checkpoint(arch.model_type)
-    # The tokenizer of the family's tiny checkpoint (its special tokens; ids inside the real vocabulary) and the
-    # family's image processor at its real resolution limits.
-    processor = load_processor(tiny_checkpoint(arch.model_type))
-    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in processor.tokenizer.all_special_tokens}
-    ip = processor.image_processor
-    if arch.model_type == "internvl":
-        ip.size, ip.crop_to_patches, ip.max_patches = {"height": 448, "width": 448}, True, 12
-        processor.image_seq_length = 256
-    else:
-        factor = ip.patch_size * ip.merge_size
-        ip.size = {"shortest_edge": 4 * factor * factor, "longest_edge": 16384 * factor * factor}
-    cfg = use_token_ids(arch.config, arch.model_type, ids)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def sample_for(plan_assumptions: dict) -> tuple[Sample, Image.Image]:
@@ -97,7 +70,7 @@ def measure(arch_key: str, mode: str, device: torch.device, tiny: bool, steps: i
         return record
     record.update(strategy=plan.strategy, micro_batch=plan.micro_batch, gradient_checkpointing=plan.gradient_checkpointing,
                   predicted=plan.per_gpu_bytes.to_dict(), sample=plan.assumptions["sample"])
-    folder = write_random_checkpoint(arch, workdir / arch_key.replace(":", "-"), tiny)
+    folder = tiny_checkpoint(arch.model_type) if tiny else write_real_shaped_checkpoint(arch, workdir / arch_key.replace(":", "-"))
     processor = load_processor(folder)
     model, autocast = prepare_for_training(folder, arch, training, spec.compute.precisionType,
                                            {"enabled": quant, "type": "NF4"}, LoraBlock(), device,
@@ -164,12 +137,7 @@ def main() -> int:
         "target": "measured peak within 10% of the plan's per-GPU total",
         "records": records,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in gpu_name)[:40]
-    path = out / f"memory_vs_plan-{slug}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(path)
+    write_result(args.out, "memory_vs_plan", result, tag=gpu_name)
     return 0
 
 

@@ -36,25 +36,49 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     import ray
 
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     # A loopback-only test cluster: no token, so the head, in-process drivers and CLI subprocesses agree.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # Four logical CPUs on a 2-core machine: two training workers and a Serve replica can coexist.
     subprocess.run(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         f"--metrics-export-port={metrics_port}"],
         check=True, capture_output=True, text=True,
     )
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
+    os.environ["VRAY_TEST_METRICS_PORT"] = str(metrics_port)  # Prometheus text of this node's Ray metrics
     try:
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run([ray_exe, "stop", "--force"], capture_output=True)
+        stop_cluster(temp_dir)
+
+
+def stop_cluster(temp_dir: Path) -> None:
+    """Stop the Ray cluster whose session lives under `temp_dir` and nothing else (`ray stop` would stop every
+    cluster on the machine): its processes carry the folder on their command line; workers exit with their raylet."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or ()):
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in mine:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -72,7 +72,7 @@ def test_demo_fine_tuned_beats_untrained_and_answers_over_http(ray_head, tmp_pat
 
         # Bad requests get a 4xx naming the problem; the server keeps serving.
         bad = _chat(url, "data:image/png;base64,AAAA", "What colour?")
-        assert bad.status_code == 400 and "cannot be read" in bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "cannot be decoded" in bad.json()["error"]["message"]
         wrong = _chat(url, _data_url(held_out[0].images[0]), "q", model="someone-else")
         assert wrong.status_code == 404 and model in wrong.json()["error"]["message"]
         remote = _chat(url, "http://example.com/cat.png", "q")

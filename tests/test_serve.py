@@ -43,7 +43,7 @@ def test_bare_base64_images_are_accepted():
 
 @pytest.mark.parametrize(("messages", "needle"), [
     ([], "non-empty list"),
-    ([{"role": "robot", "content": "x"}], "role must be"),
+    ([{"role": "robot", "content": "x"}], "role .robot. is not one of"),
     ([_user({"type": "audio", "audio": "x"})], "part type 'audio'"),
     ([_user({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}})], "not allowed"),
     ([_user({"type": "image_url", "image_url": {"url": "%%%"}})], "neither a data: URL"),

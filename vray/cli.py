@@ -7,9 +7,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -357,7 +358,10 @@ def data_check(
 
 @app.command()
 def serve(
-    target: str = typer.Argument(..., help="run directory, checkpoint folder, model folder, tiny:<family> or hub repo id"),
+    target: Optional[str] = typer.Argument(None, help="run directory, checkpoint folder, model folder, tiny:<family> or hub repo id"),
+    config: Optional[Path] = typer.Option(None, "--config", help="deploy a Ray Serve config file (applications: [...])"),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help="write a Ray Serve config for TARGET and exit"),
+    engine: str = typer.Option("transformers", help="transformers (CPU or GPU) or vllm (GPU; ray.serve.llm)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="HTTP port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VRAY_API_KEY", help="require 'Authorization: Bearer KEY'"),
@@ -366,22 +370,121 @@ def serve(
     architecture: Optional[str] = typer.Option(None, help="NAME:SIZE, for a hub model"),
     task: Optional[str] = typer.Option(None, help="task of a base model (phrase_grounding adds boxes)"),
     allow_image_host: list[str] = typer.Option([], "--allow-image-host", help="http(s) image hosts requests may use"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=RUN: an extra LoRA adapter of the same base, "
+                                                            "requested as model '<base>:NAME'"),
+    adapters_dir: Optional[str] = typer.Option(None, "--adapters-dir", help="folder or s3:// prefix of runs of the "
+                                                                             "same base, each servable as '<base>:<run>'"),
+    gpu: Optional[str] = typer.Option(None, help="GPU kind of a replica (sizes GPUs per replica); 'none' for CPU"),
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas"),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas"),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="requests generated together (1: off)"),
+    serving: list[str] = typer.Option([], "--serving", help="KEY=VALUE of the spec's serving block (repeatable)"),
+    merge: bool = typer.Option(False, "--merge", help="vllm: serve the adapter merged into its base"),
+    lora_prefix: Optional[str] = typer.Option(None, "--lora-prefix", help="vllm: s3:// prefix to publish the adapter to"),
     verbose: bool = typer.Option(False, "--verbose", help="stream replica logs"),
 ) -> None:
-    """Deploy a model on Ray Serve behind an OpenAI-compatible HTTP API."""
+    """Deploy a model on Ray Serve behind an OpenAI-compatible HTTP API (or write / deploy a Serve config)."""
     _quiet_libraries()
-    from vray.serve.runner import block_until_interrupted, deploy
+    from vray.serve import runner
+
+    if config is not None:
+        if target or write_config:
+            raise VrayError("--config deploys a Serve config file as it is; give no TARGET or --write-config with it")
+        from vray.serve.config import read_config
+
+        urls = runner.deploy_config(read_config(config), detach=detach, insecure=insecure, verbose=verbose)
+        names = tuple(a["name"] for a in read_config(config)["applications"])
+        if detach:
+            err.print(f"deployed {', '.join(names)}; stop with `serve shutdown -y` (and `ray stop`)")
+            typer.echo("\n".join(urls))
+            return
+        runner.block_until_interrupted(f"{', '.join(names)} at {', '.join(urls)}", err, names)
+        return
+    if not target:
+        raise VrayError("give a TARGET (run directory, checkpoint, model folder or source), or --config FILE")
+    if engine not in ("transformers", "vllm"):
+        raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
+    from vray.serve.options import ServeOptions
     from vray.serve.target import resolve_target
 
     resolved = resolve_target(target, architecture=architecture, task=task)
+    overrides: dict[str, Any] = {}
+    for item in serving:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VrayError(f"--serving {item!r}: use KEY=VALUE (keys of the spec's serving block)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    overrides.update({k: v for k, v in {"minReplicas": min_replicas, "maxReplicas": max_replicas,
+                                         "maxBatchSize": max_batch_size}.items() if v is not None})
+    if gpu is not None:
+        overrides["gpu"] = None if gpu.lower() in ("none", "cpu", "") else gpu
+    named: dict[str, str] = {}
+    for item in adapter:
+        name, sep, where = item.partition("=")
+        if not sep or not name or not where:
+            raise VrayError(f"--adapter {item!r}: use NAME=RUN_DIR")
+        named[name] = where if "://" in where else str(Path(where).expanduser().resolve())
+    dir_ref = adapters_dir if (adapters_dir is None or "://" in adapters_dir) else str(Path(adapters_dir).expanduser().resolve())
+    options = ServeOptions.resolve(resolved, overrides, api_key=api_key, allowed_image_hosts=allow_image_host,
+                                   adapters=named, adapters_dir=dir_ref)
+    if engine == "vllm":
+        application = _vllm_application(target, resolved, options, merge, lora_prefix)
+    else:
+        from vray.serve.config import vray_application
+
+        ref = target if ("://" in target or target.startswith("tiny:") or not Path(target).exists()) else str(Path(target).resolve())
+        args = {"architecture": architecture, "task": task, "allowed_image_hosts": list(allow_image_host),
+                "adapters": named, "adapters_dir": dir_ref, "serving": overrides}
+        application = vray_application(ref, resolved, options, args)
+    if write_config is not None:
+        from vray.serve.config import serve_config, write_config as write
+
+        out = write(write_config, serve_config([application], host, port), f"vray serve {target} --write-config")
+        err.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
+        typer.echo(str(out))
+        return
+    if engine == "vllm":
+        from vray.serve.config import serve_config
+
+        runner.check_exposure(host, api_key, insecure)
+        urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
+        if detach:
+            typer.echo(urls[0])
+            return
+        runner.block_until_interrupted(f"{resolved.model_id} on vLLM at {urls[0]}", err, (application["name"],))
+        return
     err.print(f"deploying {resolved.model_id} ({resolved.checkpoint}) ...")
-    endpoint = deploy(resolved, host=host, port=port, api_key=api_key, detach=detach, insecure=insecure,
-                      allowed_image_hosts=allow_image_host, verbose=verbose)
+    endpoint = runner.deploy(resolved, options, host=host, port=port, detach=detach, insecure=insecure, verbose=verbose)
     if detach:
         err.print(f"serving {endpoint.model_id} at {endpoint.url}; stop with `serve shutdown -y` (and `ray stop`)")
         typer.echo(endpoint.url)
         return
-    block_until_interrupted(endpoint, err)
+    runner.block_until_interrupted(f"{endpoint.model_id} at {endpoint.url}", err)
+
+
+def _vllm_application(ref: str, target: Any, options: Any, merge: bool, lora_prefix: Optional[str]) -> dict[str, Any]:
+    """The ray.serve.llm application for a run: merged first when asked (or when vLLM cannot apply its adapter)."""
+    from vray.serve.config import publish_adapter, validate_llm_configs, vllm_application, vllm_merge_reason
+
+    merged = None
+    if merge and target.adapter:
+        from vray.evaluate import export_merged
+        from vray.rundir import RunDir
+
+        if "://" in ref:
+            raise VrayError("--merge writes the merged checkpoint beside the run; export it first with "
+                            "`vray export RUN --merge --out FOLDER` and serve that folder")
+        folder = RunDir.of(ref).root / "export" / "merged"
+        if not (folder / "config.json").exists():
+            err.print(f"merging the adapter into its base: {folder}")
+            export_merged(ref, str(folder))
+        merged = str(folder)
+    elif target.adapter and lora_prefix and not vllm_merge_reason(target):
+        dest = publish_adapter(target, lora_prefix, target.model_id)
+        err.print(f"published the adapter to {dest}; request it as model '{target.base_id}:{target.model_id}'")
+    application = vllm_application(target, options, merged=merged, lora_prefix=lora_prefix)
+    validate_llm_configs(application)
+    return application
 
 
 @app.command()

@@ -117,7 +117,9 @@ def run_demo(console: Console, output: str | None = None, overrides: list[str] |
 
     t2 = time.time()
     target = resolve_target(run.uri)
-    endpoint = deploy(target, port=port or free_port())
+    from vray.serve.options import ServeOptions
+
+    endpoint = deploy(target, ServeOptions.resolve(target, {"gpu": None}), port=port or free_port())
     seconds["serve_start"] = time.time() - t2
     sample = read_jsonl(prepared.eval_path)[0]
     question = sample.conversation[0].text

@@ -23,7 +23,12 @@ class DataError(VrayError):
 
 
 class RequestError(VrayError):
-    """A bad inference request (the server answers it with HTTP 400)."""
+    """A bad inference request; the server answers it with `status` (400 unless the request is too large, 413, or
+    names something that does not exist, 404)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 class PlanError(VrayError):

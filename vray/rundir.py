@@ -142,6 +142,13 @@ class RunDir:
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
+    def listdir(self) -> list[str]:
+        """Names of the entries directly inside (empty when it does not exist)."""
+        fs, path = _fs(self.uri)
+        if not fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
     # ---- checkpoints -----------------------------------------------------------------------------
     def staging(self, step: int) -> Path:
         """A local folder to write the checkpoint of `step` into before `publish` (inside the run on a local
@@ -226,6 +233,36 @@ class RunDir:
             except json.JSONDecodeError:
                 continue
         return records
+
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
+                       "wekafs", "fuse.")  # fuse.* covers s3fs / gcsfuse / juicefs mounts
+
+
+def mount_type(path: str | Path) -> str | None:
+    """The filesystem type of the mount holding `path` (Linux /proc/mounts), if known."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    target = str(Path(path).expanduser().resolve())
+    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def require_shared_storage(uri: str, nodes: int) -> None:
+    """A run spread over several nodes writes one run directory from all of them: refuse a node-local path."""
+    if nodes <= 1 or "://" in uri or os.environ.get("VRAY_SHARED_STORAGE") == "1":
+        return
+    kind = mount_type(uri) or "unknown"
+    if kind.startswith(NETWORK_FILESYSTEMS):
+        return
+    raise VrayError(
+        f"the plan spans {nodes} nodes but the run directory {uri} is on a node-local disk ({kind}); set output (or "
+        "VRAY_STORAGE) to s3://BUCKET/runs or to a folder every node mounts (NFS, Lustre, a FUSE bucket); if this "
+        "path is shared storage vray does not recognise, set VRAY_SHARED_STORAGE=1"
+    )
 
 
 def read_checkpoint_info(folder: str | Path) -> dict[str, Any]:

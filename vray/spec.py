@@ -194,6 +194,33 @@ class ClusterBlock(_Block):
         None, description="use this engine instead of the planner's choice")
 
 
+class ServingBlock(_Block):
+    """How `vray serve` deploys the run: Ray Serve replicas, autoscaling, batching, adapters and request limits."""
+
+    minReplicas: int = Field(1, ge=0, description="replicas kept when idle (0 scales to zero)")
+    maxReplicas: int = Field(1, ge=1, description="most replicas the autoscaler starts")
+    targetOngoingRequests: float | None = Field(None, gt=0, description="requests per replica the autoscaler aims "
+                                                                       "for (default: maxBatchSize)")
+    upscaleDelayS: float = Field(30, ge=0)
+    downscaleDelayS: float = Field(300, ge=0)
+    replicaCpus: float = Field(1, gt=0, description="CPUs per replica")
+    gpu: str | None = Field(None, description="GPU kind of a replica (default: the run's cluster.gpu; none: CPU)")
+    maxBatchSize: int = Field(8, ge=1, description="requests generated together by @serve.batch (1 turns it off)")
+    batchWaitTimeoutS: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    maxModelLen: int = Field(8192, ge=256, description="prompt plus completion tokens one request may use")
+    maxAdapters: int = Field(4, ge=1, description="LoRA adapters kept loaded per replica (least recently used go)")
+    maxImages: int = Field(4, ge=1, description="images one request may carry")
+    maxImageMB: float = Field(20, gt=0, description="bytes of one image")
+    maxImagePixels: int = Field(4096 * 4096, ge=1, description="width x height of one image")
+    maxBodyMB: float = Field(64, gt=0, description="bytes of one request body")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServingBlock:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"minReplicas ({self.minReplicas}) is larger than maxReplicas ({self.maxReplicas})")
+        return self
+
+
 class RunSpec(_Block):
     """A whole run: the model block of a saved run.json plus task, data, storage and cluster overrides."""
 
@@ -214,6 +241,7 @@ class RunSpec(_Block):
     model: ModelBlock = ModelBlock()
     media: MediaBlock = MediaBlock()
     cluster: ClusterBlock = ClusterBlock()
+    serving: ServingBlock = ServingBlock()
     seed: int = 0
 
     @field_validator("task", mode="before")

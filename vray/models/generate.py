@@ -44,10 +44,11 @@ class GenerationSettings:
 
 
 def generate_texts(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
-                   settings: GenerationSettings) -> tuple[list[str], list[int]]:
-    """(decoded completions, completion token counts) for a left-padded batch."""
+                   settings: GenerationSettings, streamer: Any = None) -> tuple[list[str], list[int]]:
+    """(decoded completions, completion token counts) for a left-padded batch; `streamer` sees tokens as they come."""
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items() if k != "labels"}
-    out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id)
+    extra = {"streamer": streamer} if streamer is not None else {}
+    out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts, counts = [], []
     eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}

@@ -1,74 +1,209 @@
 """The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of a model-server deployment.
 
-`app_builder(args)` is a Ray Serve application builder, so the same app runs from `vray serve`, from a
-Serve config file (`import_path: vray.serve.app:app_builder`) and from a KubeRay RayService.
+`app_builder(args)` is a Ray Serve application builder, so the same app runs from `vray serve`, from a Serve
+config file (`import_path: vray.serve.app:app_builder`, what `serve run`, `serve deploy` and a KubeRay
+RayService's `serveConfigV2` take) and from `vray serve --config`.
+
+The model server batches concurrent generations with `@serve.batch`, serves extra LoRA adapters of its base
+by name (`model: "<base>:<adapter>"`, loaded on demand through Serve's model multiplexing, which keeps at most
+`serving.maxAdapters` per replica and drops the least recently used), streams with `stream: true`, and
+reports request, token and latency metrics through Ray's Prometheus metrics.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
 
+import asyncio
+import json
+import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from vray.errors import RequestError, VrayError
+from vray.serve.options import ServeOptions
 from vray.serve.target import ServeTarget
 
 api = FastAPI(title="vray", description="OpenAI-compatible endpoint of a vray fine-tune")
 
+GENERATION_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+LATENCY_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+
+# Helpers sit above the deployments: Serve serializes the deployment classes when they are decorated.
+def _error(status: int, message: str, kind: str | None = None, param: str | None = None) -> JSONResponse:
+    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
+def _usage(out: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
+
+class _AdapterSlot:
+    """An adapter loaded into the shared base; Serve's multiplexing calls `__del__` when it evicts it."""
+
+    def __init__(self, engine: Any, name: str):
+        self.engine, self.name, self.live = engine, name, True
+
+    def __del__(self) -> None:
+        if getattr(self, "live", False):
+            self.live = False
+            self.engine.unload_adapter(self.name)
+
+
+@serve.deployment(name="ModelServer", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class ModelServer:
     """Holds the model; answers chat and grounding requests. Bad requests come back as errors, never crashes."""
 
-    def __init__(self, target: dict[str, Any], allowed_image_hosts: list[str] | None = None):
+    def __init__(self, target: dict[str, Any], options: dict[str, Any]):
+        from ray.serve import metrics
+
+        from vray.serve.adapters import AdapterCatalog
         from vray.serve.engine import ModelEngine
 
-        self.engine = ModelEngine(ServeTarget(**target), allowed_image_hosts=tuple(allowed_image_hosts or ()))
+        self.target = ServeTarget(**target)
+        self.options = ServeOptions.from_args(options)
+        gpus = self.options.replica.num_gpus
+        self.engine = ModelEngine(self.target, allowed_image_hosts=self.options.allowed_image_hosts,
+                                  limits=self.options.limits, device_map="auto" if gpus > 1 else None)
+        self.catalog = AdapterCatalog(self.target.base_source, self.options.adapters, self.options.adapters_dir)
+        serving = self.options.serving
+        self._batched.set_max_batch_size(serving.maxBatchSize)
+        self._batched.set_batch_wait_timeout_s(serving.batchWaitTimeoutS)
 
-    def _safely(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            result = fn(*args, **kwargs)
-        except (RequestError, VrayError) as exc:
+        async def load(model_id: str) -> _AdapterSlot:
+            folder = await asyncio.to_thread(self.catalog.resolve, model_id)
+            await asyncio.to_thread(self.engine.load_adapter, model_id, folder)
+            return _AdapterSlot(self.engine, model_id)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=serving.maxAdapters)(load)
+        tags = ("model",)
+        self.m_requests = metrics.Counter("vray_requests", description="Generation requests by outcome.",
+                                          tag_keys=("model", "outcome"))
+        self.m_prompt = metrics.Counter("vray_prompt_tokens", description="Prompt tokens processed.", tag_keys=tags)
+        self.m_completion = metrics.Counter("vray_completion_tokens", description="Tokens generated.", tag_keys=tags)
+        self.m_latency = metrics.Histogram("vray_generation_seconds", description="Time from request to last token.",
+                                           boundaries=LATENCY_BOUNDARIES, tag_keys=tags)
+        self.m_batch = metrics.Histogram("vray_batch_size", description="Requests generated together.",
+                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    async def _prepare(self, payload: dict[str, Any], want_boxes: bool | None = None) -> Any:
+        adapter = serve.get_multiplexed_model_id() or None
+        if adapter:
+            await self._adapter(adapter)
+        params = {k: payload.get(k) for k in GENERATION_KEYS}
+        return await asyncio.to_thread(self.engine.prepare, payload.get("messages"), payload.get("chat_template_kwargs"),
+                                       want_boxes, adapter, **params)
+
+    def _count(self, model: str, outcome: str, result: Any = None, started: float | None = None) -> None:
+        self.m_requests.inc(tags={"model": model, "outcome": outcome})
+        if result is not None:
+            self.m_prompt.inc(result.prompt_tokens, tags={"model": model})
+            self.m_completion.inc(result.completion_tokens, tags={"model": model})
+        if started is not None:
+            self.m_latency.observe(time.perf_counter() - started, tags={"model": model})
+
+    @staticmethod
+    def _failure(exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, RequestError):
+            return {"error": str(exc), "status": exc.status}
+        if isinstance(exc, VrayError):
             return {"error": str(exc), "status": 400}
-        except Exception as exc:  # noqa: BLE001 - one failed request must not take the replica down
-            return {"error": f"generation failed: {type(exc).__name__}: {exc}", "status": 500}
-        return {"text": result.text, "boxes": result.boxes, "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
+        return {"error": f"generation failed: {type(exc).__name__}: {exc}", "status": 500}
 
-    def chat(self, payload: dict[str, Any]) -> dict[str, Any]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, prepared: list[Any]) -> list[Any]:
+        self.m_batch.observe(len(prepared))
+        return await asyncio.to_thread(self.engine.generate, prepared)
+
+    async def _generate(self, prepared: Any) -> Any:
+        if self.options.serving.maxBatchSize > 1:
+            return await self._batched(prepared)
+        return (await asyncio.to_thread(self.engine.generate, [prepared]))[0]
+
+    # ---- methods the ingress calls ---------------------------------------------------------------
+    async def chat(self, payload: dict[str, Any], model: str, want_boxes: bool | None = None) -> dict[str, Any]:
         """One chat completion from an OpenAI-format payload."""
-        params = {k: payload.get(k) for k in ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                                              "repetition_penalty")}
-        return self._safely(self.engine.chat, payload.get("messages"),
-                            chat_template_kwargs=payload.get("chat_template_kwargs"), **params)
+        started = time.perf_counter()
+        try:
+            result = await self._generate(await self._prepare(payload, want_boxes))
+        except Exception as exc:  # noqa: BLE001 - one failed request must not take the replica down
+            failure = self._failure(exc)
+            self._count(model, "rejected" if failure["status"] < 500 else "failed")
+            return failure
+        self._count(model, "ok", result, started)
+        return result.to_dict()
 
-    def ground(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def chat_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
+        """Text pieces (`{"delta"}`) then `{"done": result}`; a first `{"error"}` instead when the request is bad."""
+        started = time.perf_counter()
+        try:
+            prepared = await self._prepare(payload)
+        except Exception as exc:  # noqa: BLE001
+            self._count(model, "rejected")
+            yield self._failure(exc)
+            return
+        pieces = self.engine.stream(prepared)
+        end = object()
+        while True:
+            try:
+                item = await asyncio.to_thread(next, pieces, end)
+            except Exception as exc:  # noqa: BLE001
+                self._count(model, "failed")
+                yield self._failure(exc)
+                return
+            if item is end:
+                return
+            if isinstance(item, str):
+                yield {"delta": item}
+            else:
+                self._count(model, "ok", item, started)
+                yield {"done": item.to_dict()}
+
+    async def ground(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
         """Boxes for `{image, phrase}`."""
         image, phrase = payload.get("image"), payload.get("phrase")
         if not isinstance(image, str) or not isinstance(phrase, str) or not phrase.strip():
             return {"error": "ground: 'image' (a data: URL or base64) and a non-empty 'phrase' are required", "status": 400}
-        return self._safely(self.engine.ground, image, phrase.strip())
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                 {"type": "text", "text": f"Locate the {phrase.strip()}."}]}]
+        return await self.chat({**payload, "messages": messages}, model, want_boxes=True)
+
+    def adapters(self) -> list[str]:
+        """Adapter names this deployment can load."""
+        return self.catalog.names()
+
+    def loaded_adapters(self) -> list[str]:
+        """Adapters loaded on this replica now."""
+        return sorted(self.engine.adapters)
+
+    def pid(self) -> int:
+        """This replica's process id (operators and the failure test use it)."""
+        return os.getpid()
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     """HTTP: POST /v1/chat/completions, POST /v1/ground, GET /v1/models, GET /healthz."""
 
-    def __init__(self, server: DeploymentHandle, model_id: str, api_key: str | None = None):
+    def __init__(self, server: DeploymentHandle, target: dict[str, Any], options: dict[str, Any]):
         self.server = server
-        self.model_id = model_id
-        self.api_key = api_key
+        self.target = ServeTarget(**target)
+        self.options = ServeOptions.from_args(options)
+        self.model_id = self.target.model_id
+        self.base_id = self.target.base_id
+        self.api_key = self.options.api_key
         self.created = int(time.time())
 
+    # ---- request checks --------------------------------------------------------------------------
     def _unauthorized(self, request: Request) -> JSONResponse | None:
         if not self.api_key:
             return None
@@ -76,21 +211,49 @@ class Ingress:
             return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         return None
 
+    def _route(self, model: Any) -> str | None | JSONResponse:
+        """None for the deployment's own model, an adapter name for `<base>:<adapter>`, or a 404."""
+        if model in (None, "", self.model_id):
+            return None
+        if isinstance(model, str) and model.startswith(self.base_id + ":") and len(model) > len(self.base_id) + 1:
+            return model[len(self.base_id) + 1:]
+        return _error(404, f"model {model!r} is not served here; use {self.model_id!r}, or '{self.base_id}:<adapter>' "
+                           "for an adapter of the same base (GET /v1/models lists them)", "not_found_error", "model")
+
     async def _payload(self, request: Request) -> dict[str, Any] | JSONResponse:
-        """The JSON body of an authorised request for this model, or the error response."""
+        """The JSON body of an authorised request of acceptable size, or the error response."""
         if (denied := self._unauthorized(request)) is not None:
             return denied
+        limit = self.options.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return _error(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
+        body = await request.body()
+        if len(body) > limit:
+            return _error(413, f"the request body is {len(body):,} bytes, over the limit of {limit:,}")
         try:
-            payload = await request.json()
-        except Exception:  # noqa: BLE001
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
             return _error(400, "the request body is not valid JSON")
         if not isinstance(payload, dict):
             return _error(400, "the request body must be a JSON object")
-        model = payload.get("model")
-        if model not in (None, "", self.model_id):
-            return _error(404, f"model {model!r} is not served here; available: {self.model_id}", "not_found_error", "model")
         return payload
 
+    async def _call(self, method: str, payload: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+        """Call the model server; a replica that dies mid-request is retried once on another."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        handle = self.server.options(multiplexed_model_id=adapter or "")
+        model = f"{self.base_id}:{adapter}" if adapter else self.model_id
+        for attempt in (1, 2):
+            try:
+                return await getattr(handle, method).remote(payload, model)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+                if attempt == 2:
+                    return {"error": f"the model replica failed twice ({type(exc).__name__}); retry later", "status": 503}
+        raise AssertionError("unreachable")
+
+    # ---- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "model": self.model_id}
@@ -99,55 +262,111 @@ class Ingress:
     async def models(self, request: Request) -> Any:
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": self.created, "owned_by": "vray"}]}
+        ids = [self.model_id]
+        try:
+            ids += [f"{self.base_id}:{name}" for name in await self.server.adapters.remote()]
+        except Exception:  # noqa: BLE001 - listing adapters is best effort (an unreachable prefix)
+            pass
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": self.created, "owned_by": "vray",
+                                            "root": self.base_id} for i in ids]}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         payload = await self._payload(request)
         if isinstance(payload, JSONResponse):
             return payload
-        if payload.get("stream"):
-            return _error(400, "stream: streaming responses are not available in this version; send stream: false", param="stream")
+        adapter = self._route(payload.get("model"))
+        if isinstance(adapter, JSONResponse):
+            return adapter
         if payload.get("n", 1) != 1:
             return _error(400, "n: only one choice per request is supported", param="n")
-        out = await self.server.chat.remote(payload)
+        model = payload.get("model") or self.model_id
+        if payload.get("stream"):
+            return await self._stream(payload, adapter, model)
+        out = await self._call("chat", payload, adapter)
         if "error" in out:
-            return _error(out["status"], out["error"], "server_error" if out["status"] >= 500 else "invalid_request_error")
+            return _error(out["status"], out["error"])
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
                                   "finish_reason": out["finish_reason"]}
-        if out["boxes"]:
+        if out["boxes"] or self.target.task == "phrase_grounding":
             choice["boxes"] = out["boxes"]
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_id,
-            "choices": [choice],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-        }
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": [choice], "usage": _usage(out)}
+
+    async def _stream(self, payload: dict[str, Any], adapter: str | None, model: str) -> Any:
+        handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
+        events = handle.chat_stream.remote(payload, f"{self.base_id}:{adapter}" if adapter else self.model_id)
+        first = await events.__anext__()
+        if "error" in first:
+            return _error(first["status"], first["error"])
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            item = first
+            while True:
+                if "delta" in item:
+                    yield chunk({"content": item["delta"]})
+                elif "done" in item:
+                    done = item["done"]
+                    extra = {"boxes": done["boxes"]} if done["boxes"] else {}
+                    yield chunk({}, done["finish_reason"], **extra)
+                    if include_usage:
+                        yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(done)})}\n\n"
+                else:  # an error after the stream started: report it in-band, as OpenAI does
+                    yield f"data: {json.dumps({'error': {'message': item['error'], 'code': item['status']}})}\n\n"
+                    break
+                try:
+                    item = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     @api.post("/v1/ground")
     async def ground(self, request: Request) -> Any:
         payload = await self._payload(request)
         if isinstance(payload, JSONResponse):
             return payload
-        out = await self.server.ground.remote(payload)
+        adapter = self._route(payload.get("model"))
+        if isinstance(adapter, JSONResponse):
+            return adapter
+        out = await self._call("ground", payload, adapter)
         if "error" in out:
             return _error(out["status"], out["error"])
         return {"boxes": out["boxes"], "text": out["text"]}
 
 
-def build_app(target: ServeTarget, api_key: str | None = None, allowed_image_hosts: list[str] | None = None,
-              replica_cpus: float = 1) -> Any:
+def build_app(target: ServeTarget, options: ServeOptions) -> Any:
     """The Serve application for one target."""
-    server = ModelServer.options(ray_actor_options={"num_cpus": replica_cpus}).bind(target.to_dict(), allowed_image_hosts)
-    return Ingress.bind(server, target.model_id, api_key)
+    args = options.to_args()
+    server = ModelServer.options(**options.deployment_options()).bind(target.to_dict(), args)
+    return Ingress.bind(server, target.to_dict(), args)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder: `args: {target: RUN_DIR|CHECKPOINT|SOURCE, api_key?, allowed_image_hosts?}`."""
+    """Ray Serve application builder. `args`: `target` (run directory, checkpoint, model folder or source), and
+    optionally `architecture`, `task`, `api_key_env` (the variable holding the key; default VRAY_API_KEY),
+    `allowed_image_hosts`, `adapters {name: run}`, `adapters_dir`, `serving {<serving block keys>}`."""
     from vray.serve.target import resolve_target
 
+    known = {"target", "architecture", "task", "api_key_env", "allowed_image_hosts", "adapters", "adapters_dir", "serving"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise VrayError(f"vray.serve.app:app_builder args: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "target" not in args:
+        raise VrayError("vray.serve.app:app_builder args: 'target' (a run directory, checkpoint or model) is required")
     target = resolve_target(str(args["target"]), architecture=args.get("architecture"), task=args.get("task"))
-    return build_app(target, api_key=args.get("api_key"), allowed_image_hosts=args.get("allowed_image_hosts"))
+    options = ServeOptions.resolve(
+        target, args.get("serving"), api_key=os.environ.get(args.get("api_key_env") or "VRAY_API_KEY") or None,
+        allowed_image_hosts=args.get("allowed_image_hosts"), adapters=args.get("adapters"),
+        adapters_dir=args.get("adapters_dir"),
+    )
+    return build_app(target, options)

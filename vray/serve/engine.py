@@ -1,26 +1,44 @@
 """The transformers generation engine behind the server, usable on its own for local inference.
 
-`ModelEngine(target)` loads the base model (and the LoRA adapter, if any) and the processor once;
-`chat(messages, ...)` takes OpenAI-format messages (text and `image_url` parts with data: URLs or base64)
-and returns the completion text, the boxes of a grounding answer (original-image pixels) and usage counts.
+`ModelEngine(target)` loads the base model (and the LoRA adapter, if any) and the processor once.
+`prepare(messages, ...)` checks and encodes one OpenAI-format request (text and `image_url` parts with data:
+URLs, base64, or allowed http(s) URLs); `generate([...])` answers several prepared requests in left-padded
+batches (grouped by adapter and sampling settings); `stream(prepared)` yields text as it is generated. Extra
+LoRA adapters of the same base are loaded and dropped by name (`load_adapter`, `unload_adapter`).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import io
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from vray.data.boxes import parse_answer
-from vray.data.collate import Collator, image_geometry
+from vray.data.collate import _PER_TOKEN, Collator, Encoded, image_geometry
 from vray.data.media import load_image
-from vray.errors import RequestError
+from vray.errors import RequestError, VrayError
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source
 from vray.serve.target import ServeTarget
+
+DEFAULT_ADAPTER = "default"  # the adapter name of a run's own LoRA weights
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_images: int = 4
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass
@@ -33,39 +51,91 @@ class ChatResult:
     completion_tokens: int = 0
     finish_reason: str = "stop"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (crosses Ray Serve handles)."""
+        return {"text": self.text, "boxes": self.boxes, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
 
-def _image_from_part(part: dict[str, Any], index: int, allowed_hosts: tuple[str, ...]) -> Any:
+
+@dataclass
+class Prepared:
+    """A checked, encoded request waiting for generation."""
+
+    tensors: dict[str, torch.Tensor]  # per-token tensors 1-D (unpadded), visual tensors as the processor gave them
+    images: list[Image.Image]
+    settings: GenerationSettings
+    want_boxes: bool
+    adapter: str | None = None  # an extra adapter's name; None is the target's own weights
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.tensors["input_ids"].shape[0])
+
+
+def _decode_base64(data: str, where: str, limits: Limits) -> bytes:
+    if len(data) * 3 // 4 > limits.max_image_bytes:
+        raise RequestError(f"{where}: the image is over {limits.max_image_bytes // (1024 * 1024)} MiB; send a smaller "
+                           "or more compressed image", status=413)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where}: the image is neither a data: URL, an allowed http(s) URL, nor base64") from None
+
+
+def _open_checked(raw: bytes, where: str, limits: Limits) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Exception:  # noqa: BLE001 - any decoder failure is the caller's image
+        raise RequestError(f"{where}: the image cannot be decoded (not a PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
+    return _checked_pixels(image, where, limits)
+
+
+def _checked_pixels(image: Image.Image, where: str, limits: Limits) -> Image.Image:
+    w, h = image.size
+    if w * h > limits.max_image_pixels:
+        raise RequestError(f"{where}: the image is {w}x{h} pixels, over the limit of {limits.max_image_pixels:,}; "
+                           "downscale it first", status=413)
+    try:
+        return image.convert("RGB")
+    except Exception:  # noqa: BLE001
+        raise RequestError(f"{where}: the image is truncated or corrupt") from None
+
+
+def image_from_part(part: dict[str, Any], where: str, allowed_hosts: tuple[str, ...], limits: Limits) -> Image.Image:
+    """The RGB image of one `image_url` part; a RequestError that says what to fix otherwise."""
     value = part.get("image_url")
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise RequestError(f"messages: image part {index} has no image_url.url")
+        raise RequestError(f"{where}: an image_url part needs image_url.url")
     if url.startswith("data:"):
-        return load_image(url)
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise RequestError(f"{where}: data: URLs must be base64-encoded (data:image/png;base64,...)")
+        return _open_checked(_decode_base64(data, where, limits), where, limits)
     if url.startswith(("http://", "https://")):
         host = url.split("/", 3)[2].split("@")[-1].split(":")[0]
         if host not in allowed_hosts:
-            raise RequestError(
-                f"messages: image URL host {host!r} is not allowed; send the image as a data: URL "
-                "(or ask the operator to allow the host)"
-            )
-        return load_image(url)
-    try:  # bare base64
-        raw = base64.b64decode(url, validate=True)
-    except Exception:  # noqa: BLE001
-        raise RequestError(f"messages: image part {index} is neither a data: URL, an allowed http(s) URL, nor base64") from None
-    return load_image("data:image/png;base64," + base64.b64encode(raw).decode())
+            raise RequestError(f"{where}: image URL host {host!r} is not allowed; send the image as a data: URL "
+                               "(or ask the operator to allow the host)")
+        try:
+            image = load_image(url)
+        except VrayError as exc:
+            raise RequestError(f"{where}: {exc}") from None
+        return _checked_pixels(image, where, limits)
+    return _open_checked(_decode_base64(url, where, limits), where, limits)
 
 
-def convert_messages(messages: list[dict[str, Any]], default_system: str | None,
-                     allowed_hosts: tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], list[Any]]:
+def convert_messages(messages: Any, default_system: str | None, allowed_hosts: tuple[str, ...] = (),
+                     limits: Limits = Limits()) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """OpenAI messages -> (chat-template messages, images in order); the run's system prompt when none is given."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: a non-empty list of {role, content} is required")
     out: list[dict[str, Any]] = []
-    images: list[Any] = []
+    images: list[Image.Image] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}]: role must be system, user or assistant")
+            role = msg.get("role") if isinstance(msg, dict) else None
+            raise RequestError(f"messages[{i}]: role {role!r} is not one of system, user, assistant")
         content = msg.get("content")
         if isinstance(content, str):
             out.append({"role": msg["role"], "content": content if msg["role"] != "user" else [{"type": "text", "text": content}]})
@@ -78,18 +148,17 @@ def convert_messages(messages: list[dict[str, Any]], default_system: str | None,
             if kind == "text":
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             elif kind == "image_url":
-                try:
-                    images.append(_image_from_part(part, j, allowed_hosts))
-                except RequestError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - an undecodable image is the caller's error
-                    raise RequestError(f"messages[{i}].content[{j}]: {exc}") from None
+                if msg["role"] != "user":
+                    raise RequestError(f"messages[{i}].content[{j}]: images belong in user messages")
+                if len(images) >= limits.max_images:
+                    raise RequestError(f"messages: more than {limits.max_images} images in one request; send at most "
+                                       f"{limits.max_images}")
+                images.append(image_from_part(part, f"messages[{i}].content[{j}]", allowed_hosts, limits))
                 parts.append({"type": "image"})
             else:
                 raise RequestError(f"messages[{i}].content[{j}]: part type {kind!r} is not supported; use text or image_url")
         if msg["role"] != "user":
-            text = "".join(p.get("text", "") for p in parts if p["type"] == "text")
-            out.append({"role": msg["role"], "content": text})
+            out.append({"role": msg["role"], "content": "".join(p.get("text", "") for p in parts)})
         else:
             out.append({"role": "user", "content": parts})
     if out[0]["role"] != "system" and default_system:
@@ -99,79 +168,206 @@ def convert_messages(messages: list[dict[str, Any]], default_system: str | None,
     return out, images
 
 
-class ModelEngine:
-    """A loaded model and processor for one ServeTarget; thread-safe `chat`."""
+def _load_quantized(weights: Any, arch: Any, device: torch.device, quantize: str) -> Any:
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    def __init__(self, target: ServeTarget, device: str | None = None, allowed_image_hosts: tuple[str, ...] = ()):
+    if quantize == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(arch.vision_modules + arch.projector_modules) + ["lm_head"])
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype, quantization_config=config,
+                                                           device_map={"": device})
+    precision = "BFloat16" if device.type == "cuda" else "Float32"
+    return load_model(weights, arch, precision, {"enabled": True, "type": "NF4"}, device=device)
+
+
+class ModelEngine:
+    """A loaded model and processor for one ServeTarget; thread-safe."""
+
+    def __init__(self, target: ServeTarget, device: str | None = None, allowed_image_hosts: tuple[str, ...] = (),
+                 limits: Limits = Limits(), quantize: str | None = None, device_map: str | None = None):
+        if quantize not in (None, "8bit", "4bit"):
+            raise VrayError(f"quantize: {quantize!r} is not one of 8bit, 4bit")
         self.target = target
         self.arch = target.arch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.allowed_image_hosts = allowed_image_hosts
-        precision = "BFloat16" if self.device.type == "cuda" else "Float32"
+        self.allowed_image_hosts = tuple(allowed_image_hosts)
+        self.limits = limits
         base = resolve_source(target.base_source)
         weights = target.weights or base
         self.processor = load_processor(target.adapter or weights)
-        model = load_model(weights, self.arch, precision, target.quantization if target.adapter else None,
-                           device=self.device)
+        self.processor.tokenizer.padding_side = "left"
+        if quantize and not target.quantization:
+            model = _load_quantized(weights, self.arch, self.device, quantize)
+        elif device_map:  # a replica that spans several GPUs: accelerate places the layers
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(weights, dtype=torch.bfloat16, device_map=device_map)
+        else:
+            precision = "BFloat16" if self.device.type == "cuda" else "Float32"
+            model = load_model(weights, self.arch, precision, target.quantization if target.adapter else None,
+                               device=self.device)
         if target.adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, target.adapter)
+            model = PeftModel.from_pretrained(model, target.adapter, adapter_name=DEFAULT_ADAPTER)
         model.eval()
         self.model = model
         self.collator = Collator(self.processor, self.arch, target.system_prompt)
-        self._lock = threading.Lock()
+        self.adapters: dict[str, str] = {}  # extra adapters loaded now: name -> folder
+        self._lock = threading.RLock()
 
+    # ---- requests --------------------------------------------------------------------------------
     def settings(self, overrides: dict[str, Any]) -> GenerationSettings:
         """The run's evaluation settings with a request's own values on top."""
-        g = self.target.generation
-        base = GenerationSettings.from_evaluation(g)
+        base = GenerationSettings.from_evaluation(self.target.generation)
+        max_tokens = overrides.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = overrides.get("max_completion_tokens")
         values = {
-            "max_new_tokens": overrides.get("max_tokens") or overrides.get("max_completion_tokens") or base.max_new_tokens,
+            "max_new_tokens": base.max_new_tokens if max_tokens is None else max_tokens,
             "temperature": base.temperature if overrides.get("temperature") is None else overrides["temperature"],
             "top_p": base.top_p if overrides.get("top_p") is None else overrides["top_p"],
             "top_k": base.top_k if overrides.get("top_k") is None else overrides["top_k"],
             "repetition_penalty": base.repetition_penalty if overrides.get("repetition_penalty") is None else overrides["repetition_penalty"],
         }
+        number = (int, float)
         checks = [
-            ("max_tokens", values["max_new_tokens"], lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-            ("temperature", values["temperature"], lambda v: isinstance(v, (int, float)) and v >= 0, ">= 0 (0 is greedy)"),
-            ("top_p", values["top_p"], lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
-            ("top_k", values["top_k"], lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-            ("repetition_penalty", values["repetition_penalty"], lambda v: isinstance(v, (int, float)) and v > 0, "> 0"),
+            ("max_tokens", values["max_new_tokens"], lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+            ("temperature", values["temperature"], lambda v: isinstance(v, number) and 0 <= v <= 2, "in [0, 2] (0 is greedy)"),
+            ("top_p", values["top_p"], lambda v: isinstance(v, number) and 0 < v <= 1, "in (0, 1]"),
+            ("top_k", values["top_k"], lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 is off)"),
+            ("repetition_penalty", values["repetition_penalty"], lambda v: isinstance(v, number) and v > 0, "> 0 (1.0 is off)"),
         ]
         for name, value, ok, allowed in checks:
             if not ok(value):
                 raise RequestError(f"{name}: got {value!r}; must be {allowed}")
         return GenerationSettings(**values)
 
-    def chat(self, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any] | None = None,
-             want_boxes: bool | None = None, **params: Any) -> ChatResult:
-        """Answer one conversation; grounding runs (or `want_boxes`) also get the answer's boxes."""
+    def prepare(self, messages: Any, chat_template_kwargs: dict[str, Any] | None = None,
+                want_boxes: bool | None = None, adapter: str | None = None, **params: Any) -> Prepared:
+        """Check and encode one request; every problem is a RequestError naming the field."""
         settings = self.settings(params)
-        converted, images = convert_messages(messages, self.target.system_prompt, self.allowed_image_hosts)
-        prompt = self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False,
-                                                    **(chat_template_kwargs or {}))
+        converted, images = convert_messages(messages, self.target.system_prompt, self.allowed_image_hosts, self.limits)
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise RequestError("chat_template_kwargs: an object is required (for example {\"enable_thinking\": false})")
         try:
-            inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt")
-        except Exception as exc:  # noqa: BLE001 - a mismatch of placeholders and images, an odd image size
-            raise RequestError(f"messages: the processor rejected the input ({exc})") from None
-        batch = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        with self._lock, torch.no_grad():
-            texts, counts = generate_texts(self.model, self.processor.tokenizer, batch, settings)
-        text = texts[0]
-        result = ChatResult(text=text, prompt_tokens=int(batch["input_ids"].shape[1]), completion_tokens=counts[0],
-                            finish_reason="length" if counts[0] >= settings.max_new_tokens else "stop")
+            prompt = self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False,
+                                                        **(chat_template_kwargs or {}))
+            out = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+        except Exception as exc:  # noqa: BLE001 - a template option it does not know, an odd image size
+            raise RequestError(f"messages: the processor rejected the input ({type(exc).__name__}: {exc})") from None
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        for key in _PER_TOKEN:
+            if key in tensors:
+                tensors[key] = tensors[key][0]
         if want_boxes is None:
             want_boxes = self.target.task == "phrase_grounding"
-        if want_boxes and images:
-            geo = image_geometry(self.processor, self.arch, images[0])
+        return Prepared(tensors, images, settings, bool(want_boxes and images), adapter)
+
+    def _finish(self, prepared: Prepared, text: str, count: int) -> ChatResult:
+        result = ChatResult(text=text, prompt_tokens=prepared.prompt_tokens, completion_tokens=count,
+                            finish_reason="length" if count >= prepared.settings.max_new_tokens else "stop")
+        if prepared.want_boxes:
+            geo = image_geometry(self.processor, self.arch, prepared.images[0])
             result.boxes = [{"label": b.label, "bbox": [round(c, 1) for c in b.bbox]}
                             for b in parse_answer(text, self.arch.box_convention, geo)]
         return result
 
-    def ground(self, image: Any, phrase: str, **params: Any) -> ChatResult:
+    def _batch(self, group: list[Prepared]) -> dict[str, torch.Tensor]:
+        return self.collator.batch([Encoded(p.tensors, [], "") for p in group], left_pad=True)
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, requests: list[Prepared]) -> list[ChatResult]:
+        """Answers in request order; requests sharing an adapter and sampling settings run as one batch."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, p in enumerate(requests):
+            groups.setdefault((p.adapter, p.settings), []).append(i)
+        results: list[ChatResult | None] = [None] * len(requests)
+        for (adapter, settings), indices in groups.items():
+            group = [requests[i] for i in indices]
+            batch = self._batch(group)
+            with self._lock, self.using(adapter), torch.no_grad():
+                texts, counts = generate_texts(self.model, self.processor.tokenizer, batch, settings)
+            for i, p, text, count in zip(indices, group, texts, counts):
+                results[i] = self._finish(p, text, count)
+        return [r for r in results if r is not None]
+
+    def stream(self, prepared: Prepared) -> Iterator[str | ChatResult]:
+        """Text pieces as they are generated, then the finished ChatResult."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        batch = self._batch([prepared])
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self._lock, self.using(prepared.adapter), torch.no_grad():
+                    outcome["result"] = generate_texts(self.model, self.processor.tokenizer, batch, prepared.settings,
+                                                       streamer=streamer)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, name="vray-stream", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        texts, counts = outcome["result"]
+        yield self._finish(prepared, texts[0], counts[0])
+
+    def chat(self, messages: Any, chat_template_kwargs: dict[str, Any] | None = None,
+             want_boxes: bool | None = None, adapter: str | None = None, **params: Any) -> ChatResult:
+        """Answer one conversation; grounding runs (or `want_boxes`) also get the answer's boxes."""
+        prepared = self.prepare(messages, chat_template_kwargs, want_boxes, adapter, **params)
+        return self.generate([prepared])[0]
+
+    def ground(self, image: Any, phrase: str, adapter: str | None = None, **params: Any) -> ChatResult:
         """Boxes for a phrase on one image (original-image pixels)."""
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                  {"type": "text", "text": f"Locate the {phrase}."}]}]
-        return self.chat(messages, want_boxes=True, **params)
+        return self.chat(messages, want_boxes=True, adapter=adapter, **params)
+
+    # ---- adapters --------------------------------------------------------------------------------
+    @contextmanager
+    def using(self, adapter: str | None) -> Iterator[None]:
+        """Run with an extra adapter, else with the target's own weights (its adapter, or the bare base)."""
+        from peft import PeftModel
+
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise RequestError(f"model: adapter {adapter!r} is not loaded on this replica", status=503)
+            self.model.set_adapter(adapter)
+            yield
+            return
+        if self.target.adapter:
+            self.model.set_adapter(DEFAULT_ADAPTER)
+            yield
+            return
+        with self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext():
+            yield
+
+    def load_adapter(self, name: str, folder: str) -> None:
+        """Add a LoRA adapter of the same base under `name` (no-op when it is already loaded)."""
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self.adapters:
+                return
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(folder, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = folder
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an extra adapter and free its weights."""
+        with self._lock:
+            if self.adapters.pop(name, None) is None:
+                return
+            self.model.delete_adapter(name)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from rich.console import Console
 
 from vray.errors import VrayError
 from vray.ray_session import ensure_ray, running_cluster_address, start_persistent_head
+from vray.serve.options import ServeOptions
 from vray.serve.target import ServeTarget
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -49,26 +52,88 @@ def wait_until_healthy(url: str, timeout_s: float = 300) -> None:
     raise VrayError(f"the server at {url} did not become healthy within {timeout_s:.0f}s (last: {last})")
 
 
-def deploy(target: ServeTarget, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-           detach: bool = False, insecure: bool = False, allowed_image_hosts: list[str] | None = None,
-           replica_cpus: float = 1, verbose: bool = False) -> Endpoint:
+def check_resources(options: ServeOptions) -> None:
+    """Refuse a deployment whose replicas ask for GPUs the cluster does not have (Serve would wait forever)."""
+    import ray
+
+    need = options.replica.num_gpus
+    have = ray.cluster_resources().get("GPU", 0)
+    if need and have < need:
+        raise VrayError(
+            f"a replica needs {need} GPU(s) ({options.replica.gpu}) but this Ray cluster has {have:g}; serve on CPU with "
+            "--gpu none, or join a cluster with GPUs (RAY_ADDRESS)"
+        )
+
+
+def deploy(target: ServeTarget, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+           detach: bool = False, insecure: bool = False, verbose: bool = False) -> Endpoint:
     """Deploy on Ray Serve and return once /healthz answers. A detached server lives in a persistent cluster."""
     from ray import serve
 
-    check_exposure(host, api_key, insecure)
+    check_exposure(host, options.api_key, insecure)
     if detach and running_cluster_address() is None:
         start_persistent_head()
     ensure_ray(verbose)
+    check_resources(options)
     from vray.serve.app import build_app
 
     serve.start(http_options={"host": host, "port": port})
     _check_http_options(host, port)
-    app = build_app(target, api_key=api_key, allowed_image_hosts=allowed_image_hosts, replica_cpus=replica_cpus)
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown_host}:{port}"
+    serve.run(build_app(target, options), name=APP_NAME, route_prefix="/", blocking=False)
+    url = _url(host, port)
     wait_until_healthy(url)
     return Endpoint(url=url, model_id=target.model_id)
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def deploy_config(config: dict[str, Any], detach: bool = False, insecure: bool = False, verbose: bool = False,
+                  timeout_s: float = 600) -> list[str]:
+    """Deploy a Serve config file's applications (as `serve run` does: the config is the whole desired state)
+    and return their URLs once every one is RUNNING."""
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    from vray.ray_session import forwarded_env
+
+    http = config.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    for app in config["applications"]:
+        if app.get("import_path", "").startswith("vray."):
+            key_env = (app.get("args") or {}).get("api_key_env") or "VRAY_API_KEY"
+            check_exposure(host, os.environ.get(key_env), insecure)
+        # The builder and replicas read keys and storage credentials from their environment: carry this
+        # shell's (in memory only; the file on disk keeps no secrets).
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        for k, v in forwarded_env().items():
+            env.setdefault(k, v)
+    if detach and running_cluster_address() is None:
+        start_persistent_head()
+    ensure_ray(verbose)
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options={"host": host, "port": port}, proxy_location=schema.proxy_location)
+    _check_http_options(host, port)
+    client.deploy_apps(schema, _blocking=False)
+    names = [a.name for a in schema.applications]
+    deadline = time.time() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n] for n in names if n in apps}
+        failed = {n: s for n, s in states.items() if str(s.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))}
+        if failed:
+            name, state = next(iter(failed.items()))
+            raise VrayError(f"application {name!r} failed to deploy:\n{state.message}")
+        if len(states) == len(names) and all(str(s.status).endswith("RUNNING") for s in states.values()):
+            break
+        if time.time() > deadline:
+            raise VrayError(f"the applications did not start within {timeout_s:.0f}s: "
+                            + ", ".join(f"{n}: {s.status}" for n, s in states.items()))
+        time.sleep(1)
+    return [_url(host, port) + (a.route_prefix or "/").rstrip("/") for a in schema.applications]
 
 
 def _check_http_options(host: str, port: int) -> None:
@@ -86,24 +151,25 @@ def _check_http_options(host: str, port: int) -> None:
         )
 
 
-def block_until_interrupted(endpoint: Endpoint, console: Console) -> None:
-    """Keep serving until Ctrl-C, then take the application down."""
-    console.print(f"serving {endpoint.model_id} at {endpoint.url} (Ctrl-C to stop)")
+def block_until_interrupted(what: str, console: Console, names: tuple[str, ...] = (APP_NAME,)) -> None:
+    """Keep serving until Ctrl-C, then take the applications down."""
+    console.print(f"serving {what} (Ctrl-C to stop)")
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        shutdown()
+        shutdown(names)
 
 
-def shutdown() -> None:
-    """Remove the vray application; stop Serve itself (proxies included) when no other application remains."""
+def shutdown(names: tuple[str, ...] = (APP_NAME,)) -> None:
+    """Remove the applications; stop Serve itself (proxies included) when no other application remains."""
     from ray import serve
 
     try:
-        serve.delete(APP_NAME)
+        for name in names:
+            serve.delete(name)
         if not serve.status().applications:
             serve.shutdown()
     except Exception:  # noqa: BLE001 - nothing deployed, or Serve already gone

@@ -29,6 +29,13 @@ class ServeTarget:
     evaluation: dict[str, Any]
     checkpoint: str | None = None  # which checkpoint this is (for /v1/models and logs)
     quantization: dict[str, Any] | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
+    serving: dict[str, Any] | None = None  # the run's serving block (replicas, batching, limits)
+
+    @property
+    def base_id(self) -> str:
+        """The base model's id in `<base>:<adapter>` model names: its repo id or source, or a folder's name."""
+        source = self.base_source
+        return Path(source).name if source.startswith("/") else source
 
     @property
     def arch(self) -> registry.Architecture:
@@ -52,7 +59,17 @@ def _spec_of_run(run: RunDir) -> RunSpec:
     return validate_spec(yaml.safe_load(run.read_text("spec.yaml")))
 
 
-def _from_checkpoint(where: Any, spec: RunSpec, label: str) -> ServeTarget:
+def _serving_of(spec: RunSpec, run: RunDir | None) -> dict[str, Any]:
+    """The run's serving block; a replica's GPU kind defaults to the one the run trained on."""
+    serving = spec.serving.model_dump()
+    if serving.get("gpu") is None and run is not None and run.exists("plan.json"):
+        plan = json.loads(run.read_text("plan.json"))
+        if plan.get("device") == "gpu":
+            serving["gpu"] = plan.get("gpu")
+    return serving
+
+
+def _from_checkpoint(where: Any, spec: RunSpec, label: str, run: RunDir | None = None) -> ServeTarget:
     info = read_checkpoint_info(where)
     folder = fetch_checkpoint(str(where))  # a local copy when the run directory is remote
     adapter = folder if (folder / "adapter_config.json").exists() else None
@@ -67,6 +84,7 @@ def _from_checkpoint(where: Any, spec: RunSpec, label: str) -> ServeTarget:
         evaluation=spec.evaluation.model_dump(),
         checkpoint=label,
         quantization=spec.quantization.model_dump() if (adapter and spec.quantization.enabled) else None,
+        serving=_serving_of(spec, run),
     )
 
 
@@ -79,17 +97,17 @@ def resolve_target(path_or_source: str, architecture: str | None = None, task: s
         spec = _spec_of_run(run)
         best, latest = run.best_checkpoint(), run.latest_checkpoint()
         if best is not None:
-            return _from_checkpoint(best, spec, f"best ({str(best).rstrip('/').rsplit('/', 1)[-1]})")
+            return _from_checkpoint(best, spec, f"best ({str(best).rstrip('/').rsplit('/', 1)[-1]})", run)
         if latest is not None:
-            return _from_checkpoint(latest, spec, f"latest ({str(latest).rstrip('/').rsplit('/', 1)[-1]})")
+            return _from_checkpoint(latest, spec, f"latest ({str(latest).rstrip('/').rsplit('/', 1)[-1]})", run)
         if run.exists(f"final/{CHECKPOINT_MARKER}"):
-            return _from_checkpoint(run.join("final"), spec, "final")
+            return _from_checkpoint(run.join("final"), spec, "final", run)
         raise VrayError(f"{path_or_source} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
     if (remote or p.is_dir()) and RunDir.of(path_or_source).exists(CHECKPOINT_MARKER):  # a checkpoint inside a run
         here = RunDir.of(path_or_source).uri
         for root in (here.rsplit("/", 2)[0], here.rsplit("/", 1)[0]):
             if RunDir.of(root).exists("spec.yaml"):
-                return _from_checkpoint(here, _spec_of_run(RunDir.of(root)), here.rsplit("/", 1)[-1])
+                return _from_checkpoint(here, _spec_of_run(RunDir.of(root)), here.rsplit("/", 1)[-1], RunDir.of(root))
         raise VrayError(f"{path_or_source} is a checkpoint outside its run directory (no spec.yaml beside it)")
     # A base or merged model: architecture from the registry by model_type, defaults from the registry.
     arch = _architecture_for(p, path_or_source, architecture)

@@ -1,0 +1,229 @@
+"""The Serve application on 127.0.0.1: the OpenAI API (official client, streaming), adapters of one base picked by
+`model`, bad input and keys, Prometheus metrics, a replica killed under load, and deploying a written config file.
+
+One deployment (two replicas, batching, an adapter folder with an LRU bound of one adapter per replica) serves the
+whole module; the config-file test runs last because a config is the cluster's whole desired Serve state."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import _free_port, run_cli
+from vray.testing.runs import write_adapter_run
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _png(colour=(200, 30, 30), size=(112, 112), fmt="PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _messages(text="What colour is the square?", image=None):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image or _png()}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-runs")
+    main = write_adapter_run(root, "main-run", seed=1, task="phrase_grounding")
+    adapters = root / "adapters"
+    for i, name in enumerate(("alpha", "beta")):
+        write_adapter_run(adapters, name, seed=10 + i)
+    return {"main": main, "adapters": adapters, "root": root}
+
+
+@pytest.fixture(scope="module")
+def served(ray_head, runs):
+    from vray.serve.options import ServeOptions
+    from vray.serve.runner import deploy, shutdown
+    from vray.serve.target import resolve_target
+
+    target = resolve_target(runs["main"].uri)
+    options = ServeOptions.resolve(
+        target, {"minReplicas": 2, "maxReplicas": 2, "maxBatchSize": 8, "maxAdapters": 1, "maxImages": 2,
+                 "maxImagePixels": 512 * 512, "maxBodyMB": 2},
+        api_key=KEY, adapters_dir=str(runs["adapters"]),
+    )
+    port = _free_port()
+    endpoint = deploy(target, options, port=port)
+    yield endpoint, target
+    shutdown()
+
+
+def _post(url, body, headers=AUTH, path="/v1/chat/completions", timeout=120):
+    return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+def test_openai_client_chat_models_and_streaming(served):
+    import openai
+
+    endpoint, target = served
+    client = openai.OpenAI(base_url=endpoint.url + "/v1", api_key=KEY)
+    models = [m.id for m in client.models.list().data]
+    assert models[0] == "main-run"
+    assert {"tiny:qwen2_5_vl:alpha", "tiny:qwen2_5_vl:beta"} <= set(models)
+    reply = client.chat.completions.create(model="main-run", messages=_messages(), max_tokens=6)
+    text = reply.choices[0].message.content
+    assert text and reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 20
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model_extra is not None
+    # a grounding run's choices carry boxes (possibly empty for a random adapter), in a list
+    assert isinstance(reply.choices[0].model_extra.get("boxes"), list)
+    # stream: true gives the same greedy text, piece by piece, then usage
+    stream = client.chat.completions.create(model="main-run", messages=_messages(), max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces).strip() == text
+    assert finish in ("stop", "length") and usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_each_adapter_answers_as_it_does_locally_with_one_loaded_per_replica(served, runs):
+    from ray import serve
+
+    from vray.serve.engine import ModelEngine
+    from vray.serve.target import resolve_target
+
+    endpoint, _ = served
+    answers = {}
+    for name in ("alpha", "beta", "alpha"):
+        r = _post(endpoint.url, {"model": f"tiny:qwen2_5_vl:{name}", "messages": _messages(), "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        answers.setdefault(name, set()).add(r.json()["choices"][0]["message"]["content"])
+    assert all(len(v) == 1 for v in answers.values())  # the same adapter answers the same (greedy) every time
+    for name in ("alpha", "beta"):
+        local = ModelEngine(resolve_target(str(runs["adapters"] / name)), device="cpu")
+        expected = local.chat(_messages(), max_tokens=8).text
+        assert answers[name] == {expected}, name
+    assert answers["alpha"] != answers["beta"]
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray")
+    loaded = [handle.loaded_adapters.remote().result() for _ in range(6)]
+    assert all(len(names) <= 1 for names in loaded), loaded  # the LRU bound of one adapter per replica
+
+
+def test_ground_endpoint(served):
+    endpoint, _ = served
+    r = _post(endpoint.url, {"image": _png(), "phrase": "red square", "max_tokens": 8}, path="/v1/ground")
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"boxes", "text"} and isinstance(r.json()["boxes"], list)
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "role 'robot'"),
+    ({"messages": _messages() + [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png()}}, {"type": "image_url", "image_url": {"url": _png()}}]}]},
+     400, "more than 2 images"),
+    ({"messages": _messages(image="data:image/png;base64," + base64.b64encode(b"not an image").decode())}, 400,
+     "cannot be decoded"),
+    ({"messages": _messages(image=_png(size=(1024, 1024)))}, 413, "1024x1024 pixels"),
+    ({"messages": _messages(image="https://evil.example.com/a.png")}, 400, "not allowed"),
+    ({"model": "someone-else", "messages": _messages()}, 404, "not served here"),
+    ({"model": "tiny:qwen2_5_vl:gamma", "messages": _messages()}, 404, "no adapter named 'gamma'"),
+    ({"messages": _messages(), "temperature": -1}, 400, "temperature"),
+    ({"messages": _messages(), "max_tokens": 0}, 400, "max_tokens"),
+])
+def test_bad_requests_get_a_4xx_that_says_what_to_fix(served, body, status, needle):
+    endpoint, _ = served
+    r = _post(endpoint.url, body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_keys_body_limits_and_malformed_json(served):
+    endpoint, _ = served
+    assert _post(endpoint.url, {"messages": _messages()}, headers={}).status_code == 401
+    assert _post(endpoint.url, {"messages": _messages()}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(endpoint.url + "/v1/models", timeout=30).status_code == 401
+    assert httpx.get(endpoint.url + "/healthz", timeout=30).status_code == 200  # health checks need no key
+    bad = httpx.post(endpoint.url + "/v1/chat/completions", content=b"{not json", headers=AUTH, timeout=30)
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    big = httpx.post(endpoint.url + "/v1/chat/completions", content=b"x" * (3 * 1024 * 1024), headers=AUTH, timeout=30)
+    assert big.status_code == 413 and "over the limit" in big.json()["error"]["message"]
+    # still answering after all of that
+    assert _post(endpoint.url, {"messages": _messages(), "max_tokens": 2}).status_code == 200
+
+
+def test_prometheus_metrics_through_ray(served):
+    port = os.environ.get("VRAY_TEST_METRICS_PORT")
+    if not port:
+        pytest.skip("the session's Ray head exports no metrics port")
+    endpoint, _ = served
+    assert _post(endpoint.url, {"messages": _messages(), "max_tokens": 2}).status_code == 200
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "vray_completion_tokens" in text and "vray_requests" in text:
+            break
+        time.sleep(2)
+    assert "vray_completion_tokens" in text and 'outcome="ok"' in text
+
+
+def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(served):
+    from ray import serve
+
+    endpoint, _ = served
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray")
+    pids = {handle.pid.remote().result() for _ in range(8)}
+    assert len(pids) == 2
+    victim = sorted(pids)[0]
+
+    def one(i: int) -> int:
+        return _post(endpoint.url, {"messages": _messages(), "max_tokens": 4}).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(24)]
+        time.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        codes = [f.result() for f in futures]
+    assert codes.count(200) == len(codes), codes
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        app = serve.status().applications["vray"]
+        replicas = app.deployments["ModelServer"].replica_states
+        if replicas.get("RUNNING", 0) == 2:
+            break
+        time.sleep(1)
+    assert replicas.get("RUNNING", 0) == 2
+    fresh = {handle.pid.remote().result() for _ in range(8)}
+    assert victim not in fresh
+
+
+def test_written_config_deploys_with_vray_serve_config(served, runs, tmp_path):
+    from vray.serve.config import read_config
+
+    endpoint, _ = served
+    port = endpoint.url.rsplit(":", 1)[1]
+    config = tmp_path / "serve.yaml"
+    proc = run_cli("serve", runs["main"].uri, "--write-config", str(config), "--port", port, "--max-replicas", "3",
+                   "--adapters-dir", str(runs["adapters"]))
+    assert proc.returncode == 0, proc.stderr
+    parsed = read_config(config)  # what `serve run` / `serve deploy` accept
+    app = parsed["applications"][0]
+    assert app["import_path"] == "vray.serve.app:app_builder" and app["args"]["target"] == runs["main"].uri
+    server = next(d for d in app["deployments"] if d["name"] == "ModelServer")
+    assert server["autoscaling_config"]["max_replicas"] == 3 and server["ray_actor_options"]["num_cpus"] == 1
+    assert KEY not in config.read_text()
+    proc = run_cli("serve", "--config", str(config), "--detach", env={"VRAY_API_KEY": KEY}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = _post(endpoint.url, {"model": "tiny:qwen2_5_vl:beta", "messages": _messages(), "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert json.loads(httpx.get(endpoint.url + "/v1/models", headers=AUTH, timeout=30).text)["data"][0]["id"] == "main-run"

@@ -488,6 +488,135 @@ def _vllm_application(ref: str, target: Any, options: Any, merge: bool, lora_pre
 
 
 @app.command()
+def submit(
+    spec_file: Path = typer.Argument(..., help="run spec inside the working directory (jobs/<spec>.yaml)"),
+    address: Optional[str] = typer.Option(None, "--address", help="the cluster's dashboard, http://HEAD:8265 "
+                                                                  "(default: RAY_API_SERVER_ADDRESS)"),
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="uploaded with the job, as ray job submit does"),
+    pip: list[str] = typer.Option([], "--pip", help="a pip requirement to install for the job (repeatable; only when "
+                                                     "the cluster image lacks it)"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", help="override a key of the spec"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
+) -> None:
+    """Submit `vray train SPEC` to a Ray cluster as a job (storage and HF_TOKEN variables go with it); follow its logs."""
+    from vray import jobs
+
+    extra = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VrayError(f"--env {item!r}: use KEY=VALUE")
+        extra[key] = value
+    client, job_id = jobs.submit(str(spec_file), address, str(working_dir), pip, set_, submission_id, extra)
+    err.print(f"submitted {job_id} to {jobs.dashboard_address(address)}; `vray jobs logs {job_id}` follows it, "
+              f"`vray jobs stop {job_id}` stops it")
+    typer.echo(job_id)
+    if no_wait:
+        return
+    status = jobs.follow(client, job_id, typer.echo)
+    err.print(f"job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Follow, inspect and stop jobs submitted to a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+_ADDRESS = typer.Option(None, "--address", help="http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(...), address: Optional[str] = _ADDRESS) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and message."""
+    from vray import jobs
+
+    info = jobs.client(address).get_job_info(job_id)
+    typer.echo(str(info.status).rsplit(".", 1)[-1])
+    if info.message:
+        err.print(info.message)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(...), address: Optional[str] = _ADDRESS,
+              follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")) -> None:
+    """Print a job's logs."""
+    from vray import jobs
+
+    client = jobs.client(address)
+    if follow:
+        jobs.follow(client, job_id, typer.echo)
+    else:
+        typer.echo(client.get_job_logs(job_id).rstrip("\n"))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(...), address: Optional[str] = _ADDRESS) -> None:
+    """Stop a running job and wait until it has stopped."""
+    from vray import jobs
+
+    client = jobs.client(address)
+    client.stop_job(job_id)
+    typer.echo(jobs.wait(client, job_id, timeout_s=120))
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = _ADDRESS) -> None:
+    """The cluster's jobs, newest last."""
+    from vray import jobs
+
+    table = Table("submission id", "status", "entrypoint")
+    for info in sorted(jobs.client(address).list_jobs(), key=lambda j: j.start_time or 0):
+        table.add_row(info.submission_id or info.job_id or "", str(info.status).rsplit(".", 1)[-1], info.entrypoint)
+    out.print(table)
+
+
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests rendered from a spec and its plan.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    spec_file: Optional[Path] = typer.Argument(None, help="run spec (jobs/<spec>.yaml)"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU kind of the worker nodes"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="nodes available (default: as many as the plan needs)"),
+    kind: list[str] = typer.Option([], "--kind", help="raycluster, rayjob, rayservice (default: all that apply)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="folder for <kind>.yaml (default: print them)"),
+    image: Optional[str] = typer.Option(None, "--image", help="container image with vray (default: vray:<version>, "
+                                                              "built from cluster/Dockerfile)"),
+    name: Optional[str] = typer.Option(None, "--name", help="resource and run name (default: the spec's)"),
+    namespace: Optional[str] = typer.Option(None, "--namespace"),
+    working_dir: Optional[str] = typer.Option(None, "--working-dir", help="RayJob runtime_env working_dir URL"),
+    cluster_selector: Optional[str] = typer.Option(None, "--cluster", help="run the RayJob on this existing RayCluster"),
+    set_: list[str] = typer.Option([], "--set", help="override a key of the spec"),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="re-render every entry of cluster/manifests.yaml"),
+) -> None:
+    """Render a RayCluster, a RayJob and a RayService for a spec, checked against the KubeRay CRD schemas."""
+    _quiet_libraries()
+    from vray.k8s import render_catalog, render_spec
+    from vray.k8s.render import to_yaml, write
+
+    if catalog is not None:
+        for rendered in render_catalog(catalog):
+            for kind_name, manifest in rendered.manifests.items():
+                path = rendered.folder / f"{kind_name}.yaml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(to_yaml(manifest, rendered.command))
+                typer.echo(str(path))
+        return
+    if spec_file is None:
+        raise VrayError("give a SPEC_FILE (or --catalog cluster/manifests.yaml)")
+    manifests, command = render_spec(str(spec_file), gpu, gpus_per_node, nodes, tuple(kind) or None, image, name,
+                                     namespace, working_dir, cluster_selector, set_)
+    if out_dir is None:
+        typer.echo("---\n".join(to_yaml(m, command) for m in manifests.values()))
+        return
+    for path in write(manifests, out_dir, command):
+        typer.echo(str(path))
+
+
+@app.command()
 def demo(
     output: Optional[str] = typer.Option(None, help="parent folder of the demo's run directory"),
     set_: list[str] = typer.Option([], "--set", help="override a key of the embedded spec"),

@@ -60,6 +60,9 @@ def _cache_dir() -> Path:
     return cache_root()
 
 
+FETCHES = 0  # checkpoints this process copied from S3 (the rest came from the node's cache)
+
+
 def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = None) -> Path:
     """Copy an s3:// checkpoint (or only the files matching `patterns`) into the node's cache once; a marker
     file says the copy is complete, and a lock keeps the workers of a node from fetching it twice."""
@@ -74,8 +77,10 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
     key = uri + ("|" + ",".join(patterns) if patterns else "")
     folder = base / hashlib.sha256(key.encode()).hexdigest()[:16]
     done = folder / ".vray_complete"
+    global FETCHES
     with FileLock(str(folder) + ".lock"):
         if not done.exists():
+            FETCHES += 1
             fs, path = fsspec.core.url_to_fs(uri)
             if not fs.exists(path):
                 raise VrayError(f"model.source: {uri} does not exist (check the bucket, prefix and AWS_* settings)")

@@ -20,7 +20,7 @@ from vray.plan.plan import Plan, cpu_plan
 from vray.ray_session import ensure_ray, forwarded_env
 from vray.spec import RunSpec, require_for_training
 from vray.train.loop import WorkerConfig, train_worker
-from vray.rundir import RunDir
+from vray.rundir import RunDir, require_shared_storage
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,7 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, eval_path, skip_invalid, console)
     plan = plan_for(spec)
+    require_shared_storage(run.uri, plan.nodes)
     return PreparedRun(spec, plan, run, train, eval_path, data)
 
 

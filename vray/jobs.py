@@ -1,0 +1,120 @@
+"""`vray submit` and `vray jobs`: Ray's job submission client with what a vray run needs.
+
+`submit(spec, address)` uploads the working directory (like `ray job submit --working-dir .`), runs `vray train
+<spec>` on the cluster with the storage and hub credentials of this shell (AWS_*, HF_TOKEN, VRAY_*) in the job's
+runtime_env, pip requirements only when asked (a cluster image normally has them), prints the submission id and
+follows the logs until the job ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vray.errors import VrayError
+
+EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.pt", "*.safetensors", "benchmarks/results", ".pytest_cache"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120
+
+
+def dashboard_address(address: str | None) -> str:
+    """The Ray dashboard (job API) address: `--address`, RAY_API_SERVER_ADDRESS, or an http RAY_ADDRESS."""
+    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+        if value and value.startswith(("http://", "https://")):
+            return value.rstrip("/")
+    if address:
+        return f"http://{address}" if ":" in address else f"http://{address}:8265"
+    raise VrayError("give --address http://HEAD:8265 (the Ray dashboard of the cluster), or set RAY_API_SERVER_ADDRESS")
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for the cluster, with a clear error when the dashboard does not answer."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = dashboard_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as exc:  # noqa: BLE001 - connection refused, wrong port, no dashboard
+        raise VrayError(f"cannot reach the Ray job API at {url} ({type(exc).__name__}: {exc}); is the head's dashboard "
+                        "running (ray start --head --dashboard-host 0.0.0.0) and the port 8265 reachable?") from None
+
+
+LOCAL_ONLY = ("VRAY_CACHE", "VRAY_TEST_METRICS_PORT")  # paths and ports of this machine, meaningless on the cluster
+
+
+def runtime_env(working_dir: str, pip: list[str] | None = None, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime_env: the working directory, this shell's storage / hub / vray variables (plus `env_vars`),
+    optional pip requirements."""
+    from vray.ray_session import forwarded_env
+
+    env: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES)}
+    variables = {k: v for k, v in forwarded_env().items() if k not in LOCAL_ONLY} | dict(env_vars or {})
+    if variables:
+        env["env_vars"] = variables
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def train_entrypoint(spec_file: str, working_dir: str, overrides: list[str] | None = None) -> str:
+    """`vray train <spec relative to the working dir> [--set ...]`; the spec must travel with the working dir."""
+    spec = Path(spec_file).resolve()
+    root = Path(working_dir).resolve()
+    if not spec.is_file():
+        raise VrayError(f"{spec_file}: no such spec file")
+    try:
+        rel = spec.relative_to(root)
+    except ValueError:
+        raise VrayError(f"{spec_file} is outside --working-dir {working_dir}; the job only sees the working directory, "
+                        "so put the spec inside it (jobs/ is the usual place)") from None
+    parts = ["vray", "train", rel.as_posix()] + [a for o in overrides or [] for a in ("--set", o)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def submit(spec_file: str, address: str | None, working_dir: str = ".", pip: list[str] | None = None,
+           overrides: list[str] | None = None, submission_id: str | None = None,
+           env_vars: dict[str, str] | None = None) -> tuple[Any, str]:
+    """Submit `vray train spec_file` to the cluster; (client, submission id)."""
+    jobs = client(address)
+    entry = train_entrypoint(spec_file, working_dir, overrides)
+    env = runtime_env(str(Path(working_dir).resolve()), pip, env_vars)
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(entrypoint=entry, runtime_env=env, submission_id=submission_id,
+                                     metadata={"vray.spec": Path(spec_file).name})
+            return jobs, job_id
+        except RuntimeError as exc:
+            # a head that has just started answers before its job agent is up: wait for it, as a user would
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise VrayError(f"the cluster refused the job: {exc}") from None
+            time.sleep(2)
+
+
+def follow(jobs: Any, job_id: str, echo: Callable[[str], None], timeout_s: float | None = None) -> str:
+    """Print the job's logs as they come until it ends; its final status."""
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            echo(lines.rstrip("\n"))
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout_s) if timeout_s else tail())
+    except asyncio.TimeoutError:
+        pass
+    return wait(jobs, job_id, timeout_s=60)
+
+
+def wait(jobs: Any, job_id: str, timeout_s: float = 3600) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED (or the timeout passes); its status."""
+    deadline = time.time() + timeout_s
+    while True:
+        status = str(jobs.get_job_status(job_id)).rsplit(".", 1)[-1]
+        if status in TERMINAL or time.time() > deadline:
+            return status
+        time.sleep(1)

@@ -152,7 +152,8 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, eval_path, skip_invalid, console)
     plan = plan_for(spec)
-    require_shared_storage(run.uri, plan.nodes)
+    if plan.device == "gpu":  # a CPU plan's "nodes" are fsdp2-hybrid replica groups, packed wherever Ray puts them
+        require_shared_storage(run.uri, plan.nodes)
     return PreparedRun(spec, plan, run, train, eval_path, data)
 
 

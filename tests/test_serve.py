@@ -54,9 +54,11 @@ def test_bad_messages_are_request_errors(messages, needle):
         convert_messages(messages, None)
 
 
-def test_allowed_image_hosts_are_checked_by_host_name():
+@pytest.mark.parametrize("url", ["https://evil.example.com/x.png", "http://evil.example.com#@images.example.com/x.png",
+                                 "http://evil.example.com?@images.example.com/x.png"])
+def test_allowed_image_hosts_are_checked_by_host_name(url):
     with pytest.raises(RequestError, match="'evil.example.com' is not allowed"):
-        convert_messages([_user({"type": "image_url", "image_url": {"url": "https://evil.example.com/x.png"}})], None,
+        convert_messages([_user({"type": "image_url", "image_url": {"url": url}})], None,
                          allowed_hosts=("images.example.com",))
 
 

@@ -446,7 +446,9 @@ def serve(
     if engine == "vllm":
         from vray.serve.config import serve_config
 
-        runner.check_exposure(host, api_key, insecure)
+        if api_key or (host not in runner.LOOPBACK and not insecure):
+            raise VrayError("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your "
+                            "own gateway, or pass --insecure to expose it without one")
         urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
         if detach:
             typer.echo(urls[0])

@@ -24,11 +24,13 @@ AGENT_WAIT_S = 120
 
 def dashboard_address(address: str | None) -> str:
     """The Ray dashboard (job API) address: `--address`, RAY_API_SERVER_ADDRESS, or an http RAY_ADDRESS."""
-    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+    if address:  # what the command line says wins over the environment
+        if address.startswith(("http://", "https://")):
+            return address.rstrip("/")
+        return f"http://{address}" if ":" in address else f"http://{address}:8265"
+    for value in (os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
         if value and value.startswith(("http://", "https://")):
             return value.rstrip("/")
-    if address:
-        return f"http://{address}" if ":" in address else f"http://{address}:8265"
     raise VrayError("give --address http://HEAD:8265 (the Ray dashboard of the cluster), or set RAY_API_SERVER_ADDRESS")
 
 
@@ -44,7 +46,9 @@ def client(address: str | None) -> Any:
                         "running (ray start --head --dashboard-host 0.0.0.0) and the port 8265 reachable?") from None
 
 
-LOCAL_ONLY = ("VRAY_CACHE", "VRAY_TEST_METRICS_PORT")  # paths and ports of this machine, meaningless on the cluster
+# paths and ports of this machine (meaningless on the cluster), and the serving key (a training job has no use for it)
+LOCAL_ONLY = ("VRAY_CACHE", "VRAY_TEST_METRICS_PORT", "VRAY_API_KEY", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+              "HF_XET_CACHE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def runtime_env(working_dir: str, pip: list[str] | None = None, env_vars: dict[str, str] | None = None) -> dict[str, Any]:

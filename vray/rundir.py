@@ -283,12 +283,15 @@ def fetch_checkpoint(uri: str, cache: Path | None = None) -> Path:
 
     from vray.testing.synthetic import cache_root
 
+    from filelock import FileLock
+
     folder = (cache or cache_root()) / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (folder / CHECKPOINT_MARKER).exists():
-        fs, path = _fs(uri)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent if folder.parent.exists() else None))
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the temporary copy lives beside it: the rename stays atomic
+    with FileLock(str(folder) + ".lock"):  # the replicas / workers of one node fetch it once
+        if not (folder / CHECKPOINT_MARKER).exists():
+            fs, path = _fs(uri)
+            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
     return folder

@@ -19,6 +19,7 @@ class AdapterCatalog:
     base_source: str
     named: dict[str, str] = field(default_factory=dict)
     folder: str | None = None
+    full_weights: bool = False  # the deployment serves fine-tuned weights, not the base the adapters were trained on
 
     def names(self) -> list[str]:
         """The adapters this deployment can load: the named ones and the run directories under `folder`."""
@@ -52,6 +53,9 @@ class AdapterCatalog:
         from vray.serve.target import resolve_target
 
         where = self.location(name)
+        if self.full_weights:
+            raise RequestError(f"model: this deployment serves full fine-tuned weights, not the base {self.base_source}; "
+                               f"serve adapter {name!r} from a deployment of its base", status=400)
         try:
             target = resolve_target(where)
         except VrayError as exc:

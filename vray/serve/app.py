@@ -67,12 +67,15 @@ class ModelServer:
         from vray.serve.adapters import AdapterCatalog
         from vray.serve.engine import ModelEngine
 
-        self.target = ServeTarget(**target)
+        from vray.serve.target import local_on_this_node
+
+        self.target = local_on_this_node(ServeTarget(**target))  # a replica may run on another node than the builder
         self.options = ServeOptions.from_args(options)
         gpus = self.options.replica.num_gpus
         self.engine = ModelEngine(self.target, allowed_image_hosts=self.options.allowed_image_hosts,
                                   limits=self.options.limits, device_map="auto" if gpus > 1 else None)
-        self.catalog = AdapterCatalog(self.target.base_source, self.options.adapters, self.options.adapters_dir)
+        self.catalog = AdapterCatalog(self.target.base_source, self.options.adapters, self.options.adapters_dir,
+                                      full_weights=self.target.weights is not None)
         serving = self.options.serving
         self._batched.set_max_batch_size(serving.maxBatchSize)
         self._batched.set_batch_wait_timeout_s(serving.batchWaitTimeoutS)

@@ -32,6 +32,14 @@ from vray.serve.target import ServeTarget
 DEFAULT_ADAPTER = "default"  # the adapter name of a run's own LoRA weights
 
 
+def _peft_name(name: str) -> str:
+    """peft keeps adapters in torch ModuleDicts, whose keys may not contain '.', and 'default' is the run's own:
+    extra adapters get a stable name of their own."""
+    import hashlib
+
+    return "extra_" + hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may carry."""
@@ -113,7 +121,12 @@ def image_from_part(part: dict[str, Any], where: str, allowed_hosts: tuple[str, 
             raise RequestError(f"{where}: data: URLs must be base64-encoded (data:image/png;base64,...)")
         return _open_checked(_decode_base64(data, where, limits), where, limits)
     if url.startswith(("http://", "https://")):
-        host = url.split("/", 3)[2].split("@")[-1].split(":")[0]
+        from urllib.parse import urlsplit
+
+        try:
+            host = urlsplit(url).hostname or ""
+        except ValueError:
+            raise RequestError(f"{where}: {url[:80]!r} is not a valid URL") from None
         if host not in allowed_hosts:
             raise RequestError(f"{where}: image URL host {host!r} is not allowed; send the image as a data: URL "
                                "(or ask the operator to allow the host)")
@@ -341,7 +354,7 @@ class ModelEngine:
         if adapter is not None:
             if adapter not in self.adapters:
                 raise RequestError(f"model: adapter {adapter!r} is not loaded on this replica", status=503)
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(_peft_name(adapter))
             yield
             return
         if self.target.adapter:
@@ -359,9 +372,9 @@ class ModelEngine:
             if name in self.adapters:
                 return
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(folder, adapter_name=name)
+                self.model.load_adapter(folder, adapter_name=_peft_name(name))
             else:
-                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=_peft_name(name))
             self.model.eval()
             self.adapters[name] = folder
 
@@ -370,4 +383,4 @@ class ModelEngine:
         with self._lock:
             if self.adapters.pop(name, None) is None:
                 return
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(_peft_name(name))

@@ -30,6 +30,7 @@ class ServeTarget:
     checkpoint: str | None = None  # which checkpoint this is (for /v1/models and logs)
     quantization: dict[str, Any] | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
     serving: dict[str, Any] | None = None  # the run's serving block (replicas, batching, limits)
+    reference: str | None = None  # what was asked for (a remote run is fetched again on each replica's node)
 
     @property
     def base_id(self) -> str:
@@ -89,6 +90,23 @@ def _from_checkpoint(where: Any, spec: RunSpec, label: str, run: RunDir | None =
 
 
 def resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
+    """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
+    from dataclasses import replace
+
+    return replace(_resolve_target(path_or_source, architecture, task), reference=path_or_source)
+
+
+def local_on_this_node(target: ServeTarget) -> ServeTarget:
+    """The target with its checkpoint folders on this node: a remote run is fetched here (once per node)."""
+    if target.reference and "://" in target.reference and target.checkpoint != "base":
+        from dataclasses import replace
+
+        fresh = _resolve_target(target.reference)
+        return replace(target, adapter=fresh.adapter, weights=fresh.weights)
+    return target
+
+
+def _resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
     """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
     p = Path(path_or_source).expanduser()
     remote = "://" in path_or_source

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from results_io import RESULTS, write_result
-from serve_load import _body, _free_port
+from serve_load import _body
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from vray.demo import free_port
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
     from vray.serve.target import resolve_target
@@ -48,7 +49,7 @@ def main() -> None:
     target = resolve_target(run.uri)
     serving = {"minReplicas": 1, "maxReplicas": 3, "targetOngoingRequests": 2, "upscaleDelayS": 3,
                "downscaleDelayS": 15, "maxBatchSize": 1, "replicaCpus": 1}
-    endpoint = deploy(target, ServeOptions.resolve(target, serving), port=_free_port())
+    endpoint = deploy(target, ServeOptions.resolve(target, serving), port=free_port())
 
     t0 = time.perf_counter()
     wanted = {"clients": 1}

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -30,12 +29,6 @@ from PIL import Image
 from results_io import RESULTS, write_result
 
 LEVELS = (1, 4, 16)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _body(max_tokens: int, i: int) -> dict:
@@ -90,6 +83,7 @@ def main() -> None:
 
     import ray
 
+    from vray.demo import free_port
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
     from vray.serve.target import resolve_target
@@ -103,7 +97,7 @@ def main() -> None:
     for mode, batch in (("batched", 16), ("unbatched", 1)):
         options = ServeOptions.resolve(target, {"maxBatchSize": batch, "batchWaitTimeoutS": 0.05, "minReplicas": 1,
                                                 "maxReplicas": 1, "replicaCpus": 1})
-        endpoint = deploy(target, options, port=_free_port())
+        endpoint = deploy(target, options, port=free_port())
         modes[mode] = [load_level(endpoint.url, c, args.requests_per_level, args.max_tokens) for c in LEVELS]
         for row in modes[mode]:
             print(mode, row, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vray.errors import VrayError
@@ -30,7 +30,11 @@ class ReplicaSize:
     gpu: str | None
     weights_bytes: int = 0
     kv_bytes: int = 0
-    tensor_parallel: int = 1
+
+    @property
+    def tensor_parallel(self) -> int:
+        """vLLM's tensor_parallel_size: a replica's GPUs (a power of two, so attention heads split evenly)."""
+        return max(self.num_gpus, 1)
 
     def ray_actor_options(self) -> dict[str, Any]:
         """`ray_actor_options` of the ModelServer deployment."""
@@ -76,8 +80,7 @@ def replica_size(target: ServeTarget, serving: ServingBlock) -> ReplicaSize:
             f"+ {kv / 2**30:.0f} GiB KV cache), more than 8x {kind.name}; lower serving.maxModelLen or "
             "serving.maxBatchSize, quantize the base, or pick a larger GPU with serving.gpu"
         )
-    return ReplicaSize(num_cpus=serving.replicaCpus, num_gpus=tp, gpu=kind.name, weights_bytes=weights, kv_bytes=kv,
-                       tensor_parallel=tp)
+    return ReplicaSize(num_cpus=serving.replicaCpus, num_gpus=tp, gpu=kind.name, weights_bytes=weights, kv_bytes=kv)
 
 
 @dataclass(frozen=True)
@@ -142,10 +145,6 @@ class ServeOptions:
         """`.options(...)` of the ModelServer deployment (the same keys a Serve config's `deployments:` takes)."""
         return {"autoscaling_config": self.autoscaling_config(), "max_ongoing_requests": self.max_ongoing_requests(),
                 "ray_actor_options": self.replica.ray_actor_options()}
-
-    def with_key(self, api_key: str | None) -> ServeOptions:
-        """The same options with another API key."""
-        return replace(self, api_key=api_key)
 
     def to_args(self) -> dict[str, Any]:
         """Plain data for the replicas."""

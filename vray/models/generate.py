@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vray.models.quantized import keep_4bit_layout
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -46,6 +48,7 @@ class GenerationSettings:
 def generate_texts(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
                    settings: GenerationSettings, streamer: Any = None) -> tuple[list[str], list[int]]:
     """(decoded completions, completion token counts) for a left-padded batch; `streamer` sees tokens as they come."""
+    keep_4bit_layout(model)  # generation must never repack 4-bit weights for CPU inference (vray.models.quantized)
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items() if k != "labels"}
     extra = {"streamer": streamer} if streamer is not None else {}
     out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id, **extra)

@@ -11,6 +11,7 @@ from torch import nn
 
 from vray.archs.registry import Architecture
 from vray.errors import VrayError
+from vray.models.quantized import keep_4bit_layout
 from vray.spec import LoraBlock, MediaBlock
 
 DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
@@ -165,6 +166,8 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: dic
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
+    else:
+        keep_4bit_layout(model)  # evaluation must never repack the 4-bit weights (vray.models.quantized)
     return model
 
 

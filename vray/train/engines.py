@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vray.errors import VrayError
+from vray.models.quantized import keep_4bit_layout
 
 ENGINES = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid")
 DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
@@ -319,7 +320,9 @@ def build_engine(strategy: str, model: nn.Module, make_optimizer: OptimizerFacto
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients for the duration, then back to train mode."""
+    """Eval mode and no gradients for the duration, then back to train mode. 4-bit layers keep the layout training
+    reads: bitsandbytes would otherwise repack them for CPU inference here (vray.models.quantized)."""
+    keep_4bit_layout(model)
     was_training = model.training
     model.eval()
     try:

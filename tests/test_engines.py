@@ -2,7 +2,7 @@
 
 Each family trains under at least one sharded engine, each engine trains at least two families, and each mode
 (LoRA, QLoRA, full) trains under every engine that supports it (QLoRA: ddp, whose 4-bit base is replicated).
-One process group runs the cells in turn; each cell's held-out loss must fall.
+One process group runs the cells in turn (a failing cell fails alone); each cell's held-out loss must fall.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from vray.rundir import RunDir
 from vray.spec import validate_spec
 from vray.train.launcher import prepare, worker_config, write_run_files
-from vray.train.local import run_workers
+from vray.train.local import RunOutcome, run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -71,18 +71,22 @@ def _spec(cell: Cell, output: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, RunDir]:
-    """Every cell trained: the 2-process cells in one process group, the 4-process ones in another."""
+def trained(tmp_path_factory) -> dict[str, tuple[RunDir, RunOutcome]]:
+    """Every cell trained, with how it ended: the 2-process cells in one process group, the 4-process ones in
+    another. A cell that fails is recorded and the group carries on with the next (in fresh processes), so one
+    cell's failure fails that cell alone."""
     out = str(tmp_path_factory.mktemp("engines"))
-    runs: dict[str, RunDir] = {}
+    runs: dict[str, tuple[RunDir, RunOutcome]] = {}
     for world in (2, 4):
-        configs = []
-        for cell in (c for c in CELLS if c.world == world):
+        cells = [c for c in CELLS if c.world == world]
+        configs, dirs = [], []
+        for cell in cells:
             prepared = prepare(validate_spec(_spec(cell, out)))
             write_run_files(prepared)
             configs.append(worker_config(prepared).to_dict())
-            runs[cell.id] = prepared.run
-        run_workers(configs, world)
+            dirs.append(prepared.run)
+        outcomes = run_workers(configs, world, keep_going=True)
+        runs.update({cell.id: (run, outcome) for cell, run, outcome in zip(cells, dirs, outcomes)})
     return runs
 
 
@@ -100,7 +104,9 @@ def test_the_matrix_covers_families_engines_and_modes():
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
 def test_cell_trains_with_its_engine_and_the_loss_falls(trained, cell):
-    run = trained[cell.id]
+    run, outcome = trained[cell.id]
+    if not outcome.ok:
+        pytest.fail(f"{cell.id} failed:\n{outcome.report()}", pytrace=False)
     records = run.read_metrics()
     start = next(r for r in records if r.get("event") == "start")
     assert start["strategy"] == cell.strategy and start["workers"] == cell.world

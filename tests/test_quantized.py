@@ -69,6 +69,20 @@ def test_an_armed_layer_is_disarmed_and_a_repacked_one_is_refused_by_name():
         keep_4bit_layout(model)
 
 
+def test_loading_disarms_the_layers_bitsandbytes_arms_on_an_avx512bf16_cpu(monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from vray.archs import registry
+    from vray.models.loader import load_model, resolve_source
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # what bitsandbytes finds on such a CPU
+    assert getattr(_quantized_layer(), REPACK_SWITCH)  # bitsandbytes arms every layer it builds
+    model = load_model(resolve_source("tiny:qwen2_5_vl"), registry.get("qwen2.5vl", "3B"), "BFloat16",
+                       {"enabled": True, "type": "NF4"})
+    layers = _linear4bit_layers(model)
+    assert layers and not any(getattr(m, REPACK_SWITCH) for m in layers)
+
+
 def _qlora_spec(tmp_path: Path, name: str) -> object:
     return validate_spec({
         "architecture": {"name": "qwen2.5vl", "size": "3B"}, "model": {"source": "tiny:qwen2_5_vl"},

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vray.errors import VrayError
-from vray.models.quantized import REPACK_SWITCH, keep_4bit_layout
+from vray.models.quantized import REPACK_SWITCH, keep_4bit_layout, repacked_layers
 from vray.spec import validate_spec
 from vray.train.launcher import prepare, train_local
 
@@ -35,11 +35,6 @@ def _arm_repack(model: nn.Module) -> int:
     for layer in layers:
         setattr(layer, REPACK_SWITCH, True)
     return len(layers)
-
-
-def _packed(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
 
 
 def _quantized_layer() -> nn.Module:
@@ -61,7 +56,7 @@ def test_an_armed_layer_is_disarmed_and_a_repacked_one_is_refused_by_name():
     model.eval()
     with torch.no_grad():
         model(torch.randn(3, 64, dtype=torch.bfloat16))
-    assert _packed(model) == []
+    assert repacked_layers(model) == []
     # A layer that something outside vray already repacked cannot be trained or merged exactly: refused, named.
     layer = model[1]
     layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
@@ -119,7 +114,7 @@ def test_qlora_trains_evaluates_trains_and_merges_as_if_never_evaluated(tmp_path
 
     def validate_and_look(self):
         out = real_validate(self)
-        evaluations.append(_packed(self.model))
+        evaluations.append(repacked_layers(self.model))
         return out
 
     monkeypatch.setattr(loop, "prepare_for_training", prepare_armed)
@@ -168,5 +163,5 @@ def test_vray_eval_and_serving_leave_the_4bit_base_as_loaded(tmp_path, monkeypat
     assert answer.completion_tokens > 0  # what a replica runs for a request
     assert len(loaded) == 2
     for model, codes in loaded:
-        assert _packed(model) == []
+        assert repacked_layers(model) == []
         assert all(torch.equal(m.weight.data, codes[n]) for n, m in model.named_modules() if n in codes)

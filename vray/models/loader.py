@@ -166,8 +166,7 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: dic
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
-    else:
-        keep_4bit_layout(model)  # evaluation must never repack the 4-bit weights (vray.models.quantized)
+    keep_4bit_layout(model)  # evaluation must never repack 4-bit weights (vray.models.quantized)
     return model
 
 

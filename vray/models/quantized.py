@@ -28,20 +28,30 @@ from vray.errors import VrayError
 REPACK_SWITCH = "support_avx512bf16_for_cpu"
 
 
+def _repacked(module: nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def repacked_layers(model: nn.Module) -> list[str]:
+    """The names of the model's 4-bit layers that bitsandbytes has repacked for CPU inference."""
+    return [name for name, module in model.named_modules() if _repacked(module)]
+
+
 def keep_4bit_layout(model: nn.Module) -> int:
     """Stop bitsandbytes from repacking the model's 4-bit layers for CPU inference; returns how many layers had the
     repack switched on. Raises when a layer was already repacked (outside vray): its weights can no longer be
     trained or merged exactly, and the model has to be loaded again."""
-    switched = 0
-    for name, module in model.named_modules():
+    switched, repacked = 0, False
+    for module in model.modules():  # every generation passes here: names are built only for the error
         if getattr(module, REPACK_SWITCH, False):
             setattr(module, REPACK_SWITCH, False)
             switched += 1
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            raise VrayError(
-                f"{name}: this 4-bit layer was repacked by bitsandbytes for CPU inference (it ran in eval mode without "
-                "gradients before vray saw it); its weights cannot be trained or merged exactly. Load the model again "
-                "through vray (vray.models.loader.load_model)"
-            )
+        repacked = repacked or _repacked(module)
+    if repacked:
+        raise VrayError(
+            f"{repacked_layers(model)[0]}: this 4-bit layer was repacked by bitsandbytes for CPU inference (it ran in "
+            "eval mode without gradients before vray saw it); its weights cannot be trained or merged exactly. Load "
+            "the model again through vray (vray.models.loader.load_model)"
+        )
     return switched

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from results_io import write_result
 
 from vray.archs import registry
 from vray.data.collate import Collator
 from vray.data.sample import Sample
 from vray.models.loader import load_processor
-from vray.testing.tiny import REFERENCE, tiny_checkpoint
-from results_io import write_result
+from vray.models.tiny import REFERENCE, tiny_checkpoint
 
 
 def processor_throughput(family: str, side: int, count: int, folder: Path) -> dict:
@@ -60,7 +60,8 @@ def training_wait_share(output: str, preprocessors: int) -> dict:
     from rich.console import Console
 
     from vray.demo import demo_spec
-    from vray.train.launcher import prepare, run_training
+    from vray.train.launcher import run_training
+    from vray.train.prepare import prepare
 
     spec = demo_spec(output, ["hyperparameters.epochs=3", f"data.preprocessors={preprocessors}"],
                      name=f"data-throughput-{preprocessors}")

@@ -16,6 +16,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
 from results_io import write_result
 
 TARGET_SECONDS = 300

@@ -24,16 +24,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from results_io import write_result
 
 from vray.archs import registry
 from vray.data.collate import Collator
 from vray.data.sample import Sample
 from vray.models.loader import load_processor, prepare_for_training
-from vray.plan.gpus import local_gpu
-from vray.plan.planner import Inventory, plan_run
+from vray.models.tiny import tiny_checkpoint
+from vray.plan.gpus import Inventory, local_gpu
+from vray.plan.planner import plan_run
 from vray.spec import LoraBlock, validate_spec
-from vray.testing.tiny import tiny_checkpoint, write_real_shaped_checkpoint
-from results_io import write_result
+from vray.testing.real_shaped import write_real_shaped_checkpoint
 
 MODES = {"lora": ("LoRA", False), "qlora": ("LoRA", True), "full": ("Full", False)}
 

@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-
 from results_io import RESULTS, write_result
 from serve_load import _body
 
@@ -38,9 +37,9 @@ def main() -> None:
     from ray import serve
 
     from vray.demo import free_port
+    from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
-    from vray.serve.target import resolve_target
     from vray.testing.runs import write_adapter_run
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -84,9 +84,9 @@ def main() -> None:
     import ray
 
     from vray.demo import free_port
+    from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
-    from vray.serve.target import resolve_target
     from vray.testing.runs import write_adapter_run
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

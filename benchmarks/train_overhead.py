@@ -33,7 +33,8 @@ def spec_dict(output: str, steps: int) -> dict:
 
 def vray_step_seconds(output: str, steps: int, skip: int) -> float:
     from vray.spec import validate_spec
-    from vray.train.launcher import prepare, train_local
+    from vray.train.launcher import train_local
+    from vray.train.prepare import prepare
 
     run = train_local(prepare(validate_spec(spec_dict(output, steps))))
     times = [r["time"] for r in run.read_metrics() if "loss" in r]
@@ -42,12 +43,12 @@ def vray_step_seconds(output: str, steps: int, skip: int) -> float:
 
 def plain_step_seconds(steps: int, skip: int) -> float:
     from vray.archs import registry
+    from vray.data import synthetic
     from vray.data.collate import Collator
     from vray.data.io import read_samples
     from vray.models.loader import load_processor, prepare_for_training
+    from vray.models.tiny import tiny_checkpoint
     from vray.spec import LoraBlock
-    from vray.testing import synthetic
-    from vray.testing.tiny import tiny_checkpoint
 
     torch.manual_seed(0)
     arch = registry.get("qwen2.5vl", "3B")

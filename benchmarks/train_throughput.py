@@ -34,7 +34,7 @@ def dataset(folder: Path, processor_family: str, arch_key: str, count: int) -> s
     from vray.data.collate import Collator
     from vray.data.sample import Sample
     from vray.models.loader import load_processor
-    from vray.testing.tiny import tiny_checkpoint
+    from vray.models.tiny import tiny_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (IMAGE, IMAGE), (90, 140, 200)).save(folder / "image.png")
@@ -63,10 +63,11 @@ def measure(arch_key: str, mode: str, engine: str, steps: int, tiny: bool, workd
     from vray.plan.gpus import CATALOG, local_gpu
     from vray.plan.planner import flops_per_sample, sample_of, workload_of
     from vray.plan.profile import arch_profile
-    from vray.rundir import RunDir
     from vray.spec import validate_spec
-    from vray.testing.tiny import write_real_shaped_checkpoint
-    from vray.train.launcher import prepare, train_processes
+    from vray.storage.rundir import RunDir
+    from vray.testing.real_shaped import write_real_shaped_checkpoint
+    from vray.train.launcher import train_processes
+    from vray.train.prepare import prepare
 
     name, size = arch_key.split(":")
     arch = registry.get(name, size)

@@ -38,9 +38,8 @@ def rendered():
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
 def test_every_job_spec_plans(path):
-    from vray.plan.gpus import gpu
-    from vray.plan.plan import cpu_plan
-    from vray.plan.planner import Inventory, plan_run
+    from vray.plan.gpus import Inventory, gpu
+    from vray.plan.planner import cpu_plan, plan_run
     from vray.spec import load_spec
 
     spec = load_spec(path)
@@ -166,7 +165,7 @@ def test_k8s_render_cli_writes_files_and_refuses_node_local_multinode_runs(tmp_p
 
 def test_training_a_multi_node_plan_needs_shared_storage(tmp_path, monkeypatch):
     from vray.spec import validate_spec
-    from vray.train.launcher import prepare
+    from vray.train.prepare import prepare
 
     raw = {"architecture": {"name": "qwen3vl", "size": "32B"}, "model": {"source": "tiny:qwen3_vl"},
            "trainingMode": {"type": "Full"}, "hyperparameters": {"batchSize": 16}, "task": "vqa",

@@ -15,7 +15,7 @@ from vray.data.collate import END_OF_TURN, IGNORE_INDEX, Collator, image_geometr
 from vray.data.sample import Sample
 from vray.errors import DataError
 from vray.models.loader import load_processor
-from vray.testing.tiny import REFERENCE, tiny_checkpoint
+from vray.models.tiny import REFERENCE, tiny_checkpoint
 
 
 def _collator(family: str, **kw) -> Collator:
@@ -121,7 +121,7 @@ def test_reasoning_traces_are_learned_and_the_thinking_switch_follows_them():
     taught = tok.decode([t for t in enc.tensors["labels"].tolist() if t != IGNORE_INDEX])
     assert "<think>" in taught and "The square is red." in taught and taught.endswith("red" + END_OF_TURN)
     assert enc.reference.startswith("<think>")
-    from vray.train.metrics import score
+    from vray.data.metrics import score
 
     assert score("vqa", "<think>hmm</think> red", enc.reference, [], "qwen3-rel1000", None) == (1.0, 1.0)
 

@@ -9,14 +9,27 @@ import torch
 from PIL import Image
 
 from vray.archs import registry
-from vray.archs.registry import BOX_INTERNVL_REL1000, BOX_NVILA_REL1, BOX_QWEN3_REL1000, BOX_QWEN25_ABS
-from vray.data.boxes import ImageGeometry, PixelBox, format_answer, from_model, parse_answer, to_model
+from vray.archs.registry import (
+    BOX_INTERNVL_REL1000,
+    BOX_NVILA_REL1,
+    BOX_QWEN3_REL1000,
+    BOX_QWEN25_ABS,
+)
+from vray.data.boxes import (
+    ImageGeometry,
+    PixelBox,
+    format_answer,
+    from_model,
+    parse_answer,
+    to_model,
+)
 from vray.data.collate import END_OF_TURN, IGNORE_INDEX, Collator, image_geometry
-from vray.data.sample import Sample, read_jsonl
+from vray.data.io import read_jsonl
+from vray.data.metrics import box_recall, exact_match, normalize_answer, score, token_f1
+from vray.data.sample import Sample
 from vray.errors import DataError
 from vray.models.loader import load_processor
-from vray.testing.tiny import tiny_checkpoint
-from vray.train.metrics import box_recall, exact_match, normalize_answer, score, token_f1
+from vray.models.tiny import tiny_checkpoint
 
 GEO = ImageGeometry(width=640, height=480, resized_width=644, resized_height=476)
 
@@ -97,7 +110,7 @@ def _sample(task: str, answer: dict) -> Sample:
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl"])
 def test_labels_are_exactly_the_answer_and_the_end_of_turn(family):
-    from vray.testing.tiny import REFERENCE
+    from vray.models.tiny import REFERENCE
 
     arch = registry.get(*REFERENCE[family])
     processor = load_processor(tiny_checkpoint(family))

@@ -13,8 +13,8 @@ from vray.archs import registry
 from vray.data.check import check_dataset
 from vray.errors import DataError
 from vray.models.loader import load_processor
+from vray.models.tiny import tiny_checkpoint
 from vray.spec import validate_spec
-from vray.testing.tiny import tiny_checkpoint
 
 
 def _row(id_, images, answer, task="vqa", user="<image>What colour?", boxes=None):
@@ -94,7 +94,8 @@ def _spec(tmp_path, train: Path) -> dict:
 
 
 def test_training_refuses_bad_rows_unless_skipping_them(messy, tmp_path):
-    from vray.train.launcher import prepare, train_local
+    from vray.train.launcher import train_local
+    from vray.train.prepare import prepare
 
     with pytest.raises(DataError) as exc:
         prepare(validate_spec(_spec(tmp_path, messy)))

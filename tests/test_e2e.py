@@ -12,9 +12,9 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import run_cli
-from vray.data.sample import read_jsonl
-from vray.rundir import RunDir
-from vray.testing import synthetic
+from vray.data import synthetic
+from vray.data.io import read_jsonl
+from vray.storage.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 

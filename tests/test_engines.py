@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from vray.rundir import RunDir
 from vray.spec import validate_spec
-from vray.train.launcher import prepare, worker_config, write_run_files
+from vray.storage.rundir import RunDir
 from vray.train.local import RunOutcome, run_workers
+from vray.train.prepare import prepare, worker_config, write_run_files
 
 pytestmark = pytest.mark.slow
 

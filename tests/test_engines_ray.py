@@ -10,7 +10,8 @@ from rich.console import Console
 from tests.test_engines import FAMILY_ARCH
 from vray.spec import validate_spec
 from vray.train.engines import ENGINES
-from vray.train.launcher import prepare, run_training
+from vray.train.launcher import run_training
+from vray.train.prepare import prepare
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from vray.data import synthetic
 from vray.data.io import read_samples
 from vray.spec import validate_spec
-from vray.testing import synthetic
-from vray.train.launcher import prepare, train_local
+from vray.train.launcher import train_local
+from vray.train.prepare import prepare
 
 DATA = "synthetic:vqa?train=32&eval=8"
 
@@ -37,9 +38,9 @@ def lora_run(tmp_path_factory):
 def test_merged_export_matches_base_plus_adapter(tmp_path, quantized):
     from transformers import AutoModelForImageTextToText
 
-    from vray.evaluate import export_merged
-    from vray.serve.engine import ModelEngine
-    from vray.serve.target import resolve_target
+    from vray.infer.engine import ModelEngine
+    from vray.infer.export import export_merged
+    from vray.infer.target import resolve_target
 
     run = _train(tmp_path, "q" if quantized else "l", quantized=quantized)
     proc = run_cli("export", str(run.root), "--merge", "--dtype", "Float32", timeout=300)
@@ -82,7 +83,7 @@ def test_predict_writes_one_line_per_sample(lora_run, tmp_path):
 
 
 def test_grounding_predictions_carry_boxes_in_image_pixels(tmp_path, monkeypatch):
-    import vray.evaluate as evaluate
+    import vray.infer.evaluate as evaluate
 
     run = _train(tmp_path, "ground", task="phrase_grounding", data="synthetic:grounding?train=16&eval=4")
     samples = read_samples(str(synthetic.split_paths("synthetic:grounding?train=16&eval=4")[1])).samples

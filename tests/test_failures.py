@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from vray.rundir import RunDir
 from vray.spec import validate_spec
-from vray.train.launcher import PreparedRun, prepare, run_training, train_processes
+from vray.storage.rundir import RunDir
+from vray.train.launcher import run_training, train_processes
+from vray.train.prepare import PreparedRun, prepare
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vray.archs import registry
+from vray.data import synthetic
 from vray.data.io import read_samples, write_samples
 from vray.data.pipeline import DataOrder, SampleStream
-from vray.testing import synthetic
 from vray.train.loop import CollatorFactory
 
 

@@ -7,10 +7,15 @@ from collections import Counter
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 
+from vray.cluster import check_cluster_capacity, inventory_from_cluster
 from vray.errors import VrayError
-from vray.plan.planner import check_cluster_capacity, inventory_from_cluster, plan_run
+from vray.plan.planner import plan_run
 from vray.spec import validate_spec
 
 pytestmark = pytest.mark.slow
@@ -61,8 +66,7 @@ def test_plan_bundles_land_on_the_planned_nodes(two_gpu_nodes):
 def test_a_plan_larger_than_the_cluster_is_refused_before_it_starts(two_gpu_nodes):
     spec = validate_spec({"architecture": {"name": "qwen2.5vl", "size": "7B"}, "hyperparameters": {"batchSize": 24},
                           "cluster": {"workers": 24}})
-    from vray.plan.gpus import gpu
-    from vray.plan.planner import Inventory
+    from vray.plan.gpus import Inventory, gpu
 
     plan = plan_run(spec, Inventory(gpu("A100-80GB"), 8, None))
     assert plan.nodes == 3

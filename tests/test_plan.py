@@ -11,12 +11,12 @@ import yaml
 from tests.conftest import run_cli
 from vray.archs import registry
 from vray.archs.params import param_counts
-from vray.plan.gpus import CATALOG, gpu
+from vray.errors import VrayError
+from vray.plan.gpus import CATALOG, Inventory, gpu
 from vray.plan.memory import Layout, estimate, sample_shape
-from vray.plan.planner import Inventory, plan_run, placement, search, workload_of
+from vray.plan.planner import placement, plan_run, search, workload_of
 from vray.plan.profile import arch_profile
 from vray.spec import validate_spec
-from vray.errors import VrayError
 
 GIB = 1024**3
 

@@ -8,14 +8,21 @@ import pytest
 import torch
 
 from vray.archs import registry
+from vray.data import synthetic
 from vray.data.collate import Collator
-from vray.data.sample import read_jsonl
+from vray.data.io import read_jsonl
 from vray.models.loader import load_processor, prepare_for_training
-from vray.plan.memory import Layout, Workload, activation_bytes, quantized_bytes, sample_shape, static_bytes
+from vray.models.tiny import REFERENCE, tiny_checkpoint
+from vray.plan.memory import (
+    Layout,
+    Workload,
+    activation_bytes,
+    quantized_bytes,
+    sample_shape,
+    static_bytes,
+)
 from vray.plan.profile import profile_model
 from vray.spec import LoraBlock
-from vray.testing import synthetic
-from vray.testing.tiny import REFERENCE, tiny_checkpoint
 
 
 def _meta_profile(family: str):

@@ -18,7 +18,8 @@ from torch import nn
 from vray.errors import VrayError
 from vray.models.quantized import REPACK_SWITCH, keep_4bit_layout, repacked_layers
 from vray.spec import validate_spec
-from vray.train.launcher import prepare, train_local
+from vray.train.launcher import train_local
+from vray.train.prepare import prepare
 
 DATA = "synthetic:vqa?train=32&eval=8"
 
@@ -101,7 +102,7 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_qlora_trains_evaluates_trains_and_merges_as_if_never_evaluated(tmp_path, monkeypatch):
     import vray.train.loop as loop
-    from vray.evaluate import export_merged
+    from vray.infer.export import export_merged
 
     armed: list[int] = []
     evaluations: list[list[str]] = []
@@ -139,11 +140,11 @@ def test_qlora_trains_evaluates_trains_and_merges_as_if_never_evaluated(tmp_path
 
 
 def test_vray_eval_and_serving_leave_the_4bit_base_as_loaded(tmp_path, monkeypatch):
-    import vray.serve.engine as serve_engine
+    import vray.infer.engine as serve_engine
+    from vray.data import synthetic
     from vray.data.io import read_samples
-    from vray.evaluate import predict
-    from vray.serve.target import resolve_target
-    from vray.testing import synthetic
+    from vray.infer.evaluate import predict
+    from vray.infer.target import resolve_target
 
     loaded: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
     real_load = serve_engine.load_model

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from vray.errors import RequestError, VrayError
-from vray.serve.engine import ModelEngine, convert_messages
-from vray.serve.target import resolve_target
+from vray.infer.engine import ModelEngine
+from vray.infer.requests import convert_messages
+from vray.infer.target import resolve_target
 
 
 def _png(colour=(200, 30, 30), size=(112, 112)) -> str:
@@ -89,7 +90,7 @@ def test_chat_counts_tokens_and_respects_max_tokens(grounding_engine):
 
 def test_grounding_boxes_come_back_in_original_pixels(grounding_engine, monkeypatch):
     # Whatever the model writes in its convention is parsed and converted back to the request image's pixels.
-    import vray.serve.engine as engine_module
+    import vray.infer.engine as engine_module
 
     monkeypatch.setattr(engine_module, "generate_texts",
                         lambda *a, **k: (['[{"bbox_2d": [100, 200, 500, 1000], "label": "red square"}]'], [12]))

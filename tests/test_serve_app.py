@@ -48,9 +48,9 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_head, runs):
+    from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
-    from vray.serve.target import resolve_target
 
     target = resolve_target(runs["main"].uri)
     options = ServeOptions.resolve(
@@ -100,8 +100,8 @@ def test_openai_client_chat_models_and_streaming(served):
 def test_each_adapter_answers_as_it_does_locally_with_one_loaded_per_replica(served, runs):
     from ray import serve
 
-    from vray.serve.engine import ModelEngine
-    from vray.serve.target import resolve_target
+    from vray.infer.engine import ModelEngine
+    from vray.infer.target import resolve_target
 
     endpoint, _ = served
     answers = {}

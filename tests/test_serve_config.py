@@ -11,10 +11,15 @@ import pytest
 from PIL import Image
 
 from vray.errors import VrayError
-from vray.serve.config import (serve_config, validate_llm_configs, validate_serve_config, vllm_application,
-                               vray_application)
+from vray.infer.target import ServeTarget, resolve_target
+from vray.serve.config import (
+    serve_config,
+    validate_llm_configs,
+    validate_serve_config,
+    vllm_application,
+    vray_application,
+)
 from vray.serve.options import ServeOptions
-from vray.serve.target import ServeTarget, resolve_target
 from vray.testing.runs import write_adapter_run
 
 

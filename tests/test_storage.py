@@ -8,9 +8,10 @@ import json
 import pytest
 from rich.console import Console
 
-from vray.rundir import CHECKPOINT_MARKER, RunDir
 from vray.spec import validate_spec
-from vray.train.launcher import prepare, run_training
+from vray.storage.rundir import CHECKPOINT_MARKER, RunDir
+from vray.train.launcher import run_training
+from vray.train.prepare import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,8 @@ def test_a_ray_run_writes_its_run_directory_to_s3(ray_head, s3_endpoint):
     fs.pipe("vray-test/runs/on-s3/checkpoints/step-99/adapter_model.safetensors", b"partial")
     assert [s for s, _ in RunDir.of(run.uri).complete_checkpoints()] == steps
 
-    from vray.serve.engine import ModelEngine
-    from vray.serve.target import resolve_target
+    from vray.infer.engine import ModelEngine
+    from vray.infer.target import resolve_target
 
     target = resolve_target(run.uri)
     assert target.checkpoint.startswith("best") and target.adapter and "://" not in target.adapter

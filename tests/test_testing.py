@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from vray.archs import registry
-from vray.data.sample import read_jsonl
-from vray.testing import synthetic
-from vray.testing.tiny import FAMILIES, REFERENCE, tiny_checkpoint
-from vray.testing.tokenizer import special_tokens
+from vray.data import synthetic
+from vray.data.io import read_jsonl
+from vray.models.tiny import FAMILIES, REFERENCE, tiny_checkpoint
+from vray.models.tiny_tokenizer import special_tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,10 +9,12 @@ import pytest
 import yaml
 
 from vray.errors import DataError, VrayError
-from vray.plan.plan import Plan, cpu_plan, split_batch
-from vray.rundir import CHECKPOINT_MARKER
+from vray.plan.plan import Plan
+from vray.plan.planner import cpu_plan, split_batch
 from vray.spec import validate_spec
-from vray.train.launcher import prepare, train_local
+from vray.storage.rundir import CHECKPOINT_MARKER
+from vray.train.launcher import train_local
+from vray.train.prepare import prepare
 
 SMALL = "synthetic:vqa?train=48&eval=16"
 
@@ -90,7 +92,7 @@ def test_final_adapter_loads_with_peft(trained):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from vray.testing.tiny import tiny_checkpoint
+    from vray.models.tiny import tiny_checkpoint
 
     _, run = trained
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
@@ -101,7 +103,7 @@ def test_final_adapter_loads_with_peft(trained):
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     import shutil
 
-    from vray.train.launcher import PreparedRun
+    from vray.train.prepare import PreparedRun
 
     prepared, run = trained
     # Copy the run, drop everything after step 6, and resume: the steps continue at 7 with the same schedule.
@@ -112,7 +114,7 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     shutil.rmtree(copy / "final")
     lines = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
     (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if r.get("step", 0) <= 6))
-    from vray.rundir import RunDir
+    from vray.storage.rundir import RunDir
 
     resumed = PreparedRun(prepared.spec.model_copy(update={"output": str(tmp_path)}), prepared.plan, RunDir(copy),
                           prepared.train_path, prepared.eval_path)

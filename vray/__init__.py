@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 def load(run: str, device: str | None = None, quantize: str | None = None, architecture: str | None = None,
          task: str | None = None) -> Any:
     """A run (best checkpoint), checkpoint, merged export or base model loaded for local inference; see vray.infer."""
-    from vray.infer import load as _load
+    from vray.infer.local import load as _load
 
     return _load(run, device=device, quantize=quantize, architecture=architecture, task=task)

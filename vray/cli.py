@@ -73,11 +73,12 @@ def train(
     """Fine-tune on Ray Train; prints the run directory as the last line."""
     _quiet_libraries()
     from vray.spec import load_spec
-    from vray.train.launcher import prepare, run_training
+    from vray.train.launcher import run_training
+    from vray.train.prepare import prepare
 
     resume_from = None
     if resume is not None:
-        from vray.rundir import RunDir
+        from vray.storage.rundir import RunDir
 
         run = RunDir.of(resume)
         if not run.spec.exists():
@@ -118,8 +119,10 @@ def plan(
     if table:
         _print_vram_table(as_json)
         return
-    from vray.plan.gpus import gpu as catalog_gpu
-    from vray.plan.planner import DEFAULT_GPUS_PER_NODE, Inventory, inventory_from_cluster, plan_run
+    from vray.cluster import inventory_from_cluster
+    from vray.data.io import count_rows
+    from vray.plan.gpus import Inventory
+    from vray.plan.planner import plan_run
     from vray.spec import load_spec
 
     spec = load_spec(spec_file, run_json=run_json, overrides=set_)
@@ -128,12 +131,10 @@ def plan(
     if from_cluster:
         inventory = inventory_from_cluster(from_cluster, gpu)
     else:
-        kind = gpu or spec.cluster.gpu
-        if kind is None:
+        inventory = Inventory.for_spec(spec, gpu, gpus_per_node, nodes)
+        if inventory is None:
             raise VrayError("give --gpu KIND (or cluster.gpu in the spec), or --from-cluster ADDRESS")
-        inventory = Inventory(catalog_gpu(kind), gpus_per_node or spec.cluster.gpusPerNode or DEFAULT_GPUS_PER_NODE,
-                              nodes or spec.cluster.nodes)
-    result = plan_run(spec, inventory)
+    result = plan_run(spec, inventory, count_rows(spec.data.train))
     if as_json:
         typer.echo(result.to_json())
     else:
@@ -207,8 +208,8 @@ def export(
 ) -> None:
     """Write a standalone Hugging Face checkpoint of a run (LoRA merged into the base, or the full weights)."""
     _quiet_libraries()
-    from vray.evaluate import export_merged
-    from vray.serve.target import resolve_target
+    from vray.infer.export import export_merged
+    from vray.infer.target import resolve_target
 
     if dtype not in ("BFloat16", "Float16", "Float32"):
         raise VrayError(f"--dtype {dtype!r}: choose BFloat16, Float16 or Float32")
@@ -235,7 +236,7 @@ def eval_(
 ) -> None:
     """Score a run on a dataset with the task's metrics, next to its base model."""
     _quiet_libraries()
-    from vray.evaluate import evaluate_run
+    from vray.infer.evaluate import evaluate_run
 
     report = evaluate_run(run, data, baseline=baseline, limit=limit, batch_size=batch_size)
     if as_json:
@@ -264,7 +265,7 @@ def predict_cmd(
 ) -> None:
     """Batch predictions: one JSON line per sample (boxes in image pixels for grounding)."""
     _quiet_libraries()
-    from vray.evaluate import predict_run
+    from vray.infer.evaluate import predict_run
 
     n = predict_run(run, data, out_path, limit=limit, batch_size=batch_size)
     err.print(f"wrote {n} prediction(s)")
@@ -317,7 +318,7 @@ def data_check(
     from vray.data.check import check_dataset
     from vray.models.loader import load_processor, resolve_processor_source
     from vray.spec import validate_spec
-    from vray.train.launcher import token_budget
+    from vray.train.prepare import token_budget
 
     name, _, size = arch.partition(":")
     if not size and name in registry.FAMILIES:
@@ -404,8 +405,8 @@ def serve(
         raise VrayError("give a TARGET (run directory, checkpoint, model folder or source), or --config FILE")
     if engine not in ("transformers", "vllm"):
         raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
+    from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
-    from vray.serve.target import resolve_target
 
     resolved = resolve_target(target, architecture=architecture, task=task)
     overrides: dict[str, Any] = {}
@@ -437,7 +438,8 @@ def serve(
                 "adapters": named, "adapters_dir": dir_ref, "serving": overrides}
         application = vray_application(ref, resolved, options, args)
     if write_config is not None:
-        from vray.serve.config import serve_config, write_config as write
+        from vray.serve.config import serve_config
+        from vray.serve.config import write_config as write
 
         out = write(write_config, serve_config([application], host, port), f"vray serve {target} --write-config")
         err.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
@@ -466,12 +468,17 @@ def serve(
 
 def _vllm_application(ref: str, target: Any, options: Any, merge: bool, lora_prefix: Optional[str]) -> dict[str, Any]:
     """The ray.serve.llm application for a run: merged first when asked (or when vLLM cannot apply its adapter)."""
-    from vray.serve.config import publish_adapter, validate_llm_configs, vllm_application, vllm_merge_reason
+    from vray.serve.config import (
+        publish_adapter,
+        validate_llm_configs,
+        vllm_application,
+        vllm_merge_reason,
+    )
 
     merged = None
     if merge and target.adapter:
-        from vray.evaluate import export_merged
-        from vray.rundir import RunDir
+        from vray.infer.export import export_merged
+        from vray.storage.rundir import RunDir
 
         if "://" in ref:
             raise VrayError("--merge writes the merged checkpoint beside the run; export it first with "

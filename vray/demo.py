@@ -18,9 +18,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from vray.data.sample import read_jsonl
-from vray.rundir import RunDir
+from vray.data.io import read_jsonl
 from vray.spec import RunSpec, load_spec
+from vray.storage.rundir import RunDir
 
 DEMO_SPEC: dict[str, Any] = {
     "architecture": {"name": "qwen2.5vl", "size": "3B"},
@@ -98,9 +98,10 @@ def run_demo(console: Console, output: str | None = None, overrides: list[str] |
 
     `keep_serving` blocks until Ctrl-C; `stop_server=False` returns with the endpoint still up (tests use it).
     """
+    from vray.infer.target import resolve_target
     from vray.serve.runner import block_until_interrupted, deploy, shutdown
-    from vray.serve.target import resolve_target
-    from vray.train.launcher import prepare, run_training
+    from vray.train.launcher import run_training
+    from vray.train.prepare import prepare
 
     seconds: dict[str, float] = {}
     t0 = time.time()

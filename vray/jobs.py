@@ -54,7 +54,7 @@ LOCAL_ONLY = ("VRAY_CACHE", "VRAY_TEST_METRICS_PORT", "VRAY_API_KEY", "HF_HOME",
 def runtime_env(working_dir: str, pip: list[str] | None = None, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """The job's runtime_env: the working directory, this shell's storage / hub / vray variables (plus `env_vars`),
     optional pip requirements."""
-    from vray.ray_session import forwarded_env
+    from vray.cluster import forwarded_env
 
     env: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES)}
     variables = {k: v for k, v in forwarded_env().items() if k not in LOCAL_ONLY} | dict(env_vars or {})

@@ -80,13 +80,9 @@ class Report:
 
 def _estimate_tokens(sample: Sample, arch: Architecture, sizes: list[tuple[int, int]]) -> int:
     """Visual tokens from the family's resize rule and ~3.5 characters a text token (no processor at hand)."""
-    from vray.plan.memory import sample_shape
-    from vray.plan.profile import arch_profile
+    from vray.archs.vision import visual_tokens
 
-    profile = arch_profile(arch)
-    visual = 0
-    for w, h in sizes:
-        visual += sample_shape(profile, max_pixels=w * h, min_pixels=w * h, text_tokens=0).visual_tokens
+    visual = sum(visual_tokens(arch, w, h) for w, h in sizes)
     text = sum(len(t.text) for t in sample.conversation)
     return visual + int(text / 3.5) + 8 * len(sample.conversation)
 

@@ -168,3 +168,24 @@ def _relative_to(sample: Sample, folder: str) -> Sample:
                                         "frames": tuple(rel(f) for f in v.frames) if v.frames else None})
                    for v in sample.videos)
     return sample.model_copy(update={"images": tuple(rel(i) for i in sample.images), "videos": videos})
+
+
+def count_rows(uri: str | None) -> tuple[int, str] | None:
+    """(rows, where the number comes from) of a training set the planner may count cheaply: a synthetic dataset's
+    size, or the non-empty lines of a local JSONL file; None otherwise (remote data, Parquet, folders)."""
+    if not uri:
+        return None
+    if uri.startswith("synthetic:"):
+        from vray.data.synthetic import parse_uri
+
+        return parse_uri(uri).train, "synthetic dataset size"
+    path = Path(uri).expanduser() if "://" not in uri else None
+    if path is not None and path.is_file():
+        with open(path) as fh:
+            return sum(1 for line in fh if line.strip()), f"lines of {path.name}"
+    return None
+
+
+def read_jsonl(path: str | Path, task: str | None = None) -> list[Sample]:
+    """Every sample of a vray dataset (JSONL or Parquet, local or s3://); one DataError listing bad rows."""
+    return read_samples(str(path), task=task).samples_or_raise()

@@ -22,7 +22,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vray.errors import DataError
 
@@ -203,10 +210,3 @@ def parse_row(row: Any, where: str) -> Sample:
             f"{'.'.join(str(x) for x in e['loc']) or 'row'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
         )
         raise DataError(f"{where}: {detail}") from None
-
-
-def read_jsonl(path: str | Path, task: str | None = None) -> list[Sample]:
-    """Every sample of a vray dataset (JSONL or Parquet, local or s3://); one DataError listing bad rows."""
-    from vray.data.io import read_samples
-
-    return read_samples(str(path), task=task).samples_or_raise()

@@ -27,19 +27,16 @@ def render_spec(spec_file: str, gpu: str | None, gpus_per_node: int | None = Non
                 overrides: list[str] | None = None) -> tuple[dict[str, dict[str, Any]], str]:
     """Plan `spec_file` for `gpus_per_node` x `gpu` nodes and render its manifests; also the command line that
     does the same (written into each file's header)."""
+    from vray.data.io import count_rows
     from vray.k8s.render import DEFAULT_IMAGE, KINDS, RenderOptions, k8s_name, render
-    from vray.plan.gpus import gpu as catalog_gpu
-    from vray.plan.plan import cpu_plan
-    from vray.plan.planner import DEFAULT_GPUS_PER_NODE, Inventory, plan_run
+    from vray.plan.gpus import Inventory
+    from vray.plan.planner import cpu_plan, plan_run
     from vray.spec import load_spec
 
     spec = load_spec(Path(spec_file), overrides=overrides or [])
-    kind = gpu or spec.cluster.gpu
-    if kind:
-        per_node = gpus_per_node or spec.cluster.gpusPerNode or DEFAULT_GPUS_PER_NODE
-        plan = plan_run(spec, Inventory(catalog_gpu(kind), per_node, nodes or spec.cluster.nodes))
-    else:
-        plan = cpu_plan(spec)
+    inventory = Inventory.for_spec(spec, gpu, gpus_per_node, nodes)
+    kind = gpu or spec.cluster.gpu  # as given: the command line written into the manifests
+    plan = plan_run(spec, inventory, count_rows(spec.data.train)) if inventory else cpu_plan(spec)
     stem = Path(spec_file).stem
     opts = RenderOptions(name=name or spec.name or k8s_name(stem), spec_ref=spec_file, image=image or DEFAULT_IMAGE,
                          namespace=namespace, working_dir=working_dir, cluster_selector=cluster_selector)

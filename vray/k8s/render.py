@@ -185,10 +185,10 @@ def rayjob(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None, run_
 
 def rayservice(plan: Plan, spec: RunSpec, opts: RenderOptions, run_uri: str, run_name: str) -> dict[str, Any]:
     """A RayService serving the trained run (`<output>/<name>`) with the run's serving block."""
+    from vray.infer.target import ServeTarget
     from vray.plan.gpus import gpu as gpu_named
     from vray.serve.config import vray_application
     from vray.serve.options import ServeOptions
-    from vray.serve.target import ServeTarget
 
     serving = spec.serving.model_dump()
     if serving.get("gpu") is None and plan.device == "gpu":

@@ -20,7 +20,7 @@ DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch
 def resolve_source(source: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
     """A local folder holding the checkpoint: tiny:<family>, a folder, an s3:// URI or a hub repo id."""
     if source.startswith("tiny:"):
-        from vray.testing.tiny import tiny_checkpoint
+        from vray.models.tiny import tiny_checkpoint
 
         return tiny_checkpoint(source.split(":", 1)[1], cache_dir)
     local = Path(source).expanduser()
@@ -46,7 +46,11 @@ def resolve_processor_source(source: str, revision: str | None = None, cache_dir
     if source.startswith("s3://"):
         return _fetch_s3(source, cache_dir, patterns=PROCESSOR_FILES)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(source, revision=revision, token=os.environ.get("HF_TOKEN"),
@@ -56,7 +60,7 @@ def resolve_processor_source(source: str, revision: str | None = None, cache_dir
 
 
 def _cache_dir() -> Path:
-    from vray.testing.synthetic import cache_root
+    from vray.models.cache import cache_root
 
     return cache_root()
 
@@ -99,7 +103,11 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
 
 def _fetch_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN")))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vray.archs.registry import suggest
 from vray.errors import VrayError
+
+if TYPE_CHECKING:
+    from vray.spec import RunSpec
 
 MIB = 1024**2
 GIB = 1024**3
@@ -75,3 +79,42 @@ def local_gpu() -> tuple[GPU, int] | None:
         return best, torch.cuda.device_count()
     bf16 = torch.cuda.is_bf16_supported()
     return GPU(props.name, props.total_memory, bf16, 100.0, "pcie", 64 * GIB), torch.cuda.device_count()
+
+
+MAX_NODES = 64
+
+
+DEFAULT_GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the run may use: a GPU kind, GPUs per node, and nodes (None: as many as needed)."""
+
+    gpu: GPU
+    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
+    nodes: int | None = None
+    host_memory: int | None = None  # CPU memory per GPU, when known (a running cluster); else the catalog's
+
+    @property
+    def host_memory_per_gpu(self) -> int:
+        return self.host_memory or self.gpu.host_memory_per_gpu
+
+    @property
+    def max_gpus(self) -> int:
+        return self.gpus_per_node * (self.nodes or MAX_NODES)
+
+    @classmethod
+    def for_spec(cls, spec: RunSpec, gpu_name: str | None = None, gpus_per_node: int | None = None,
+                 nodes: int | None = None) -> Inventory | None:
+        """The inventory a spec names (cluster.gpu, gpusPerNode, nodes), each overridden by the argument given;
+        None when neither names a GPU kind."""
+        kind = gpu_name or spec.cluster.gpu
+        if kind is None:
+            return None
+        return cls(gpu(kind), gpus_per_node or spec.cluster.gpusPerNode or DEFAULT_GPUS_PER_NODE,
+                   nodes or spec.cluster.nodes)
+
+    def describe(self) -> str:
+        nodes = f"{self.nodes} node(s)" if self.nodes else "as many nodes as needed"
+        return f"{self.gpus_per_node}x {self.gpu.name} per node, {nodes}"

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from vray.plan.plan import MemoryBreakdown
+from vray.archs.vision import visual_grid
 from vray.plan.profile import ArchProfile
 
 MIB = 1024**2
@@ -47,6 +47,26 @@ QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
 QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
 DS_BUCKET = 200_000_000  # DeepSpeed reduce / all-gather bucket (elements) vray configures
 SHARDED = ("zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Predicted bytes per GPU."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        """Sum of the parts."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.other
+
+    def to_dict(self) -> dict[str, int]:
+        """The parts and their total."""
+        return {**asdict(self), "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -142,23 +162,8 @@ def sample_shape(profile: ArchProfile, min_pixels: int | None = None, max_pixels
     frames = max_frames or 0
     if frames:
         pixels = min(pixels, 448 * 448) if not max_pixels else min(pixels, max_pixels)
-    side = int(math.sqrt(pixels))
-    if v.kind == "qwen":
-        unit = v.patch * v.merge
-        grid = max(1, round(side / unit))
-        w = h = grid * unit
-        per_image_patches = (w // v.patch) * (h // v.patch)
-        steps = max(1, math.ceil(frames / v.temporal_patch)) if frames else 1
-        patches = per_image_patches * steps
-        tokens = patches // (v.merge * v.merge)
-        return SampleShape(text_tokens, 0 if frames else 1, w, h, frames, tokens, patches)
-    # Tiled towers: dynamic tiling into tiles of `tile` px plus a thumbnail (InternVL, NVILA-Lite).
-    tiles_per_side = max(1, round(side / v.tile))
-    tiles = tiles_per_side * tiles_per_side + (1 if tiles_per_side > 1 else 0)
-    per_tile = (v.tile // v.patch) ** 2
-    per_tile_tokens = math.ceil(v.tile / v.patch / v.merge) ** 2
-    units = tiles * (max(frames, 1) if frames else 1)
-    return SampleShape(text_tokens, 0 if frames else 1, side, side, frames, units * per_tile_tokens, units * per_tile)
+    grid = visual_grid(v, pixels, frames)
+    return SampleShape(text_tokens, 0 if frames else 1, grid.width, grid.height, frames, grid.tokens, grid.patches)
 
 
 # ---- parameters --------------------------------------------------------------------------------------

@@ -10,20 +10,26 @@ checkpointing is switched on only when it is needed to fit (or is faster at the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vray.archs import registry
 from vray.errors import VrayError
-from vray.plan.gpus import CATALOG, GPU
-from vray.plan.memory import Estimate, Layout, SampleShape, Workload, estimate, sample_shape
+from vray.plan.engine_config import deepspeed_config, fsdp_settings
+from vray.plan.gpus import CATALOG, GPU, Inventory
+from vray.plan.memory import (
+    Estimate,
+    Layout,
+    SampleShape,
+    Workload,
+    estimate,
+    sample_shape,
+)
 from vray.plan.plan import Plan
 from vray.plan.profile import ArchProfile, arch_profile
 from vray.spec import RunSpec
 
-MAX_NODES = 64
-DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_DATASET_SAMPLES = 1000
 # Assumed model-FLOPs utilisation per strategy (share of the GPU's dense bf16 TFLOP/s a step achieves).
 MFU = {"ddp": 0.40, "zero1": 0.38, "zero2": 0.36, "fsdp2-hybrid": 0.34, "fsdp2": 0.33, "zero3": 0.30,
@@ -36,28 +42,6 @@ STRATEGIES = {
     "qlora": ("ddp",),  # the 4-bit base is replicated; only the adapter trains
 }
 OFFLOAD = {"full": ("zero3-offload",), "lora": ("zero3-offload",), "qlora": ()}
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What the run may use: a GPU kind, GPUs per node, and nodes (None: as many as needed)."""
-
-    gpu: GPU
-    gpus_per_node: int = DEFAULT_GPUS_PER_NODE
-    nodes: int | None = None
-    host_memory: int | None = None  # CPU memory per GPU, when known (a running cluster); else the catalog's
-
-    @property
-    def host_memory_per_gpu(self) -> int:
-        return self.host_memory or self.gpu.host_memory_per_gpu
-
-    @property
-    def max_gpus(self) -> int:
-        return self.gpus_per_node * (self.nodes or MAX_NODES)
-
-    def describe(self) -> str:
-        nodes = f"{self.nodes} node(s)" if self.nodes else "as many nodes as needed"
-        return f"{self.gpus_per_node}x {self.gpu.name} per node, {nodes}"
 
 
 def workload_of(spec: RunSpec) -> Workload:
@@ -76,18 +60,6 @@ def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
     return sample_shape(profile, spec.media.minPixels, spec.media.maxPixels, spec.media.maxFrames)
 
 
-def dataset_size(spec: RunSpec) -> tuple[int, str]:
-    """(training samples, where the number comes from): counted for local files and synthetic data."""
-    train = spec.data.train or ""
-    if train.startswith("synthetic:"):
-        from vray.testing.synthetic import parse_uri
-
-        return parse_uri(train).train, "synthetic dataset size"
-    path = Path(train).expanduser() if train and "://" not in train else None
-    if path is not None and path.is_file():
-        with open(path) as fh:
-            return sum(1 for line in fh if line.strip()), f"lines of {path.name}"
-    return DEFAULT_DATASET_SAMPLES, "assumed (no local training data to count)"
 
 
 def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool) -> float:
@@ -191,48 +163,6 @@ def min_gpus_ignoring_batch(profile: ArchProfile, w: Workload, sample: SampleSha
     return None
 
 
-def deepspeed_config(layout: Layout, spec: RunSpec, profile: ArchProfile, w: Workload) -> dict[str, Any]:
-    """The DeepSpeed config of a ZeRO plan."""
-    stage = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3-offload": 3}[layout.strategy]
-    accum = spec.hyperparameters.effective_batch // (layout.micro_batch * layout.workers)
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": 200_000_000}
-    if stage < 3:
-        zero["allgather_bucket_size"] = 200_000_000
-    else:
-        unit = profile.largest_gather_unit
-        zero.update(stage3_prefetch_bucket_size=unit, stage3_max_live_parameters=2 * unit,
-                    stage3_param_persistence_threshold=100_000, stage3_gather_16bit_weights_on_model_save=True)
-    if layout.strategy == "zero3-offload":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_micro_batch_size_per_gpu": layout.micro_batch,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": spec.hyperparameters.effective_batch,
-        "gradient_clipping": spec.hyperparameters.maxGradNorm,
-        "bf16": {"enabled": w.precision == "BFloat16"},
-        "fp16": {"enabled": w.precision == "Float16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": zero,
-        "steps_per_print": 1_000_000_000,
-        "wall_clock_breakdown": False,
-    }
-
-
-def fsdp_settings(layout: Layout, w: Workload) -> dict[str, Any]:
-    """The FSDP2 settings of an fsdp2 / fsdp2-hybrid plan."""
-    mesh = [layout.nodes, layout.gpus_per_node] if layout.strategy == "fsdp2-hybrid" else [layout.workers]
-    return {
-        "mesh": mesh,
-        "mesh_dims": ["replicate", "shard"] if layout.strategy == "fsdp2-hybrid" else ["shard"],
-        "reshard_after_forward": True,
-        "param_dtype": {"BFloat16": "bfloat16", "Float16": "float16", "Float32": "float32"}[w.precision],
-        "reduce_dtype": "float32",
-        "shard_units": ["decoder layers", "vision blocks", "root (embeddings, LM head, projector)"],
-        "cpu_offload": False,
-    }
-
-
 def _assumptions(spec: RunSpec, profile: ArchProfile, sample: SampleShape, samples: tuple[int, str],
                  est: Estimate | None) -> dict[str, Any]:
     arch = spec.arch
@@ -299,13 +229,15 @@ def _suggestions(spec: RunSpec, profile: ArchProfile, w: Workload, sample: Sampl
     return out
 
 
-def plan_run(spec: RunSpec, inventory: Inventory) -> Plan:
-    """The plan for a spec on an inventory; `fits` is False (with reason and suggestions) when nothing fits."""
+def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | None = None) -> Plan:
+    """The plan for a spec on an inventory; `fits` is False (with reason and suggestions) when nothing fits.
+    `dataset` is (training samples, where the number comes from), counted by the caller
+    (`vray.data.io.count_rows`); without it the estimate assumes DEFAULT_DATASET_SAMPLES."""
     arch = spec.arch
     profile = arch_profile(arch)
     w = workload_of(spec)
     sample = sample_of(spec, profile)
-    samples = dataset_size(spec)
+    samples = dataset or (DEFAULT_DATASET_SAMPLES, "assumed (no local training data to count)")
     effective = spec.hyperparameters.effective_batch
     epochs = spec.hyperparameters.epochs
     gpu = inventory.gpu
@@ -353,42 +285,6 @@ def _not_fitting(spec: RunSpec, inventory: Inventory, profile: ArchProfile, samp
     )
 
 
-def inventory_from_cluster(address: str | None, gpu_name: str | None = None) -> Inventory:
-    """The GPU inventory of a running Ray cluster (GPU kind from its accelerator_type resources)."""
-    inventory = cluster_gpu_inventory(address, gpu_name)
-    if inventory is None:
-        raise VrayError(f"the Ray cluster at {address} has no GPU nodes; `vray train` plans CPU workers there")
-    return inventory
-
-
-def cluster_gpu_inventory(address: str | None, gpu_name: str | None = None) -> Inventory | None:
-    """The GPU inventory of the Ray cluster at `address` (None: the one this process is connected to, or
-    would join); None when it has no GPUs."""
-    import ray
-
-    from vray.plan.gpus import from_ray_accelerator_type, gpu as catalog_gpu
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
-    gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
-    if not gpu_nodes:
-        return None
-    counts = sorted({int(n["Resources"]["GPU"]) for n in gpu_nodes})
-    kinds = sorted({k.split(":", 1)[1] for n in gpu_nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
-    if gpu_name:
-        kind = catalog_gpu(gpu_name)
-    else:
-        known = [g for g in (from_ray_accelerator_type(k) for k in kinds) if g is not None]
-        if len({g.name for g in known}) != 1:
-            raise VrayError(
-                f"the cluster at {address} reports accelerator types {kinds or 'none'}; name the GPU with --gpu "
-                f"(one of {', '.join(CATALOG)})"
-            )
-        kind = known[0]
-    per_gpu_memory = min(int(n["Resources"].get("memory", 0) / n["Resources"]["GPU"]) for n in gpu_nodes)
-    return Inventory(kind, gpus_per_node=max(counts), nodes=len(gpu_nodes), host_memory=per_gpu_memory or None)
-
-
 def placement(plan: Plan, node_gpus: list[int]) -> list[int]:
     """Node index of each worker when the plan's bundles are packed onto nodes with these free GPU counts;
     a VrayError before anything starts when they do not fit."""
@@ -411,10 +307,55 @@ def placement(plan: Plan, node_gpus: list[int]) -> list[int]:
     return out
 
 
-def check_cluster_capacity(plan: Plan) -> list[int]:
-    """Refuse, before anything starts, a GPU plan the connected Ray cluster cannot place; returns the
-    node index of each worker otherwise."""
-    import ray
+def split_batch(effective: int, workers: int, max_micro: int | None = None) -> tuple[int, int]:
+    """(micro_batch, grad_accum) with micro x accum x workers == effective; a VrayError when impossible."""
+    if effective % workers:
+        raise VrayError(
+            f"the effective batch (hyperparameters.batchSize x gradientAccumulation = {effective}) does not split "
+            f"over {workers} workers; use a worker count that divides it, or change batchSize"
+        )
+    per_worker = effective // workers
+    cap = min(per_worker, max_micro or per_worker)
+    micro = max(d for d in range(1, cap + 1) if per_worker % d == 0)
+    return micro, per_worker // micro
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return placement(plan, [int(n["Resources"].get("GPU", 0)) for n in nodes])
+
+def cpu_plan(spec: RunSpec, cpus_available: int | None = None) -> Plan:
+    """A plan over CPU workers (gloo), for machines and clusters without GPUs: DDP, or the engine
+    `cluster.strategy` names (ZeRO and FSDP2 run on CPU too; fsdp2-hybrid over `cluster.nodes` groups)."""
+    cpus = cpus_available or os.cpu_count() or 1
+    per_worker = spec.cluster.cpusPerWorker or 1
+    workers = spec.cluster.workers or max(1, min(2, cpus // per_worker))
+    strategy = spec.cluster.strategy or "ddp"
+    if spec.compute.precisionType == "Float16":
+        raise VrayError(
+            "compute.precisionType: Float16 training needs a GPU (CPU kernels lack fp16 loss scaling); "
+            "use BFloat16 or Float32 on CPU workers"
+        )
+    if spec.quantization.enabled and strategy != "ddp":
+        raise VrayError(f"quantization.enabled: 4-bit (QLoRA) weights are replicated, not sharded; "
+                        f"use cluster.strategy: ddp (got {strategy})")
+    effective = spec.hyperparameters.effective_batch
+    micro, accum = split_batch(effective, workers, max_micro=spec.hyperparameters.batchSize)
+    groups = spec.cluster.nodes or (2 if strategy == "fsdp2-hybrid" else 1)
+    if workers % groups:
+        raise VrayError(f"cluster.nodes: {workers} workers do not split into {groups} groups of equal size")
+    per_group = workers // groups
+    plan = Plan(
+        fits=True, strategy=strategy, device="cpu", num_workers=workers, nodes=groups, gpus_per_node=0,
+        micro_batch=micro, grad_accum=accum, gradient_checkpointing=False, cpus_per_worker=per_worker,
+        assumptions={"device": f"{workers} CPU worker(s) x {per_worker} CPU, gloo process group; no GPU memory model"},
+    )
+    return with_engine_settings(plan, spec, per_group)
+
+
+def with_engine_settings(plan: Plan, spec: RunSpec, per_group: int) -> Plan:
+    """The plan with the DeepSpeed config or FSDP2 settings its strategy needs."""
+    layout = Layout(plan.strategy, plan.num_workers, per_group, plan.micro_batch, plan.gradient_checkpointing)
+    if plan.strategy.startswith("zero"):
+        return replace(plan, deepspeed=deepspeed_config(layout, spec, arch_profile(spec.arch), workload_of(spec)))
+    if plan.strategy.startswith("fsdp2"):
+        return replace(plan, fsdp=fsdp_settings(layout, workload_of(spec)))
+    return plan
+
+

@@ -13,6 +13,7 @@ from functools import cache, cached_property
 from torch import nn
 
 from vray.archs.registry import Architecture
+from vray.archs.vision import VisionDims, vision_dims
 
 
 @dataclass(frozen=True)
@@ -62,21 +63,6 @@ class TextDims:
     linear_value_heads: int = 0
     linear_key_dim: int = 0
     linear_value_dim: int = 0
-
-
-@dataclass(frozen=True)
-class VisionDims:
-    """The vision tower's dimensions and how images become tokens."""
-
-    kind: str  # "qwen" (dynamic resolution), "internvl" (448 tiles + pixel shuffle), "siglip-s2" (NVILA)
-    depth: int
-    hidden: int
-    intermediate: int
-    mlp: str  # "swiglu" | "gelu"
-    patch: int
-    merge: int  # tokens merged per side (spatial merge, pixel shuffle 1/downsample, or 3x3 pooling)
-    temporal_patch: int = 1
-    tile: int = 0  # tile side in pixels for tiled towers
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: profiles key the memory model's caches
@@ -159,24 +145,6 @@ def _text_dims(cfg: dict) -> TextDims:
     )
 
 
-def _vision_dims(cfg: dict) -> VisionDims:
-    mt = cfg.get("model_type", "")
-    if mt == "internvl":
-        v = cfg["vision_config"]
-        size = v["image_size"][0] if isinstance(v["image_size"], list) else v["image_size"]
-        patch = v["patch_size"][0] if isinstance(v["patch_size"], list) else v["patch_size"]
-        return VisionDims("internvl", v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"], "gelu", patch,
-                          round(1 / cfg.get("downsample_ratio", 0.5)), 1, size)
-    if mt == "llava_llama":
-        v = cfg["vision_tower_cfg"]
-        return VisionDims("siglip-s2", v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"], "gelu",
-                          v["patch_size"], 3, 1, v["image_size"])
-    v = cfg["vision_config"]
-    mlp = "swiglu" if mt == "qwen2_5_vl" else "gelu"
-    return VisionDims("qwen", v["depth"], v["hidden_size"], v["intermediate_size"], mlp, v["patch_size"],
-                      v["spatial_merge_size"], v.get("temporal_patch_size", 2))
-
-
 def profile_model(model: nn.Module, arch: Architecture, config: dict | None = None) -> ArchProfile:
     """The profile of a built model (meta device or loaded) of a registry architecture."""
     cfg = config if config is not None else arch.config
@@ -192,7 +160,7 @@ def profile_model(model: nn.Module, arch: Architecture, config: dict | None = No
     return ArchProfile(
         key=arch.key, tensors=tensors, linears=linears, vision_prefixes=arch.vision_modules,
         projector_prefixes=arch.projector_modules, lm_prefix=arch.language_model_prefix,
-        text=_text_dims(cfg), vision=_vision_dims(cfg), layer_params=tuple(per_layer[i] for i in sorted(per_layer)),
+        text=_text_dims(cfg), vision=vision_dims(cfg), layer_params=tuple(per_layer[i] for i in sorted(per_layer)),
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vray.archs.registry import ARCHITECTURES, Architecture
-from vray.plan.gpus import CATALOG, GPU
+from vray.plan.gpus import CATALOG, GPU, Inventory
 from vray.plan.memory import Workload, sample_shape
-from vray.plan.planner import Inventory, min_gpus_ignoring_batch
+from vray.plan.planner import min_gpus_ignoring_batch
 from vray.plan.profile import arch_profile
 
 MODES = ("LoRA", "QLoRA NF4", "Full")

@@ -25,7 +25,7 @@ class AdapterCatalog:
         """The adapters this deployment can load: the named ones and the run directories under `folder`."""
         names = set(self.named)
         if self.folder:
-            from vray.rundir import RunDir
+            from vray.storage.rundir import RunDir
 
             root = RunDir.of(self.folder)
             for child in root.listdir():
@@ -40,7 +40,7 @@ class AdapterCatalog:
         if name in self.named:
             return self.named[name]
         if self.folder:
-            from vray.rundir import RunDir
+            from vray.storage.rundir import RunDir
 
             where = RunDir.of(self.folder).join(name)
             if RunDir.of(where).exists("spec.yaml"):
@@ -50,7 +50,7 @@ class AdapterCatalog:
 
     def resolve(self, name: str) -> str:
         """The local folder of adapter `name`, after checking that it is a LoRA of this deployment's base."""
-        from vray.serve.target import resolve_target
+        from vray.infer.target import resolve_target
 
         where = self.location(name)
         if self.full_weights:

@@ -25,8 +25,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from vray.errors import RequestError, VrayError
+from vray.infer.target import ServeTarget
 from vray.serve.options import ServeOptions
-from vray.serve.target import ServeTarget
 
 api = FastAPI(title="vray", description="OpenAI-compatible endpoint of a vray fine-tune")
 
@@ -64,10 +64,9 @@ class ModelServer:
     def __init__(self, target: dict[str, Any], options: dict[str, Any]):
         from ray.serve import metrics
 
+        from vray.infer.engine import ModelEngine
+        from vray.infer.target import local_on_this_node
         from vray.serve.adapters import AdapterCatalog
-        from vray.serve.engine import ModelEngine
-
-        from vray.serve.target import local_on_this_node
 
         self.target = local_on_this_node(ServeTarget(**target))  # a replica may run on another node than the builder
         self.options = ServeOptions.from_args(options)
@@ -358,7 +357,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve application builder. `args`: `target` (run directory, checkpoint, model folder or source), and
     optionally `architecture`, `task`, `api_key_env` (the variable holding the key; default VRAY_API_KEY),
     `allowed_image_hosts`, `adapters {name: run}`, `adapters_dir`, `serving {<serving block keys>}`."""
-    from vray.serve.target import resolve_target
+    from vray.infer.target import resolve_target
 
     known = {"target", "architecture", "task", "api_key_env", "allowed_image_hosts", "adapters", "adapters_dir", "serving"}
     unknown = sorted(set(args) - known)

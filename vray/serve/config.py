@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from vray.errors import VrayError
+from vray.infer.target import ServeTarget
 from vray.serve.options import ServeOptions
-from vray.serve.target import ServeTarget
 
 APP_NAME = "vray"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank accepts

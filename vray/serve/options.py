@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vray.errors import VrayError
-from vray.serve.engine import Limits
-from vray.serve.target import ServeTarget
+from vray.infer.requests import Limits
+from vray.infer.target import ServeTarget
 from vray.spec import ServingBlock
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

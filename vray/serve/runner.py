@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from vray.cluster import ensure_ray, running_cluster_address, start_persistent_head
 from vray.errors import VrayError
-from vray.ray_session import ensure_ray, running_cluster_address, start_persistent_head
+from vray.infer.target import ServeTarget
 from vray.serve.options import ServeOptions
-from vray.serve.target import ServeTarget
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 APP_NAME = "vray"
@@ -98,7 +98,7 @@ def deploy_config(config: dict[str, Any], detach: bool = False, insecure: bool =
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    from vray.ray_session import forwarded_env
+    from vray.cluster import forwarded_env
 
     http = config.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))

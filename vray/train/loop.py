@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import torch
 
 from vray.archs import registry
+from vray.cluster import in_ray_train_worker
+from vray.data import metrics as task_metrics
 from vray.data.boxes import PixelBox
 from vray.data.collate import Collator, Encoded
 from vray.data.io import read_samples
@@ -27,15 +29,31 @@ from vray.data.pipeline import DataOrder, SampleStream
 from vray.data.sample import Sample
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
-    load_processor, parameter_groups, prepare_for_training, resolve_source, trainable_parameters,
+    load_processor,
+    parameter_groups,
+    prepare_for_training,
+    resolve_source,
+    trainable_parameters,
 )
 from vray.plan.plan import Plan
 from vray.spec import RunSpec
-from vray.train import metrics as task_metrics
-from vray.train.engines import (
-    Engine, all_reduce_max, all_reduce_sum, barrier, build_engine, evaluating, shard_units, world,
+from vray.storage.rundir import (
+    CHECKPOINT_MARKER,
+    RunDir,
+    fetch_checkpoint,
+    read_checkpoint_info,
 )
-from vray.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
+from vray.train.engines import (
+    Engine,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    build_engine,
+    evaluating,
+    shard_units,
+    world,
+)
+from vray.train.tracking import MetricsLog
 
 TRAINING_STATE = "training_state.pt"
 
@@ -81,19 +99,10 @@ class WorkerConfig:
         return dict(self.__dict__)
 
 
-def _in_ray_worker() -> bool:
-    try:
-        import ray
-        import ray.train
-
-        return ray.is_initialized() and ray.train.get_context() is not None
-    except Exception:  # noqa: BLE001 - no Ray, or not inside a Ray Train worker
-        return False
-
 
 def _dataset_rows(split: str) -> list[dict[str, Any]] | None:
     """The rows Ray Train hands this worker for a split, or None outside Ray Train."""
-    if not _in_ray_worker():
+    if not in_ray_train_worker():
         return None
     import ray.train
 
@@ -262,7 +271,7 @@ class Recipe:
         if actors is None:
             actors = 1 if self.plan.device == "gpu" else 0
         self.stream = SampleStream(self.train_samples, self.order, self.collator_factory,
-                                   use_ray=_in_ray_worker() and actors > 0, actors=max(1, actors))
+                                   use_ray=in_ray_train_worker() and actors > 0, actors=max(1, actors))
 
     @property
     def collator_factory(self) -> CollatorFactory:
@@ -490,90 +499,6 @@ class Recipe:
         self.metrics_log.truncate_after(self.step)
         self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
                                 **self.order.position(self.step).to_dict()})
-
-
-class MetricsLog:
-    """metrics.jsonl, written by rank 0 (the driver renders progress from it): appended locally; on a remote run
-    directory written to a local file and uploaded whole every few seconds and at checkpoints."""
-
-    def __init__(self, run: RunDir, rank: int, upload_every_s: float = 5.0):
-        self.run = run
-        self.rank = rank
-        self.upload_every_s = upload_every_s
-        self._last_upload = 0.0
-        self.path = run.metrics if run.local else Path(tempfile.mkdtemp(prefix="vray-metrics-")) / "metrics.jsonl"
-        if not run.local and rank == 0 and run.exists("metrics.jsonl"):  # a resumed run continues its log
-            self.path.write_text(run.read_text("metrics.jsonl"))
-        self._tb: Any = None
-        self._trackers: Any = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        record = {"time": time.time(), **record}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        self._tensorboard(record)
-        if record.get("step") is not None:
-            if self._trackers is None:
-                from vray.train.trackers import Trackers
-
-                self._trackers = Trackers(self.run.name, {"run": self.run.uri})
-            numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
-            self._trackers.log(numeric, int(record["step"]))
-        if not self.run.local and time.time() - self._last_upload > self.upload_every_s:
-            self.flush()
-
-    def _tensorboard(self, record: dict[str, Any]) -> None:
-        step = record.get("step")
-        if step is None:
-            return
-        if self._tb is None:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                self._tb = False
-                return
-            folder = (self.run.root / "tensorboard") if self.run.local else self.path.parent / "tensorboard"
-            self._tb = SummaryWriter(str(folder))
-        if self._tb:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("time", "step"):
-                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
-
-    def flush(self) -> None:
-        """Upload the log (and TensorBoard events) of a remote run directory."""
-        if self.rank != 0:
-            return
-        if self._tb:
-            self._tb.flush()
-        if not self.run.local:
-            self.run.upload(self.path, "metrics.jsonl")
-            events = self.path.parent / "tensorboard"
-            for file in events.glob("*") if events.exists() else []:
-                self.run.upload(file, f"tensorboard/{file.name}")
-            self._last_upload = time.time()
-
-    def close(self) -> None:
-        self.flush()
-        if self._tb:
-            self._tb.close()
-        if self._trackers is not None:
-            self._trackers.close()
-
-    def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
-        if self.rank != 0 or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step") is None or rec["step"] <= step:
-                kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
 
 
 def train_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:

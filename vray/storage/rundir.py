@@ -281,9 +281,9 @@ def fetch_checkpoint(uri: str, cache: Path | None = None) -> Path:
         return Path(uri)
     import hashlib
 
-    from vray.testing.synthetic import cache_root
-
     from filelock import FileLock
+
+    from vray.models.cache import cache_root
 
     folder = (cache or cache_root()) / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     folder.parent.mkdir(parents=True, exist_ok=True)  # the temporary copy lives beside it: the rename stays atomic

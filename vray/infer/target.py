@@ -11,8 +11,13 @@ import yaml
 
 from vray.archs import registry
 from vray.errors import VrayError
-from vray.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, RunSpec, validate_spec
+from vray.storage.rundir import (
+    CHECKPOINT_MARKER,
+    RunDir,
+    fetch_checkpoint,
+    read_checkpoint_info,
+)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ written once to a cache folder with `train.jsonl`, `eval.jsonl` (the held-out sp
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -19,14 +18,9 @@ from urllib.parse import parse_qsl
 from PIL import Image, ImageDraw
 
 from vray.errors import VrayError
+from vray.models.cache import cache_root
+from vray.models.tiny_tokenizer import COLOURS, SHAPES
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-}
-SHAPES = ("square", "circle", "triangle")
 IMAGE_SIZE = 112
 TASKS = {"vqa": "vqa", "grounding": "phrase_grounding", "phrase_grounding": "phrase_grounding", "freeform": "freeform"}
 FORMAT_VERSION = 3
@@ -63,11 +57,6 @@ def parse_uri(uri: str) -> SyntheticSpec:
         except ValueError:
             raise VrayError(f"data: '{uri}': option {key}={value!r} is not an integer") from None
     return SyntheticSpec(task=TASKS[name], **opts)
-
-
-def cache_root() -> Path:
-    """Where vray caches generated datasets and tiny checkpoints ($VRAY_CACHE, else ~/.cache/vray)."""
-    return Path(os.environ.get("VRAY_CACHE") or Path("~/.cache/vray").expanduser())
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
@@ -156,21 +145,3 @@ def split_paths(uri: str) -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl) of a synthetic dataset, written on first use."""
     folder = materialize(uri)
     return folder / "train.jsonl", folder / "eval.jsonl"
-
-
-def corpus() -> list[str]:
-    """Text the tiny tokenizers are trained on: every word the synthetic tasks and default prompts use."""
-    from vray.spec import DEFAULT_SYSTEM_PROMPTS
-
-    lines = list(DEFAULT_SYSTEM_PROMPTS.values())
-    for colour in COLOURS:
-        for shape in SHAPES:
-            lines += [
-                f"What colour is the {shape}?", f"Locate the {colour} {shape}.", f"A {colour} {shape}.",
-                f"a {colour} {shape} and a {colour} {shape}", colour, shape, f" {colour}", f" {shape}",
-            ]
-    lines += ["Describe the image.", "What is in this picture? Answer briefly."]
-    lines += ['[{"bbox_2d": [12, 34, 56, 78], "label": "red circle"}]', "<ref>blue square</ref><box>[[100, 200, 300, 400]]</box>"]
-    lines += [" ".join(str(n) for n in range(i, i + 50)) for i in range(0, 1001, 50)]
-    lines += ["The quick brown fox jumps over the lazy dog. Yes, no, left, right, top, bottom, one, two, three."]
-    return lines * 3

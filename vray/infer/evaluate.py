@@ -1,14 +1,12 @@
-"""Score a run on any dataset next to its base model, write batch predictions, and export merged checkpoints.
+"""Score a run on any dataset next to its base model, and write batch predictions.
 
 `evaluate_run` and `predict_run` load a run's checkpoint (or final weights) the way the server does, generate
-with the run's evaluation settings and score with the task's metrics; `export_merged` folds a LoRA adapter into
-its base (into the dequantized base for QLoRA) and writes a standalone Hugging Face checkpoint.
+with the run's evaluation settings and score with the task's metrics.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,13 +14,12 @@ from typing import Any
 
 import torch
 
+from vray.data import metrics as task_metrics
 from vray.data.boxes import PixelBox, parse_answer
 from vray.data.io import read_samples
 from vray.data.sample import Sample
-from vray.errors import VrayError
+from vray.infer.target import ServeTarget, resolve_target
 from vray.models.generate import GenerationSettings, generate_texts
-from vray.serve.target import ServeTarget, resolve_target
-from vray.train import metrics as task_metrics
 
 
 @dataclass
@@ -51,7 +48,7 @@ def base_target(target: ServeTarget) -> ServeTarget:
 def predict(target: ServeTarget, samples: list[Sample], batch_size: int = 8, device: str | None = None,
             progress: Callable[[int], None] | None = None) -> list[Prediction]:
     """Generate an answer for every sample with the target's evaluation settings, and score it."""
-    from vray.serve.engine import ModelEngine
+    from vray.infer.engine import ModelEngine
 
     engine = ModelEngine(target, device=device)
     task = target.task or "vqa"
@@ -90,7 +87,7 @@ def aggregate(predictions: list[Prediction]) -> dict[str, float]:
 
 
 def _samples(data: str, task: str | None, limit: int | None) -> list[Sample]:
-    from vray.testing import synthetic
+    from vray.data import synthetic
 
     if data.startswith("synthetic:"):
         data = str(synthetic.split_paths(data)[1])  # the held-out split
@@ -122,40 +119,3 @@ def predict_run(run: str, data: str, out: str, limit: int | None = None, batch_s
             fh.write(json.dumps(p.row()) + "\n")
     return len(predictions)
 
-
-def export_merged(run: str, out: str, dtype: str = "BFloat16") -> Path:
-    """A standalone Hugging Face checkpoint of a run: LoRA merged into its base (the dequantized base for QLoRA),
-    or the full fine-tuned weights; with the processor."""
-    from peft import PeftModel
-
-    from vray.models.loader import DTYPES, load_model, load_processor, resolve_source
-
-    target = resolve_target(run)
-    folder = Path(out)
-    if folder.exists() and any(folder.iterdir()):
-        raise VrayError(f"--out {out} exists and is not empty; choose a new folder")
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    arch = target.arch
-    if target.adapter is None:
-        source = target.weights or resolve_source(target.base_source)
-        model = load_model(Path(source), arch, dtype)
-        processor = load_processor(Path(source))
-    else:
-        base = resolve_source(target.base_source)
-        if target.quantization:
-            # QLoRA trained the adapter on 4-bit weights: merge into exactly those, dequantized.
-            model = load_model(base, arch, dtype, target.quantization).dequantize()
-            model.to(DTYPES[dtype])
-        else:
-            model = load_model(base, arch, dtype)
-        model = PeftModel.from_pretrained(model, target.adapter).merge_and_unload()
-        processor = load_processor(Path(target.adapter))
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    (tmp / "vray_export.json").write_text(json.dumps({"run": run, "checkpoint": target.checkpoint, "dtype": dtype,
-                                                      "architecture": arch.key, "merged_from": target.adapter}) + "\n")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder

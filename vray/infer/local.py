@@ -78,8 +78,9 @@ def load(run: str, device: str | None = None, quantize: str | None = None, archi
     """Load a run directory's best (else latest) checkpoint, a checkpoint, a merged export or a base model.
 
     `device`: "cuda" when available, else "cpu"; `quantize`: "8bit" or "4bit" (bitsandbytes) for small GPUs."""
-    from vray.serve.engine import Limits, ModelEngine
-    from vray.serve.target import resolve_target
+    from vray.infer.engine import ModelEngine
+    from vray.infer.requests import Limits
+    from vray.infer.target import resolve_target
 
     target = resolve_target(str(Path(run).expanduser()) if "://" not in run else run, architecture=architecture, task=task)
     big = Limits(max_images=64, max_image_bytes=1 << 40, max_image_pixels=1 << 40)  # local use: no request limits

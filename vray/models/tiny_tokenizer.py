@@ -5,7 +5,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+
+# The words of the synthetic datasets (vray.data.synthetic): the tiny tokenizers are trained on them.
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+}
+SHAPES = ("square", "circle", "triangle")
 
 # The Qwen pre-tokenizer split (words, single digits, punctuation runs, newlines), so that digits of
 # box coordinates become one token each, as in the real Qwen tokenizers.
@@ -125,3 +142,21 @@ def build_tokenizer(family: str, corpus: list[str], vocab_size: int = 1024) -> A
     tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
     tokenizer.chat_template = chat_template(family)
     return tokenizer
+
+
+def corpus() -> list[str]:
+    """Text the tiny tokenizers are trained on: every word the synthetic datasets and default prompts use."""
+    from vray.spec import DEFAULT_SYSTEM_PROMPTS
+
+    lines = list(DEFAULT_SYSTEM_PROMPTS.values())
+    for colour in COLOURS:
+        for shape in SHAPES:
+            lines += [
+                f"What colour is the {shape}?", f"Locate the {colour} {shape}.", f"A {colour} {shape}.",
+                f"a {colour} {shape} and a {colour} {shape}", colour, shape, f" {colour}", f" {shape}",
+            ]
+    lines += ["Describe the image.", "What is in this picture? Answer briefly."]
+    lines += ['[{"bbox_2d": [12, 34, 56, 78], "label": "red circle"}]', "<ref>blue square</ref><box>[[100, 200, 300, 400]]</box>"]
+    lines += [" ".join(str(n) for n in range(i, i + 50)) for i in range(0, 1001, 50)]
+    lines += ["The quick brown fox jumps over the lazy dog. Yes, no, left, right, top, bottom, one, two, three."]
+    return lines * 3

@@ -19,8 +19,8 @@ from typing import Any
 
 from vray.archs import registry
 from vray.errors import VrayError
-from vray.testing.synthetic import cache_root, corpus
-from vray.testing.tokenizer import build_tokenizer
+from vray.models.cache import cache_root
+from vray.models.tiny_tokenizer import build_tokenizer, corpus
 
 TINY_FORMAT_VERSION = 2
 # The registry checkpoint each tiny family is shrunk from.
@@ -214,28 +214,3 @@ def tiny_checkpoint(family: str, root: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-
-def write_real_shaped_checkpoint(arch: registry.Architecture, folder: Path) -> Path:
-    """A checkpoint of the architecture's real shape with random bf16 weights (no download), with the family's
-    tiny tokenizer (its special tokens; ids inside the real vocabulary) and its image processor at the real
-    resolution limits. For GPU benchmarks."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vray.models.loader import load_processor
-
-    processor = load_processor(tiny_checkpoint(arch.model_type))
-    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in processor.tokenizer.all_special_tokens}
-    ip = processor.image_processor
-    if arch.model_type == "internvl":
-        ip.size, ip.crop_to_patches, ip.max_patches = {"height": 448, "width": 448}, True, 12
-        processor.image_seq_length = 256
-    else:
-        factor = ip.patch_size * ip.merge_size
-        ip.size = {"shortest_edge": 4 * factor * factor, "longest_edge": 16384 * factor * factor}
-    cfg = use_token_ids(arch.config, arch.model_type, ids)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder

@@ -1,0 +1,182 @@
+"""The driver's decisions before any work starts: the spec resolved, every data row checked, the plan, the run
+directory's files (spec.yaml, plan.json, data_check.json) and what each worker receives.
+
+Nothing here starts Ray or a worker; `vray.train.launcher` runs what this module decided.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from vray.errors import DataError, PlanError, VrayError
+from vray.plan.plan import Plan
+from vray.spec import RunSpec, require_for_training
+from vray.storage.rundir import RunDir, require_shared_storage
+from vray.train.loop import WorkerConfig
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A resolved spec, its plan and where its data and outputs live."""
+
+    spec: RunSpec
+    plan: Plan
+    run: RunDir
+    train_path: str
+    eval_path: str | None
+    data: DataCheck | None = None
+
+
+def data_paths(spec: RunSpec) -> tuple[str, str | None]:
+    """(train, eval) dataset paths or URIs; `synthetic:` datasets are written on first use."""
+    from vray.data import synthetic
+
+    train = spec.data.train or ""
+    eval_path = spec.data.eval
+    if train.startswith("synthetic:"):
+        tr, ev = synthetic.split_paths(train)
+        if eval_path and eval_path.startswith("synthetic:"):
+            eval_path = str(synthetic.split_paths(eval_path)[1])
+        return str(tr), eval_path or str(ev)
+    if eval_path and eval_path.startswith("synthetic:"):
+        eval_path = str(synthetic.split_paths(eval_path)[1])
+    local = lambda p: p if (p is None or "://" in p) else str(Path(p).expanduser().resolve())  # noqa: E731
+    return local(train), local(eval_path)
+
+
+def token_budget(spec: RunSpec) -> int:
+    """The most tokens one sample may take: data.maxTokens, else the model's context length."""
+    if spec.data.maxTokens:
+        return spec.data.maxTokens
+    cfg = spec.arch.config
+    text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+    return int(text.get("max_position_embeddings") or 32768)
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What the driver's check of the data decided."""
+
+    reports: tuple[Any, ...]
+    exclude_ids: tuple[str, ...]
+    skipped_rows: int
+
+
+def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
+    """Check every row of the training and held-out data before anything starts; refuse errors unless told to
+    skip them, and then count and report every skipped row."""
+    from vray.data.check import check_dataset
+    from vray.models.loader import load_processor, resolve_processor_source
+
+    try:
+        processor = load_processor(resolve_processor_source(spec.model.source or spec.arch.repo_id, spec.model.revision),
+                                   spec.media)
+    except VrayError:
+        processor = None  # the hub is out of reach: token counts are estimated
+    budget = token_budget(spec)
+    reports = []
+    for uri in (train, eval_path):
+        if not uri:
+            continue
+        reports.append(check_dataset(uri, spec.arch, processor, task=spec.effective_task, max_tokens=budget,
+                                     max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt))
+    errors = [i for r in reports for i in r.errors]
+    skipped = sum(r.invalid_rows for r in reports)
+    if errors and not skip_invalid:
+        shown = "\n".join(f"  - {i.where}: {i.message}" for i in errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise DataError(
+            f"{skipped} row(s) with errors ({len(errors)} problem(s)); nothing was trained. Fix them, or pass "
+            f"--skip-invalid to train without them (`vray data check` lists them all):\n{shown}{more}"
+        )
+    if errors and console is not None:
+        console.print(f"[yellow]skipping {skipped} invalid row(s) (--skip-invalid); each is listed in data_check.json[/yellow]")
+    for r in reports:
+        if r.rows - r.invalid_rows == 0:
+            raise DataError(f"data: no valid sample in {r.source}")
+    return DataCheck(tuple(reports), tuple(sorted({i for r in reports for i in r.invalid_ids})), skipped)
+
+
+def gpu_inventory(spec: RunSpec) -> Any:
+    """The GPUs a run may use: the spec's cluster block, else the Ray cluster it will join, else this machine."""
+    from vray.cluster import cluster_gpu_inventory
+    from vray.plan.gpus import Inventory, local_gpu
+
+    named = Inventory.for_spec(spec)
+    if named is not None:
+        return named
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets it): plan for its GPUs
+        return cluster_gpu_inventory(os.environ["RAY_ADDRESS"])
+    local = local_gpu()
+    if local is not None:
+        return Inventory(local[0], local[1], 1)
+    return None
+
+
+def plan_for(spec: RunSpec) -> Plan:
+    """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit."""
+    from vray.data.io import count_rows
+    from vray.plan.planner import cpu_plan, plan_run
+    from vray.train.engines import ENGINES
+
+    inventory = gpu_inventory(spec)
+    if inventory is None:
+        return cpu_plan(spec)
+    plan = plan_run(spec, inventory, count_rows(spec.data.train))
+    if not plan.fits:
+        lines = "\n".join(f"  - {s}" for s in plan.suggestions)
+        raise PlanError(f"{plan.reason}" + (f"\nwhat would fit:\n{lines}" if lines else "") + "\n(`vray plan` shows the breakdown)")
+    if plan.strategy not in ENGINES:
+        raise VrayError(
+            f"the plan needs the {plan.strategy} strategy, which has no engine in this version (engines: "
+            f"{', '.join(ENGINES)}); `vray plan` shows the plan"
+        )
+    return plan
+
+
+def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, console: Console | None = None) -> PreparedRun:
+    """Everything checked and decided before any work starts: spec, data (every row), plan, run directory."""
+    require_for_training(spec)
+    spec = spec.resolved()
+    run = RunDir.of(spec.run_dir)
+    if run.exists("spec.yaml") and not resume:
+        raise VrayError(f"run directory {run.uri} already exists; set another name, or resume it with --resume {run.uri}")
+    train, eval_path = data_paths(spec)
+    data = check_data(spec, train, eval_path, skip_invalid, console)
+    plan = plan_for(spec)
+    if plan.device == "gpu":  # a CPU plan's "nodes" are fsdp2-hybrid replica groups, packed wherever Ray puts them
+        require_shared_storage(run.uri, plan.nodes)
+    return PreparedRun(spec, plan, run, train, eval_path, data)
+
+
+def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
+    """What every worker of the run receives."""
+    return WorkerConfig(
+        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=prepared.run.uri,
+        train_path=prepared.train_path, eval_path=prepared.eval_path,
+        resume_from=str(resume_from) if resume_from else None,
+        exclude_ids=prepared.data.exclude_ids if prepared.data else (),
+        skip_invalid=bool(prepared.data and prepared.data.skipped_rows),
+        max_tokens=token_budget(prepared.spec),
+    )
+
+
+def write_run_files(prepared: PreparedRun) -> None:
+    """spec.yaml (resolved), plan.json and data_check.json (what the data check found and skipped)."""
+
+    run = prepared.run
+    if run.local:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    run.write_text("spec.yaml", prepared.spec.to_yaml())
+    run.write_text("plan.json", prepared.plan.to_json() + "\n")
+    if prepared.data is not None:
+        reports = [json.loads(r.to_json()) for r in prepared.data.reports]
+        run.write_text("data_check.json", json.dumps({"skipped_rows": prepared.data.skipped_rows,
+                                                      "excluded_ids": list(prepared.data.exclude_ids),
+                                                      "datasets": reports}, indent=2) + "\n")

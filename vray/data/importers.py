@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vray.data.io import base_of, filesystem, write_samples
+from vray.data.io import base_of, write_samples
 from vray.data.sample import IMAGE_TAG, Sample, is_remote, join_ref
 from vray.errors import DataError
+from vray.fs import filesystem
 
 FORMATS = ("coco", "coco-captions", "llamafactory", "ms-swift", "llava", "openai")
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

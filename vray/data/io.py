@@ -11,15 +11,9 @@ from typing import Any
 
 from vray.data.sample import Sample, is_remote, parse_row
 from vray.errors import DataError
+from vray.fs import filesystem
 
 DATA_FILES = ("data.jsonl", "data.parquet")
-
-
-def filesystem(uri: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path) of a local path or URI."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
 
 
 def dataset_file(uri: str) -> str:

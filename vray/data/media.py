@@ -11,6 +11,7 @@ from PIL import Image
 
 from vray.data.sample import Video, is_remote
 from vray.errors import DataError
+from vray.fs import filesystem
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 DEFAULT_VIDEO_FPS = 2.0
@@ -24,9 +25,8 @@ def read_bytes(ref: str) -> bytes:
     """The raw bytes behind a reference."""
     if ref.startswith("data:"):
         return base64.b64decode(ref.split(",", 1)[1])
-    import fsspec
-
-    with fsspec.open(ref, "rb") as fh:
+    fs, path = filesystem(ref)
+    with fs.open(path, "rb") as fh:
         return fh.read()
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from vray.archs.registry import Architecture
 from vray.errors import VrayError
+from vray.fs import filesystem
 from vray.models.quantized import keep_4bit_layout
 from vray.spec import LoraBlock, MediaBlock
 
@@ -74,7 +75,6 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
     import fnmatch
     import hashlib
 
-    import fsspec
     from filelock import FileLock
 
     base = (cache_dir or _cache_dir()) / "models"
@@ -86,7 +86,7 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
     with FileLock(str(folder) + ".lock"):
         if not done.exists():
             FETCHES += 1
-            fs, path = fsspec.core.url_to_fs(uri)
+            fs, path = filesystem(uri)
             if not fs.exists(path):
                 raise VrayError(f"model.source: {uri} does not exist (check the bucket, prefix and AWS_* settings)")
             root = path.rstrip("/")

@@ -1,8 +1,7 @@
 """The run directory: spec.yaml, plan.json, metrics.jsonl, checkpoints/step-N/, best, final/, curves.png.
 
-A run directory is a local folder or an s3:// prefix. Checkpoints are written to a local folder first and then
-published: renamed into place locally, uploaded to S3. Either way the marker file `vray_checkpoint.json` is
-written last, so a checkpoint without it is incomplete and never read. `best` is a relative link locally and a
+A run directory is a local folder or an s3:// prefix. A checkpoint folder counts only with its marker file
+`vray_checkpoint.json`, which `vray.storage.checkpoint` writes last. `best` is a relative link locally and a
 small JSON pointer on S3.
 """
 
@@ -18,15 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from vray.errors import VrayError
+from vray.fs import filesystem as _fs
 
 CHECKPOINT_MARKER = "vray_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
 _STEP = re.compile(r"^step-(\d+)$")
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
 
 
 @dataclass(frozen=True)
@@ -95,10 +89,6 @@ class RunDir:
     def curves(self) -> Path:
         return self.root / "curves.png"
 
-    def checkpoint(self, step: int) -> Path:
-        """Folder of the checkpoint taken after optimizer step `step` (local runs)."""
-        return self.checkpoints / f"step-{step}"
-
     # ---- files -----------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         fs, path = _fs(self.join(rel))
@@ -150,35 +140,6 @@ class RunDir:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def staging(self, step: int) -> Path:
-        """A local folder to write the checkpoint of `step` into before `publish` (inside the run on a local
-        disk, so the final rename is atomic)."""
-        if self.local:
-            folder = self.checkpoints / f".step-{step}.tmp-{os.getpid()}"
-        else:
-            folder = Path(tempfile.mkdtemp(prefix=f"vray-step-{step}-"))
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        return folder
-
-    def publish(self, staged: Path, rel: str, marker: dict[str, Any]) -> str:
-        """Move a staged folder into the run directory at `rel`, then write the marker that makes it complete."""
-        if self.local:
-            (staged / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            target = self.root / rel
-            shutil.rmtree(target, ignore_errors=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, target)
-            return str(target)
-        self.remove(rel)
-        fs, path = _fs(self.join(rel))
-        for file in sorted(staged.rglob("*")):
-            if file.is_file():
-                fs.put(str(file), f"{path}/{file.relative_to(staged).as_posix()}")
-        self.write_text(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(marker, indent=2) + "\n")
-        shutil.rmtree(staged, ignore_errors=True)
-        return self.join(rel)
-
     def complete_checkpoints(self) -> list[tuple[int, Any]]:
         """(step, folder: a Path locally, a URI remotely) of every complete checkpoint, oldest first."""
         fs, path = _fs(self.join("checkpoints"))

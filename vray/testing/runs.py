@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from vray.spec import validate_spec
+from vray.storage.checkpoint import CheckpointWriter
 from vray.storage.rundir import RunDir
 
 FAMILY_ARCHITECTURE = {"qwen2_5_vl": ("qwen2.5vl", "3B"), "qwen3_vl": ("qwen3vl", "2B"), "qwen3_5": ("qwen3.5", "0.8B")}
@@ -44,9 +45,13 @@ def write_adapter_run(output: str | Path, name: str, family: str = "qwen2_5_vl",
         for pname, param in model.named_parameters():
             if "lora_B" in pname:
                 param.normal_(0.0, spread)
-    staged = run.staging(1)
-    model.save_pretrained(staged)
-    load_processor(source).save_pretrained(staged)
-    run.publish(staged, "checkpoints/step-1", {"step": 1, "base_model": f"tiny:{family}", "task": task, "metrics": {}})
+    processor = load_processor(source)
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    CheckpointWriter(run).write("checkpoints/step-1", save,
+                                {"step": 1, "base_model": f"tiny:{family}", "task": task, "metrics": {}})
     run.point_best_at("checkpoints/step-1")
     return run

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from vray.cluster import ensure_ray, forwarded_env
 from vray.errors import VrayError
+from vray.fs import explicit_filesystem
 from vray.storage.rundir import RunDir
 from vray.train.loop import train_worker
 from vray.train.prepare import PreparedRun, worker_config, write_run_files
@@ -42,22 +43,10 @@ def ray_storage_filesystem(run: RunDir) -> Any:
     use the same endpoint and credentials; None for a local run."""
     if run.local:
         return None
-    import os
-
-    import fsspec
     import pyarrow.fs
 
-    options: dict[str, Any] = {}
-    if run.uri.startswith("s3://"):
-        # Explicit settings travel with the filesystem to Ray's controller and workers (their environment may lack them).
-        env = os.environ
-        if env.get("AWS_ACCESS_KEY_ID"):
-            options.update(key=env["AWS_ACCESS_KEY_ID"], secret=env.get("AWS_SECRET_ACCESS_KEY"),
-                           token=env.get("AWS_SESSION_TOKEN"))
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-    fs = fsspec.filesystem(run.uri.split("://", 1)[0], **options)
+    # Explicit settings travel with the filesystem to Ray's controller and workers (their environment may lack them).
+    fs = explicit_filesystem(run.uri)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

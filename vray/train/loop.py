@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +35,8 @@ from vray.models.loader import (
 )
 from vray.plan.plan import Plan
 from vray.spec import RunSpec
+from vray.storage.checkpoint import CheckpointWriter
 from vray.storage.rundir import (
-    CHECKPOINT_MARKER,
     RunDir,
     fetch_checkpoint,
     read_checkpoint_info,
@@ -150,13 +148,6 @@ def _device(plan: Plan) -> torch.device:
     return device
 
 
-def fsspec_fs(uri: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path) of a URI."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri)
-
-
 def build_optimizer(name: str, params: list[Any], lr: float, weight_decay: float,
                     device: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer a spec names (the fused CUDA kernels on a GPU: no temporaries in the step)."""
@@ -192,6 +183,7 @@ class Recipe:
         self.step = 0
         self.best_metric: float | None = None
         self.metrics_log = MetricsLog(self.run, self.rank)
+        self.checkpoints = CheckpointWriter(self.run, self.rank, barrier)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -411,43 +403,15 @@ class Recipe:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
 
-    def _staging(self, name: str) -> Path:
-        """A folder every rank writes this checkpoint into: one shared folder on a local run, one per rank (uploaded
-        after) on a remote one."""
-        if self.run.local:
-            folder = self.run.checkpoints / f".{name}.tmp"
+    def _write(self, rel: str, info: dict[str, Any]) -> str:
+        """Every rank saves through the engine, rank 0 adds the training state; published with the marker last."""
+        def save(staged: Path) -> None:
+            self.engine.save(staged, self.processor)
             if self.rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
-                folder.mkdir(parents=True)
-            barrier()
-            return folder
-        return Path(tempfile.mkdtemp(prefix=f"vray-{name}-rank{self.rank}-"))
+                torch.save({"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
+                            "best_metric": self.best_metric, "rng": torch.get_rng_state()}, staged / TRAINING_STATE)
 
-    def _write(self, rel: str, staged: Path, info: dict[str, Any]) -> str:
-        """Save through the engine on every rank, add the training state, and publish with the marker last."""
-        self.engine.save(staged, self.processor)
-        if self.rank == 0:
-            torch.save({"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
-                        "best_metric": self.best_metric, "rng": torch.get_rng_state()}, staged / TRAINING_STATE)
-        barrier()
-        if self.run.local:
-            if self.rank == 0:
-                self.run.publish(staged, rel, info)
-            barrier()
-            return str(self.run.root / rel)
-        fs, path = fsspec_fs(self.run.join(rel))
-        if self.rank == 0:
-            self.run.remove(rel)
-        barrier()
-        for file in sorted(staged.rglob("*")):  # each rank uploads what it wrote (its shards)
-            if file.is_file():
-                fs.put(str(file), f"{path}/{file.relative_to(staged).as_posix()}")
-        shutil.rmtree(staged, ignore_errors=True)
-        barrier()
-        if self.rank == 0:
-            self.run.write_text(f"{rel}/{CHECKPOINT_MARKER}", json.dumps(info, indent=2) + "\n")
-        barrier()
-        return self.run.join(rel)
+        return self.checkpoints.write(rel, save, info)
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> str:
         """checkpoints/step-N, visible only when complete; `best` moves when the metric improved; older checkpoints
@@ -457,34 +421,18 @@ class Recipe:
         if improved:
             self.best_metric = value
         rel = f"checkpoints/step-{self.step}"
-        path = self._write(rel, self._staging(f"step-{self.step}"), self._info(metrics))
+        path = self._write(rel, self._info(metrics))
         if self.rank == 0:
             if improved or self.run.best_checkpoint() is None:
                 self.run.point_best_at(rel)
-            self._retain()
+            self.checkpoints.retain(f"eval/{self.primary}", self.spec.checkpointing.keepBest)
             self.metrics_log.flush()
         barrier()
         return path
 
-    def _retain(self) -> None:
-        """Keep the latest checkpoint and the best `checkpointing.keepBest` by the task's metric."""
-        found = self.run.complete_checkpoints()
-        if len(found) <= 1:
-            return
-        key = f"eval/{self.primary}"
-        scored = []
-        for step, path in found:
-            value = read_checkpoint_info(path)["metrics"].get(key)
-            scored.append((value if value is not None else float("-inf"), step, path))
-        keep = {found[-1][0]} | {step for _, step, _ in sorted(scored, key=lambda t: (-t[0], t[1]))[: self.spec.checkpointing.keepBest]}
-        best = self.run.best_checkpoint()
-        for step, path in found:
-            if step not in keep and str(path) != str(best):
-                self.run.remove(f"checkpoints/step-{step}")
-
     def save_final(self) -> None:
         """final/: the trained weights (adapter or full) in Hugging Face format, with the processor."""
-        self._write("final", self._staging("final"), self._info({}))
+        self._write("final", self._info({}))
 
     def _restore(self, folder: Path) -> None:
         """Weights, optimizer, scheduler, step, data position, best metric and RNG from a checkpoint."""

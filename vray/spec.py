@@ -228,6 +228,11 @@ class ServingBlock(_Block):
         return self
 
 
+def default_output() -> str:
+    """Where runs go when the spec names no output: $VRAY_STORAGE, else ~/vray-runs."""
+    return os.environ.get("VRAY_STORAGE") or str(Path("~/vray-runs").expanduser())
+
+
 class RunSpec(_Block):
     """A whole run: the model block of a saved run.json plus task, data, storage and cluster overrides."""
 
@@ -329,7 +334,7 @@ class RunSpec(_Block):
             stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
             updates["name"] = f"{self.architecture.name}-{self.architecture.size}-{task or 'run'}-{stamp}"
         if self.output is None:
-            updates["output"] = os.environ.get("VRAY_STORAGE") or str(Path("~/vray-runs").expanduser())
+            updates["output"] = default_output()
         if self.model.source is None:
             updates["model"] = ModelBlock(source=self.arch.repo_id, revision=self.model.revision)
         if self.lora.targets is None and self.arch.lora_supported:
@@ -341,7 +346,11 @@ class RunSpec(_Block):
         """`<output>/<name>` of a resolved spec (a local path or an s3:// URI)."""
         if not self.name or not self.output:
             raise ValueError("run_dir needs a resolved spec (call .resolved() first)")
-        return self.output.rstrip("/") + "/" + self.name
+        return self.run_dir_of(self.name)
+
+    def run_dir_of(self, name: str) -> str:
+        """`<output>/<name>`: where a run of this spec named `name` lives (output, else the default output)."""
+        return (self.output or default_output()).rstrip("/") + "/" + name
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the spec's own keys (what `spec.yaml` in a run directory holds)."""

@@ -10,6 +10,7 @@ between `minReplicas` and `maxReplicas`. Every manifest is checked against the K
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from vray.errors import VrayError
 from vray.plan.gpus import GPU
 from vray.plan.plan import Plan
 from vray.spec import RunSpec
+from vray.storage.shared import require_shared_storage
 
 API_VERSION = "ray.io/v1"
 DEFAULT_IMAGE = f"vray:{__version__}"  # built from cluster/Dockerfile
@@ -64,8 +66,9 @@ def _env(spec: RunSpec, serve: bool = False) -> list[dict[str, Any]]:
     env = [{"name": "HF_HOME", "value": f"{CACHE}/huggingface"}, {"name": "VRAY_CACHE", "value": f"{CACHE}/vray"},
            secret("HF_TOKEN", "hf-token"), secret("AWS_ACCESS_KEY_ID", "aws-access-key-id"),
            secret("AWS_SECRET_ACCESS_KEY", "aws-secret-access-key")]
-    if spec.output:
-        env.insert(0, {"name": "VRAY_STORAGE", "value": spec.output})
+    output = spec.output or os.environ.get("VRAY_STORAGE")  # the rule of RunSpec.run_dir_of, carried to the pods
+    if output:
+        env.insert(0, {"name": "VRAY_STORAGE", "value": output})
     if serve:
         env.append(secret("VRAY_API_KEY", "api-key", optional=False))
     return env
@@ -141,16 +144,6 @@ def cluster_spec(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None
     }
 
 
-def check_shared_storage(spec: RunSpec, plan: Plan) -> None:
-    """A multi-node plan writes checkpoints from several nodes: the run's output must be shared storage."""
-    output = spec.output or ""
-    if plan.nodes > 1 and "://" not in output:
-        raise VrayError(
-            f"this plan spans {plan.nodes} nodes but output is {output or 'unset (each pod would write its own ~/vray-runs)'}; "
-            "set output: s3://BUCKET/runs (or VRAY_STORAGE) so every node writes to the same run directory"
-        )
-
-
 def raycluster(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None) -> dict[str, Any]:
     """A RayCluster for the plan (what `ray job submit` then targets)."""
     return {"apiVersion": API_VERSION, "kind": "RayCluster", "metadata": _meta(opts),
@@ -219,10 +212,10 @@ def render(spec: RunSpec, plan: Plan, opts: RenderOptions, kinds: tuple[str, ...
         raise VrayError(f"--kind {', '.join(unknown)}: choose from {', '.join(KINDS)}")
     if not plan.fits:
         raise VrayError(f"the run does not fit: {plan.reason}; see `vray plan` for suggestions")
-    check_shared_storage(spec, plan)
     gpu = gpu_named(plan.gpu) if plan.device == "gpu" and plan.gpu else None
     run_name = spec.name or opts.name
-    run_uri = f"{(spec.output or '~/vray-runs').rstrip('/')}/{run_name}"
+    run_uri = spec.run_dir_of(run_name)
+    require_shared_storage(run_uri, plan.nodes, mounts_of_this_machine=False)
     out: dict[str, dict[str, Any]] = {}
     if "raycluster" in kinds:
         out["raycluster"] = raycluster(plan, spec, opts, gpu)

@@ -196,36 +196,6 @@ class RunDir:
         return records
 
 
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
-                       "wekafs", "fuse.")  # fuse.* covers s3fs / gcsfuse / juicefs mounts
-
-
-def mount_type(path: str | Path) -> str | None:
-    """The filesystem type of the mount holding `path` (Linux /proc/mounts), if known."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    target = str(Path(path).expanduser().resolve())
-    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
-               key=lambda m: len(m[0]), default=None)
-    return best[1] if best else None
-
-
-def require_shared_storage(uri: str, nodes: int) -> None:
-    """A run spread over several nodes writes one run directory from all of them: refuse a node-local path."""
-    if nodes <= 1 or "://" in uri or os.environ.get("VRAY_SHARED_STORAGE") == "1":
-        return
-    kind = mount_type(uri) or "unknown"
-    if kind.startswith(NETWORK_FILESYSTEMS):
-        return
-    raise VrayError(
-        f"the plan spans {nodes} nodes but the run directory {uri} is on a node-local disk ({kind}); set output (or "
-        "VRAY_STORAGE) to s3://BUCKET/runs or to a folder every node mounts (NFS, Lustre, a FUSE bucket); if this "
-        "path is shared storage vray does not recognise, set VRAY_SHARED_STORAGE=1"
-    )
-
-
 def read_checkpoint_info(folder: str | Path) -> dict[str, Any]:
     """The `vray_checkpoint.json` of a checkpoint (or final/) folder, local or remote."""
     fs, path = _fs(str(folder))

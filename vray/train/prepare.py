@@ -17,7 +17,8 @@ from rich.console import Console
 from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan
 from vray.spec import RunSpec, require_for_training
-from vray.storage.rundir import RunDir, require_shared_storage
+from vray.storage.rundir import RunDir
+from vray.storage.shared import require_shared_storage
 from vray.train.loop import WorkerConfig
 
 

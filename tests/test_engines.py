@@ -91,11 +91,11 @@ def trained(tmp_path_factory) -> dict[str, tuple[RunDir, RunOutcome]]:
 
 
 def test_the_matrix_covers_families_engines_and_modes():
-    from vray.train.engines import ENGINES
+    from vray.spec import STRATEGIES
 
     sharded = {c.family for c in CELLS if c.strategy != "ddp"}
     assert sharded == set(FAMILY_ARCH)
-    for engine in ENGINES:
+    for engine in STRATEGIES:
         assert len({c.family for c in CELLS if c.strategy == engine}) >= 2, engine
         assert {"full"} <= {c.mode for c in CELLS if c.strategy == engine}
         assert {c.mode for c in CELLS if c.strategy == engine} & {"lora", "lora-experts"}

@@ -8,8 +8,7 @@ import pytest
 from rich.console import Console
 
 from tests.test_engines import FAMILY_ARCH
-from vray.spec import validate_spec
-from vray.train.engines import ENGINES
+from vray.spec import STRATEGIES, validate_spec
 from vray.train.launcher import run_training
 from vray.train.prepare import prepare
 
@@ -22,7 +21,7 @@ FAMILY = {"ddp": "qwen2_5_vl", "zero1": "internvl", "zero2": "qwen3_vl", "zero3"
 
 @pytest.mark.timeout(1200)
 def test_every_engine_runs_under_ray_train(ray_head, tmp_path):
-    assert set(FAMILY) == set(ENGINES)
+    assert set(FAMILY) == set(STRATEGIES)
     for strategy, family in FAMILY.items():
         name, size = FAMILY_ARCH[family]
         workers = 4 if strategy == "fsdp2-hybrid" else 2

@@ -211,3 +211,13 @@ def test_vram_table_covers_every_checkpoint():
         counts = [r["gpus"][k] for k in ("A100-40GB", "A100-80GB", "H200-141GB")]
         nums = [int(c) if c.isdigit() else 10**6 for c in counts if c != "n/a"]
         assert nums == sorted(nums, reverse=True)
+
+
+def test_the_planner_knows_every_strategy_and_only_those():
+    """The strategy names live in vray.spec; the planner's tables cover each one and invent none."""
+    from vray.plan.planner import MFU, OFFLOAD, STRATEGIES_BY_MODE
+    from vray.spec import STRATEGIES
+
+    assert set(MFU) == set(STRATEGIES)
+    for mode in ("full", "lora", "qlora"):
+        assert set(STRATEGIES_BY_MODE[mode]) | set(OFFLOAD[mode]) <= set(STRATEGIES)

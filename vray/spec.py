@@ -12,7 +12,7 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -44,6 +44,12 @@ DEFAULT_SYSTEM_PROMPTS = {
     ),
     "freeform": "You are a helpful visual assistant. Follow the instruction using what the image shows.",
 }
+
+# The training strategies, each with an engine in vray.train.engines; everything else names them from here.
+Strategy = Literal["ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+DEEPSPEED_STRATEGIES = tuple(s for s in STRATEGIES if s.startswith("zero"))
+FSDP2_STRATEGIES = tuple(s for s in STRATEGIES if s.startswith("fsdp2"))
 
 
 def _canonical(value: Any, choices: tuple[str, ...]) -> Any:
@@ -197,7 +203,7 @@ class ClusterBlock(_Block):
     nodes: int | None = Field(None, ge=1)
     workers: int | None = Field(None, ge=1)
     cpusPerWorker: int | None = Field(None, ge=1)
-    strategy: Literal["ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid"] | None = Field(
+    strategy: Strategy | None = Field(
         None, description="use this engine instead of the planner's choice")
 
 

@@ -46,7 +46,6 @@ QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
 QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
 DS_BUCKET = 200_000_000  # DeepSpeed reduce / all-gather bucket (elements) vray configures
-SHARDED = ("zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid")
 
 
 @dataclass(frozen=True)

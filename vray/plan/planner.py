@@ -36,7 +36,7 @@ MFU = {"ddp": 0.40, "zero1": 0.38, "zero2": 0.36, "fsdp2-hybrid": 0.34, "fsdp2":
        "zero3-offload": 0.08}
 CROSS_NODE_FACTOR = 0.85  # sharded all-gathers across nodes (not for fsdp2-hybrid, whose gathers stay in a node)
 PCIE_SHARDED_FACTOR = 0.7  # sharded strategies over PCIe-only GPUs
-STRATEGIES = {
+STRATEGIES_BY_MODE = {
     "full": ("ddp", "zero1", "zero2", "fsdp2", "fsdp2-hybrid", "zero3"),
     "lora": ("ddp", "zero2", "fsdp2", "fsdp2-hybrid", "zero3"),
     "qlora": ("ddp",),  # the 4-bit base is replicated; only the adapter trains
@@ -137,7 +137,7 @@ def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventor
         counts = [workers]
     else:
         counts = [n for n in _divisors(effective) if n <= inv.max_gpus]
-    strategies = tuple(s for s in STRATEGIES[w.mode] if only is None or s == only)
+    strategies = tuple(s for s in STRATEGIES_BY_MODE[w.mode] if only is None or s == only)
     offload = tuple(s for s in OFFLOAD[w.mode] if only is None or s == only)
     for n in counts:
         best = _best_for_workers(profile, w, sample, inv, n, effective // n, strategies, effective, samples, epochs)

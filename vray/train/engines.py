@@ -21,8 +21,8 @@ from torch import nn
 
 from vray.errors import VrayError
 from vray.models.quantized import keep_4bit_layout
+from vray.spec import DEEPSPEED_STRATEGIES, FSDP2_STRATEGIES, STRATEGIES
 
-ENGINES = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-hybrid")
 DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
 
 
@@ -317,14 +317,14 @@ def build_engine(strategy: str, model: nn.Module, make_optimizer: OptimizerFacto
     """The engine for a plan's strategy."""
     if strategy == "ddp":
         return DDPEngine(model, make_optimizer, max_grad_norm, device, precision)
-    if strategy in ("zero1", "zero2", "zero3", "zero3-offload"):
+    if strategy in DEEPSPEED_STRATEGIES:
         if deepspeed_config is None:
             raise VrayError(f"plan.strategy {strategy} needs the plan's DeepSpeed config")
         return DeepSpeedEngine(model, make_optimizer, max_grad_norm, device, precision, deepspeed_config, strategy)
-    if strategy in ("fsdp2", "fsdp2-hybrid"):
+    if strategy in FSDP2_STRATEGIES:
         shape = (fsdp or {}).get("mesh") or [world()[1]]
         return FSDP2Engine(model, make_optimizer, max_grad_norm, device, precision, units or [], list(shape), strategy)
-    raise VrayError(f"plan.strategy: '{strategy}' is not an engine; engines: {', '.join(ENGINES)}")
+    raise VrayError(f"plan.strategy: '{strategy}' is not an engine; engines: {', '.join(STRATEGIES)}")
 
 
 @contextlib.contextmanager

@@ -124,7 +124,6 @@ def plan_for(spec: RunSpec) -> Plan:
     """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit."""
     from vray.data.io import count_rows
     from vray.plan.planner import cpu_plan, plan_run
-    from vray.train.engines import ENGINES
 
     inventory = gpu_inventory(spec)
     if inventory is None:
@@ -133,11 +132,6 @@ def plan_for(spec: RunSpec) -> Plan:
     if not plan.fits:
         lines = "\n".join(f"  - {s}" for s in plan.suggestions)
         raise PlanError(f"{plan.reason}" + (f"\nwhat would fit:\n{lines}" if lines else "") + "\n(`vray plan` shows the breakdown)")
-    if plan.strategy not in ENGINES:
-        raise VrayError(
-            f"the plan needs the {plan.strategy} strategy, which has no engine in this version (engines: "
-            f"{', '.join(ENGINES)}); `vray plan` shows the plan"
-        )
     return plan
 
 

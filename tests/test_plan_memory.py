@@ -115,3 +115,21 @@ def test_activations_follow_the_sample_and_the_settings():
     assert activation_bytes(profile, no_dropout, Layout("ddp", 1, 8, 1, False), large)[0] < one
     video = sample_shape(profile, max_frames=16)
     assert video.frames == 16 and video.images == 0 and video.visual_tokens > 0
+
+
+@pytest.mark.parametrize("scope", [("language",), ("language", "projector"), ("language", "projector", "vision")])
+def test_the_plan_counts_the_adapters_the_loader_creates(scope):
+    """The memory model and the loader share one LoRA target rule: the Linears the plan counts are the ones peft
+    gets, for every lora.scope."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vray.models.loader import lora_target_modules
+    from vray.plan.memory import param_split
+
+    profile, arch, folder = _meta_profile("qwen2_5_vl")
+    lora = LoraBlock(scope=scope)
+    w = Workload("lora", "BFloat16", "AdamW", lora.rank, lora.dropout, arch.lora_target_regex(), lora_scope=scope)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    created = lora_target_modules(model, arch, lora)
+    assert param_split(profile, w).lora_targets == len(created) > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from functools import cache
 
@@ -78,11 +77,11 @@ def _unique_params(module: nn.Module, prefix: str = "") -> dict[str, nn.Paramete
     return {f"{prefix}{n}": p for n, p in module.named_parameters()}
 
 
-def _lora_params(model: nn.Module, regex: str, rank: int) -> int:
-    pattern = re.compile(regex)
+def _lora_params(model: nn.Module, arch: Architecture, rank: int) -> int:
+    selection = arch.lora_selection()
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and pattern.fullmatch(name):
+        if isinstance(module, nn.Linear) and selection.adapts(name):
             total += rank * (module.in_features + module.out_features)
     return total
 
@@ -110,7 +109,7 @@ def count_params(model: nn.Module, arch: Architecture, lora_rank: int = 16) -> P
     vision = sum(p.numel() for n, p in params.items() if n.startswith(vision_prefixes))
     experts, n_exp, top_k = _expert_params(model)
     active = total - experts + (experts * top_k // n_exp if n_exp else 0)
-    lora = _lora_params(model, arch.lora_target_regex(), lora_rank) if arch.lora_supported else 0
+    lora = _lora_params(model, arch, lora_rank) if arch.lora_supported else 0
     config = model.llm.config if isinstance(model, _NvilaMeta) else model.config
     layers = getattr(getattr(config, "text_config", config), "num_hidden_layers", 0)
     return ParamCounts(total=total, vision=vision, language=total - vision, active=active, lora=lora,

@@ -42,6 +42,27 @@ class Family:
 
 
 @dataclass(frozen=True)
+class LoraSelection:
+    """Which Linear modules LoRA adapts: the language model's target projections (a regex over full module names),
+    plus every Linear under the prefixes of the other parts in scope (projector, vision tower). The loader, the
+    memory model and the parameter counts all ask this one rule."""
+
+    regex: str
+    prefixes: tuple[str, ...] = ()
+
+    def adapts(self, name: str) -> bool:
+        """Whether the Linear module `name` (its full name in the model) gets an adapter."""
+        return re.fullmatch(self.regex, name) is not None or name.startswith(tuple(p + "." for p in self.prefixes))
+
+
+def lora_selection(regex: str, scope: tuple[str, ...] | list[str], projector_prefixes: tuple[str, ...],
+                   vision_prefixes: tuple[str, ...]) -> LoraSelection:
+    """The selection for a target regex and a `lora.scope`."""
+    prefixes = (projector_prefixes if "projector" in scope else ()) + (vision_prefixes if "vision" in scope else ())
+    return LoraSelection(regex, tuple(prefixes))
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One supported checkpoint: where it lives, how transformers builds it, how vray adapts it."""
 
@@ -95,6 +116,11 @@ class Architecture:
     def assumed(self) -> dict[str, str]:
         """Config fields that are assumptions (field path -> why), empty when none."""
         return dict(self.provenance.get("assumed", {}))
+
+    def lora_selection(self, targets: tuple[str, ...] | list[str] | None = None,
+                       scope: tuple[str, ...] | list[str] = ("language",)) -> LoraSelection:
+        """The Linear modules LoRA adapts for `lora.targets` and `lora.scope`."""
+        return lora_selection(self.lora_target_regex(targets), scope, self.projector_modules, self.vision_modules)
 
     def lora_target_regex(self, targets: tuple[str, ...] | list[str] | None = None) -> str:
         """A peft `target_modules` regex that adapts the named projections inside the language model only."""

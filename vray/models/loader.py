@@ -200,21 +200,8 @@ EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 def lora_target_modules(model: nn.Module, arch: Architecture, lora: LoraBlock) -> list[str]:
     """Full names of the Linear modules LoRA adapts: the language model's targets, plus every Linear of the
     projector and vision tower when the scope includes them."""
-    import re
-
-    pattern = re.compile(arch.lora_target_regex(lora.targets))
-    prefixes: tuple[str, ...] = ()
-    if "projector" in lora.scope:
-        prefixes += arch.projector_modules
-    if "vision" in lora.scope:
-        prefixes += arch.vision_modules
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if pattern.fullmatch(name) or name.startswith(tuple(p + "." for p in prefixes)):
-            names.append(name)
-    return names
+    selection = arch.lora_selection(lora.targets, lora.scope)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and selection.adapts(name)]
 
 
 def apply_lora(model: nn.Module, arch: Architecture, lora: LoraBlock) -> nn.Module:

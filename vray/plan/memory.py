@@ -33,6 +33,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+from vray.archs.registry import LoraSelection, lora_selection
 from vray.archs.vision import visual_grid
 from vray.plan.profile import ArchProfile
 
@@ -213,10 +214,9 @@ def param_split(profile: ArchProfile, w: Workload) -> ParamSplit:
             frozen += t.numel * w.p
     targets = 0
     if w.mode in ("lora", "qlora"):
-        pattern = re.compile(w.lora_regex or "")
-        extra_roles = {r for r in ("projector", "vision") if r in w.lora_scope}
+        selection = _lora_selection(profile, w)
         for lin in profile.linears:
-            if pattern.fullmatch(lin.name) or profile.role(lin.name) in extra_roles:
+            if selection.adapts(lin.name):
                 targets += 1
                 a, b = w.lora_rank * lin.in_features, lin.out_features * w.lora_rank
                 trainable += a + b
@@ -230,6 +230,10 @@ def param_split(profile: ArchProfile, w: Workload) -> ParamSplit:
                     tensors += 2
                     ada += (w.lora_rank * e + a) + (b + w.lora_rank * e)
     return ParamSplit(frozen, trainable, tensors, ada, targets, w.mode == "full")
+
+
+def _lora_selection(profile: ArchProfile, w: Workload) -> LoraSelection:
+    return lora_selection(w.lora_regex or "", w.lora_scope, profile.projector_prefixes, profile.vision_prefixes)
 
 
 def optimizer_bytes_per_param(optimizer: str) -> float:
@@ -278,11 +282,11 @@ def _lora_inputs_per_layer(profile: ArchProfile, w: Workload) -> tuple[tuple[int
     per = [(0, 0)] * profile.text.layers
     if w.mode not in ("lora", "qlora"):
         return tuple(per)
-    pattern = re.compile(w.lora_regex or "")
+    selection = _lora_selection(profile, w)
     layer_re = re.compile(re.escape(profile.lm_prefix) + r"\.layers\.(\d+)\.")
     for lin in profile.linears:
         m = layer_re.match(lin.name + ".")
-        if m and pattern.fullmatch(lin.name):
+        if m and selection.adapts(lin.name):
             i = int(m.group(1))
             per[i] = (per[i][0] + lin.in_features, per[i][1] + 1)
     return tuple(per)

@@ -197,7 +197,7 @@ def test_cli_plan_exit_codes_and_human_output(tmp_path):
 
 
 def test_vram_table_covers_every_checkpoint():
-    from vray.plan.table import MODES, vram_table
+    from vray.plan.vram_table import MODES, vram_table
 
     rows = vram_table()
     assert len(rows) == 21 * len(MODES)

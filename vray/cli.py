@@ -38,7 +38,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def archs(as_json: bool = typer.Option(False, "--json", help="print the list as JSON (with exact parameter counts)")) -> None:
     """List the supported checkpoints (parameter counts from the real configs on the meta device)."""
-    from vray.archs.table import archs_json
+    from vray.archs.summary import archs_json
 
     rows = archs_json()
     if as_json:
@@ -183,7 +183,7 @@ def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inv
 
 def _print_vram_table(as_json: bool) -> None:
     from vray.plan.gpus import CATALOG
-    from vray.plan.table import TABLE_ASSUMPTIONS, vram_table
+    from vray.plan.vram_table import TABLE_ASSUMPTIONS, vram_table
 
     rows = vram_table()
     if as_json:

@@ -191,14 +191,20 @@ def convert_llamafactory(src: str, root: str, task: str | None = None) -> Conver
     return result
 
 
+def _conversations(src: str, result: Converted, key: str) -> Iterator[tuple[int, dict[str, Any], str, list[dict[str, Any]]]]:
+    """(index, record, where, turns) of every record whose `key` messages convert; the others are skipped with
+    their reason in `result`."""
+    for i, rec in enumerate(_load_records(src)):
+        where = f"{src}: record {i}"
+        turns = _turns_from_messages(rec.get(key) or [], result, where)
+        if turns is not None:
+            yield i, rec, where, turns
+
+
 def convert_llava(src: str, root: str, task: str | None = None) -> Converted:
     """LLaVA instruction data: `image` plus `conversations` of human / gpt turns."""
     result = Converted()
-    for i, rec in enumerate(_load_records(src)):
-        where = f"{src}: record {i}"
-        turns = _turns_from_messages(rec.get("conversations") or [], result, where)
-        if turns is None:
-            continue
+    for i, rec, where, turns in _conversations(src, result, "conversations"):
         images = [rec["image"]] if isinstance(rec.get("image"), str) else list(rec.get("image") or [])
         for t in turns:  # LLaVA writes "<image>\n" at the start of the first question
             t["text"] = t["text"].replace(IMAGE_TAG + "\n", IMAGE_TAG).strip() if t["role"] == "user" else t["text"]
@@ -243,11 +249,7 @@ def convert_openai(src: str, root: str, task: str | None = None) -> Converted:
 def convert_ms_swift(src: str, root: str, task: str | None = None) -> Converted:
     """ms-swift grounding / multimodal data: `<ref-object>` and `<bbox>` placeholders filled from `objects`."""
     result = Converted()
-    for i, rec in enumerate(_load_records(src)):
-        where = f"{src}: record {i}"
-        turns = _turns_from_messages(rec.get("messages") or [], result, where)
-        if turns is None:
-            continue
+    for i, rec, where, turns in _conversations(src, result, "messages"):
         images = [join_ref(root, p) for p in rec.get("images") or []]
         objects = rec.get("objects") or {}
         refs = list(objects.get("ref") or [])

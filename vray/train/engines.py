@@ -20,10 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from vray.errors import VrayError
+from vray.models.loader import DTYPES
 from vray.models.quantized import keep_4bit_layout
 from vray.spec import DEEPSPEED_STRATEGIES, FSDP2_STRATEGIES, STRATEGIES
-
-DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
 
 
 def world() -> tuple[int, int]:

@@ -28,6 +28,9 @@ from vray.archs import registry
 from vray.errors import SpecError, VrayError
 
 TASKS = ("phrase_grounding", "vqa", "freeform")
+# The `synthetic:<name>` datasets (vray.data.synthetic writes them) and the task of each.
+SYNTHETIC_TASKS = {"vqa": "vqa", "grounding": "phrase_grounding", "phrase_grounding": "phrase_grounding",
+                   "freeform": "freeform"}
 TRAINING_MODES = ("LoRA", "Full")
 QUANT_TYPES = ("NF4", "FP4")
 PRECISIONS = ("BFloat16", "Float16", "Float32")
@@ -486,7 +489,7 @@ class SpecLoader:
     def synthetic_task(uri: str) -> str | None:
         """The task of a `synthetic:<task>` data URI."""
         name = uri.split(":", 1)[1].split("?", 1)[0]
-        return {"grounding": "phrase_grounding"}.get(name, name) if name else None
+        return SYNTHETIC_TASKS.get(name, name) if name else None
 
     @staticmethod
     def read_yaml(path: str | Path) -> dict[str, Any]:

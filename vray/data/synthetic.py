@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw
 from vray.errors import VrayError
 from vray.models.cache import cache_root
 from vray.models.tiny_tokenizer import COLOURS, SHAPES
+from vray.spec import SYNTHETIC_TASKS
 
 IMAGE_SIZE = 112
-TASKS = {"vqa": "vqa", "grounding": "phrase_grounding", "phrase_grounding": "phrase_grounding", "freeform": "freeform"}
 FORMAT_VERSION = 3
 
 
@@ -46,7 +46,7 @@ def parse_uri(uri: str) -> SyntheticSpec:
     """The dataset a `synthetic:` URI names; a VrayError for an unknown task or option."""
     body = uri.split(":", 1)[1] if ":" in uri else uri
     name, _, query = body.partition("?")
-    if name not in TASKS:
+    if name not in SYNTHETIC_TASKS:
         raise VrayError(f"data: '{uri}' names no synthetic dataset; use synthetic:vqa, synthetic:grounding or synthetic:freeform")
     opts: dict[str, int] = {}
     for key, value in parse_qsl(query):
@@ -56,7 +56,7 @@ def parse_uri(uri: str) -> SyntheticSpec:
             opts[key] = int(value)
         except ValueError:
             raise VrayError(f"data: '{uri}': option {key}={value!r} is not an integer") from None
-    return SyntheticSpec(task=TASKS[name], **opts)
+    return SyntheticSpec(task=SYNTHETIC_TASKS[name], **opts)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:

@@ -9,21 +9,25 @@ import torch
 from torch import nn
 
 from vray.models.quantized import keep_4bit_layout
+from vray.spec import EvaluationBlock
+
+_DEFAULTS = EvaluationBlock()
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """max_new_tokens, temperature (0 = greedy), top_p, top_k (0 = off), repetition_penalty."""
 
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.05
+    # The defaults are the spec's evaluation defaults: one place says what an unset setting means.
+    max_new_tokens: int = _DEFAULTS.maxNewTokens
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.topP
+    top_k: int = _DEFAULTS.topK
+    repetition_penalty: float = _DEFAULTS.repetitionPenalty
     synced: bool = False  # sharded engines: ranks that finish keep stepping until every rank has (synced_gpus)
 
     @classmethod
-    def from_evaluation(cls, evaluation: Any) -> GenerationSettings:
+    def from_evaluation(cls, evaluation: EvaluationBlock) -> GenerationSettings:
         """From a spec's `evaluation` block."""
         return cls(
             max_new_tokens=evaluation.maxNewTokens,

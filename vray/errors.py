@@ -19,7 +19,12 @@ class SpecError(VrayError):
 
 
 class DataError(VrayError):
-    """A dataset row or file that cannot be used as given."""
+    """A dataset row or file that cannot be used as given. `kind` names the problem for reports that count them
+    (`vray data check`): "missing image", "over token budget", ...; None when no report needs it."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
 class RequestError(VrayError):

@@ -102,10 +102,7 @@ def _check_sample(sample: Sample, where: str, arch: Architecture, collator: Any,
         try:
             images.append(load_image(ref))
         except DataError as exc:
-            text = str(exc)
-            kind = "missing image" if "is missing" in text else ("unsupported format" if " is " in text and "use one of" in text
-                                                                  else "unreadable image")
-            err(kind, f"image {k}: {text}")
+            err(exc.kind or "unreadable image", f"image {k}: {exc}")
             images.append(None)
     videos = []
     for k, video in enumerate(sample.videos):
@@ -132,7 +129,7 @@ def _check_sample(sample: Sample, where: str, arch: Architecture, collator: Any,
             for note in encoded.notes:
                 issues.append(Issue(where, "warning", "history not learned", note, sample.id))
         except DataError as exc:
-            err("over token budget" if "budget" in str(exc) else "cannot be encoded", str(exc))
+            err(exc.kind if exc.kind == "over token budget" else "cannot be encoded", str(exc))
             return issues, None
     else:
         tokens = _estimate_tokens(sample, arch, [(im.width, im.height) for im in images])
@@ -152,10 +149,8 @@ def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str
     parsed = read_samples(uri, task=task)
     report = Report(parsed.source, rows=parsed.rows, budget=max_tokens)
     for problem in parsed.problems:
-        where, _, message = problem.partition(": ")
-        kind = ("invalid JSON" if "not valid JSON" in message else "duplicate id" if "duplicate id" in message
-                else "wrong task" if "the run's task" in message else "schema")
-        report.issues.append(Issue(where, "error", kind, message))
+        where, _, message = str(problem).partition(": ")
+        report.issues.append(Issue(where, "error", problem.kind or "schema", message))
     collator = None
     if processor is not None:
         collator = Collator(processor, arch, system_prompt, max_tokens=max_tokens, max_frames=max_frames)

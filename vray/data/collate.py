@@ -104,7 +104,7 @@ class Collator:
             images = [load_image(ref) for ref in sample.images]
             videos = [load_video(v, self.max_frames) for v in sample.videos]
         except DataError as exc:
-            raise DataError(f"sample '{sample.id}': {exc}") from None
+            raise DataError(f"sample '{sample.id}': {exc}", kind=exc.kind) from None
         return Media(images, videos)
 
     # ---- messages ------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ class Collator:
         if self.max_tokens and encoded.length > self.max_tokens:
             raise DataError(
                 f"sample '{sample.id}' is {encoded.length} tokens ({visual} visual + {encoded.length - visual} text), over "
-                f"the budget of {self.max_tokens}; lower media.maxPixels / media.maxFrames, shorten it, or raise data.maxTokens"
+                f"the budget of {self.max_tokens}; lower media.maxPixels / media.maxFrames, shorten it, or raise data.maxTokens",
+                kind="over token budget",
             )
         return encoded
 

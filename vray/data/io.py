@@ -54,7 +54,7 @@ def iter_rows(uri: str) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{uri}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})")
+                yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})", kind="invalid JSON")
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -68,12 +68,13 @@ def _drop_nulls(value: Any) -> Any:
 
 @dataclass
 class ReadResult:
-    """The samples of a dataset and one message per bad row."""
+    """The samples of a dataset and one DataError per bad row (its kind: invalid JSON, schema, wrong task,
+    duplicate id)."""
 
     source: str
     samples: list[Sample] = field(default_factory=list)
     wheres: list[str] = field(default_factory=list)  # the row of each sample (file:line)
-    problems: list[str] = field(default_factory=list)
+    problems: list[DataError] = field(default_factory=list)
     rows: int = 0
 
     def samples_or_raise(self) -> list[Sample]:
@@ -99,18 +100,20 @@ def read_samples(uri: str, task: str | None = None) -> ReadResult:
     for where, row in iter_rows(source):
         result.rows += 1
         if isinstance(row, DataError):
-            result.problems.append(str(row))
+            result.problems.append(row)
             continue
         try:
             sample = parse_row(row, where)
         except DataError as exc:
-            result.problems.append(str(exc))
+            result.problems.append(DataError(str(exc), kind="schema"))
             continue
         if task is not None and sample.task != task:
-            result.problems.append(f"{where}: sample '{sample.id}' is a {sample.task} sample but the run's task is {task}")
+            result.problems.append(DataError(f"{where}: sample '{sample.id}' is a {sample.task} sample but the run's "
+                                             f"task is {task}", kind="wrong task"))
             continue
         if sample.id in seen:
-            result.problems.append(f"{where}: duplicate id '{sample.id}' (first at {seen[sample.id]})")
+            result.problems.append(DataError(f"{where}: duplicate id '{sample.id}' (first at {seen[sample.id]})",
+                                             kind="duplicate id"))
             continue
         seen[sample.id] = where
         result.samples.append(sample.resolved(base))

@@ -36,12 +36,12 @@ def open_image(ref: str) -> Image.Image:
         raw = read_bytes(ref) if (ref.startswith("data:") or is_remote(ref)) else None
         image = Image.open(io.BytesIO(raw)) if raw is not None else Image.open(ref)
     except FileNotFoundError:
-        raise DataError(f"image {_shown(ref)!r} is missing") from None
+        raise DataError(f"image {_shown(ref)!r} is missing", kind="missing image") from None
     except Exception as exc:  # noqa: BLE001 - any decoder error is one message
-        raise DataError(f"image {_shown(ref)!r} cannot be read ({_reason(exc)})") from None
+        raise DataError(f"image {_shown(ref)!r} cannot be read ({_reason(exc)})", kind="unreadable image") from None
     if image.format not in IMAGE_FORMATS:
         raise DataError(f"image {_shown(ref)!r} is {image.format or 'an unknown format'}; use one of "
-                        f"{', '.join(sorted(IMAGE_FORMATS))}")
+                        f"{', '.join(sorted(IMAGE_FORMATS))}", kind="unsupported format")
     return image
 
 
@@ -51,7 +51,7 @@ def load_image(ref: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"image {_shown(ref)!r} is corrupt ({_reason(exc)})") from None
+        raise DataError(f"image {_shown(ref)!r} is corrupt ({_reason(exc)})", kind="unreadable image") from None
 
 
 def _reason(exc: Exception) -> str:

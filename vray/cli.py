@@ -608,10 +608,7 @@ def k8s_render(
 
     if catalog is not None:
         for rendered in render_catalog(catalog):
-            for kind_name, manifest in rendered.manifests.items():
-                path = rendered.folder / f"{kind_name}.yaml"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(to_yaml(manifest, rendered.command))
+            for path in write(rendered.manifests, rendered.folder, rendered.command):
                 typer.echo(str(path))
         return
     if spec_file is None:

@@ -22,7 +22,7 @@ from vray.plan.memory import (
     static_bytes,
 )
 from vray.plan.profile import profile_model
-from vray.spec import LoraBlock
+from vray.spec import LoraBlock, QuantizationBlock
 
 
 def _meta_profile(family: str):
@@ -69,7 +69,7 @@ def test_estimated_weights_gradients_optimizer_match_the_tensors(family, mode):
     w = Workload(mode, "BFloat16", "AdamW", lora.rank, lora.dropout, arch.lora_target_regex() if mode != "full" else None)
     est_weights, est_grads, est_optim, _ = static_bytes(profile, w, Layout("ddp", 1, 8, 1, False))
 
-    quant = {"enabled": mode == "qlora", "type": "NF4"}
+    quant = QuantizationBlock(enabled=mode == "qlora", type="NF4")
     model, autocast = prepare_for_training(folder, arch, "Full" if mode == "full" else "LoRA", "BFloat16", quant, lora,
                                            torch.device("cpu"))
     assert _weight_bytes(model) == pytest.approx(est_weights, rel=0.01)

@@ -17,7 +17,7 @@ from torch import nn
 
 from vray.errors import VrayError
 from vray.models.quantized import REPACK_SWITCH, keep_4bit_layout, repacked_layers
-from vray.spec import validate_spec
+from vray.spec import QuantizationBlock, validate_spec
 from vray.train.launcher import train_local
 from vray.train.prepare import prepare
 
@@ -74,7 +74,7 @@ def test_loading_disarms_the_layers_bitsandbytes_arms_on_an_avx512bf16_cpu(monke
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # what bitsandbytes finds on such a CPU
     assert getattr(_quantized_layer(), REPACK_SWITCH)  # bitsandbytes arms every layer it builds
     model = load_model(resolve_source("tiny:qwen2_5_vl"), registry.get("qwen2.5vl", "3B"), "BFloat16",
-                       {"enabled": True, "type": "NF4"})
+                       QuantizationBlock(enabled=True, type="NF4"))
     layers = _linear4bit_layers(model)
     assert layers and not any(getattr(m, REPACK_SWITCH) for m in layers)
 

@@ -12,14 +12,9 @@ from PIL import Image
 
 from vray.errors import VrayError
 from vray.infer.target import ServeTarget, resolve_target
-from vray.serve.config import (
-    serve_config,
-    validate_llm_configs,
-    validate_serve_config,
-    vllm_application,
-    vray_application,
-)
+from vray.serve.config import AppArgs, serve_config, validate_serve_config, vray_application
 from vray.serve.options import ServeOptions
+from vray.serve.vllm import validate_llm_configs, vllm_application
 from vray.testing.runs import write_adapter_run
 
 
@@ -58,7 +53,7 @@ def test_vray_application_is_a_valid_serve_config_with_autoscaling(tmp_path):
     run = write_adapter_run(tmp_path, "r", serving={"minReplicas": 1, "maxReplicas": 4, "upscaleDelayS": 5})
     target = resolve_target(run.uri)
     options = ServeOptions.resolve(target, {"maxReplicas": 6})  # the command line wins over the run
-    app = vray_application(run.uri, target, options, {"adapters_dir": "/x", "allowed_image_hosts": []})
+    app = vray_application(AppArgs(run.uri, adapters_dir="/x"), options)
     config = validate_serve_config(serve_config([app], "0.0.0.0", 8000))
     server = config["applications"][0]["deployments"][0]
     assert server["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 6,

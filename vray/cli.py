@@ -7,10 +7,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -386,114 +385,28 @@ def serve(
 ) -> None:
     """Deploy a model on Ray Serve behind an OpenAI-compatible HTTP API (or write / deploy a Serve config)."""
     _quiet_libraries()
-    from vray.serve import runner
+    from vray.serve import command
 
     if config is not None:
         if target or write_config:
             raise VrayError("--config deploys a Serve config file as it is; give no TARGET or --write-config with it")
-        from vray.serve.config import read_config
-
-        urls = runner.deploy_config(read_config(config), detach=detach, insecure=insecure, verbose=verbose)
-        names = tuple(a["name"] for a in read_config(config)["applications"])
+        urls = command.serve_config_file(config, detach=detach, insecure=insecure, verbose=verbose, console=err)
         if detach:
-            err.print(f"deployed {', '.join(names)}; stop with `serve shutdown -y` (and `ray stop`)")
             typer.echo("\n".join(urls))
-            return
-        runner.block_until_interrupted(f"{', '.join(names)} at {', '.join(urls)}", err, names)
         return
     if not target:
         raise VrayError("give a TARGET (run directory, checkpoint, model folder or source), or --config FILE")
-    if engine not in ("transformers", "vllm"):
-        raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
-    from vray.infer.target import resolve_target
-    from vray.serve.options import ServeOptions
-
-    resolved = resolve_target(target, architecture=architecture, task=task)
-    overrides: dict[str, Any] = {}
-    for item in serving:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise VrayError(f"--serving {item!r}: use KEY=VALUE (keys of the spec's serving block)")
-        overrides[key.strip()] = yaml.safe_load(value)
-    overrides.update({k: v for k, v in {"minReplicas": min_replicas, "maxReplicas": max_replicas,
-                                         "maxBatchSize": max_batch_size}.items() if v is not None})
-    if gpu is not None:
-        overrides["gpu"] = None if gpu.lower() in ("none", "cpu", "") else gpu
-    named: dict[str, str] = {}
-    for item in adapter:
-        name, sep, where = item.partition("=")
-        if not sep or not name or not where:
-            raise VrayError(f"--adapter {item!r}: use NAME=RUN_DIR")
-        named[name] = where if "://" in where else str(Path(where).expanduser().resolve())
-    dir_ref = adapters_dir if (adapters_dir is None or "://" in adapters_dir) else str(Path(adapters_dir).expanduser().resolve())
-    options = ServeOptions.resolve(resolved, overrides, api_key=api_key, allowed_image_hosts=allow_image_host,
-                                   adapters=named, adapters_dir=dir_ref)
-    if engine == "vllm":
-        application = _vllm_application(target, resolved, options, merge, lora_prefix)
-    else:
-        from vray.serve.config import vray_application
-
-        ref = target if ("://" in target or target.startswith("tiny:") or not Path(target).exists()) else str(Path(target).resolve())
-        args = {"architecture": architecture, "task": task, "allowed_image_hosts": list(allow_image_host),
-                "adapters": named, "adapters_dir": dir_ref, "serving": overrides}
-        application = vray_application(ref, resolved, options, args)
-    if write_config is not None:
-        from vray.serve.config import serve_config
-        from vray.serve.config import write_config as write
-
-        out = write(write_config, serve_config([application], host, port), f"vray serve {target} --write-config")
-        err.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
-        typer.echo(str(out))
-        return
-    if engine == "vllm":
-        from vray.serve.config import serve_config
-
-        if api_key or (host not in runner.LOOPBACK and not insecure):
-            raise VrayError("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your "
-                            "own gateway, or pass --insecure to expose it without one")
-        urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
-        if detach:
-            typer.echo(urls[0])
-            return
-        runner.block_until_interrupted(f"{resolved.model_id} on vLLM at {urls[0]}", err, (application["name"],))
-        return
-    err.print(f"deploying {resolved.model_id} ({resolved.checkpoint}) ...")
-    endpoint = runner.deploy(resolved, options, host=host, port=port, detach=detach, insecure=insecure, verbose=verbose)
-    if detach:
-        err.print(f"serving {endpoint.model_id} at {endpoint.url}; stop with `serve shutdown -y` (and `ray stop`)")
-        typer.echo(endpoint.url)
-        return
-    runner.block_until_interrupted(f"{endpoint.model_id} at {endpoint.url}", err)
-
-
-def _vllm_application(ref: str, target: Any, options: Any, merge: bool, lora_prefix: Optional[str]) -> dict[str, Any]:
-    """The ray.serve.llm application for a run: merged first when asked (or when vLLM cannot apply its adapter)."""
-    from vray.serve.config import (
-        publish_adapter,
-        validate_llm_configs,
-        vllm_application,
-        vllm_merge_reason,
-    )
-
-    merged = None
-    if merge and target.adapter:
-        from vray.infer.export import export_merged
-        from vray.storage.rundir import RunDir
-
-        if "://" in ref:
-            raise VrayError("--merge writes the merged checkpoint beside the run; export it first with "
-                            "`vray export RUN --merge --out FOLDER` and serve that folder")
-        folder = RunDir.of(ref).root / "export" / "merged"
-        if not (folder / "config.json").exists():
-            err.print(f"merging the adapter into its base: {folder}")
-            export_merged(ref, str(folder))
-        merged = str(folder)
-    elif target.adapter and lora_prefix and not vllm_merge_reason(target):
-        dest = publish_adapter(target, lora_prefix, target.model_id)
-        err.print(f"published the adapter to {dest}; request it as model '{target.base_id}:{target.model_id}'")
-    application = vllm_application(target, options, merged=merged, lora_prefix=lora_prefix)
-    validate_llm_configs(application)
-    return application
+    overrides = command.serving_overrides(serving, min_replicas=min_replicas, max_replicas=max_replicas,
+                                          max_batch_size=max_batch_size, gpu=gpu)
+    app_args = command.app_args(target, architecture=architecture, task=task, allowed_image_hosts=tuple(allow_image_host),
+                                adapters=command.named_adapters(adapter), adapters_dir=adapters_dir, serving=overrides)
+    served = command.serve(app_args, given=target, engine=engine, host=host, port=port, api_key=api_key, detach=detach,
+                           insecure=insecure, verbose=verbose, merge=merge, lora_prefix=lora_prefix,
+                           write_config=write_config, console=err)
+    if served.written is not None:
+        typer.echo(str(served.written))
+    elif detach:
+        typer.echo(served.url)
 
 
 @app.command()

@@ -29,6 +29,15 @@ _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_id
 NEAR_BUDGET = 0.9  # a sample above this share of the token budget is reported as a warning
 
 
+def sample_tensors(out: Any) -> dict[str, torch.Tensor]:
+    """The tensors a processor returned for one sample, per-token tensors 1-D (what `Collator.batch` pads)."""
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    for key in _PER_TOKEN:
+        if key in tensors:
+            tensors[key] = tensors[key][0]
+    return tensors
+
+
 def image_geometry(processor: Any, arch: Architecture, image: Image.Image) -> ImageGeometry:
     """Original and processor-resized size of an image (the resize matters for absolute-pixel boxes)."""
     w, h = image.size
@@ -196,11 +205,7 @@ class Collator:
             warnings.simplefilter("ignore")
             out = self.processor(text=[text], images=images or None, videos=[f for f, _ in videos] or None,
                                  return_tensors="pt", **kwargs)
-        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        for key in _PER_TOKEN:
-            if key in tensors:
-                tensors[key] = tensors[key][0]
-        return tensors, next_image + n_img, next_video + n_vid
+        return sample_tensors(out), next_image + n_img, next_video + n_vid
 
     def encode(self, sample: Sample, with_answer: bool = True, media: Media | None = None,
                images: list[Image.Image] | None = None) -> Encoded:

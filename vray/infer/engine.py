@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from vray.data.boxes import parse_answer
-from vray.data.collate import _PER_TOKEN, Collator, Encoded, image_geometry
+from vray.data.collate import Collator, Encoded, image_geometry, sample_tensors
 from vray.errors import RequestError, VrayError
-from vray.infer.requests import Limits, convert_messages
+from vray.infer.requests import DEFAULT_LIMITS, Limits, convert_messages
 from vray.infer.target import ServeTarget
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source
+from vray.spec import QuantizationBlock
 
 DEFAULT_ADAPTER = "default"  # the adapter name of a run's own LoRA weights
 
@@ -36,6 +37,12 @@ def _peft_name(name: str) -> str:
     return "extra_" + hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
+def grounding_messages(image: Any, phrase: str) -> list[dict[str, Any]]:
+    """The OpenAI-format conversation that asks for the boxes of `phrase` on one image (a URL, data: URL or base64)."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": f"Locate the {phrase}."}]}]
+
+
 @dataclass
 class ChatResult:
     """One completion."""
@@ -46,10 +53,22 @@ class ChatResult:
     completion_tokens: int = 0
     finish_reason: str = "stop"
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (crosses Ray Serve handles)."""
-        return {"text": self.text, "boxes": self.boxes, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request that got no answer: what to tell the client, and the HTTP status it maps to."""
+
+    message: str
+    status: int
+
+    @classmethod
+    def of(cls, exc: Exception) -> RequestFailure:
+        """The failure of a request that raised `exc`: the client's mistake (4xx) or the server's (500)."""
+        if isinstance(exc, RequestError):
+            return cls(str(exc), exc.status)
+        if isinstance(exc, VrayError):
+            return cls(str(exc), 400)
+        return cls(f"generation failed: {type(exc).__name__}: {exc}", 500)
 
 
 @dataclass
@@ -76,14 +95,14 @@ def _load_quantized(weights: Any, arch: Any, device: torch.device, quantize: str
         return AutoModelForImageTextToText.from_pretrained(weights, dtype=dtype, quantization_config=config,
                                                            device_map={"": device})
     precision = "BFloat16" if device.type == "cuda" else "Float32"
-    return load_model(weights, arch, precision, {"enabled": True, "type": "NF4"}, device=device)
+    return load_model(weights, arch, precision, QuantizationBlock(enabled=True, type="NF4"), device=device)
 
 
 class ModelEngine:
     """A loaded model and processor for one ServeTarget; thread-safe."""
 
     def __init__(self, target: ServeTarget, device: str | None = None, allowed_image_hosts: tuple[str, ...] = (),
-                 limits: Limits = Limits(), quantize: str | None = None, device_map: str | None = None):
+                 limits: Limits = DEFAULT_LIMITS, quantize: str | None = None, device_map: str | None = None):
         if quantize not in (None, "8bit", "4bit"):
             raise VrayError(f"quantize: {quantize!r} is not one of 8bit, 4bit")
         self.target = target
@@ -118,7 +137,7 @@ class ModelEngine:
     # ---- requests --------------------------------------------------------------------------------
     def settings(self, overrides: dict[str, Any]) -> GenerationSettings:
         """The run's evaluation settings with a request's own values on top."""
-        base = GenerationSettings.from_evaluation(self.target.generation)
+        base = GenerationSettings.from_evaluation(self.target.evaluation)
         max_tokens = overrides.get("max_tokens")
         if max_tokens is None:
             max_tokens = overrides.get("max_completion_tokens")
@@ -155,10 +174,7 @@ class ModelEngine:
             out = self.processor(text=[prompt], images=images or None, return_tensors="pt")
         except Exception as exc:  # noqa: BLE001 - a template option it does not know, an odd image size
             raise RequestError(f"messages: the processor rejected the input ({type(exc).__name__}: {exc})") from None
-        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        for key in _PER_TOKEN:
-            if key in tensors:
-                tensors[key] = tensors[key][0]
+        tensors = sample_tensors(out)
         if want_boxes is None:
             want_boxes = self.target.task == "phrase_grounding"
         return Prepared(tensors, images, settings, bool(want_boxes and images), adapter)
@@ -227,9 +243,7 @@ class ModelEngine:
 
     def ground(self, image: Any, phrase: str, adapter: str | None = None, **params: Any) -> ChatResult:
         """Boxes for a phrase on one image (original-image pixels)."""
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                 {"type": "text", "text": f"Locate the {phrase}."}]}]
-        return self.chat(messages, want_boxes=True, adapter=adapter, **params)
+        return self.chat(grounding_messages(image, phrase), want_boxes=True, adapter=adapter, **params)
 
     # ---- adapters --------------------------------------------------------------------------------
     @contextmanager

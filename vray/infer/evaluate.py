@@ -42,7 +42,7 @@ class Prediction:
 def base_target(target: ServeTarget) -> ServeTarget:
     """The model a run started from, with the run's prompt and generation settings (the baseline)."""
     return replace(target, adapter=None, weights=None, checkpoint="base", model_id=f"{target.model_id} (base)",
-                   quantization=None)
+                   quantization=None, stored=None)
 
 
 def predict(target: ServeTarget, samples: list[Sample], batch_size: int = 8, device: str | None = None,
@@ -52,7 +52,7 @@ def predict(target: ServeTarget, samples: list[Sample], batch_size: int = 8, dev
 
     engine = ModelEngine(target, device=device)
     task = target.task or "vqa"
-    settings = GenerationSettings.from_evaluation(target.generation)
+    settings = GenerationSettings.from_evaluation(target.evaluation)
     out: list[Prediction] = []
     for j in range(0, len(samples), batch_size):
         chunk = samples[j:j + batch_size]

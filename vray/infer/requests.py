@@ -16,17 +16,25 @@ from PIL import Image
 
 from vray.data.media import load_image
 from vray.errors import RequestError, VrayError
+from vray.spec import ServingBlock
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may carry."""
 
-    max_images: int = 4
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
+
+    @classmethod
+    def of(cls, serving: ServingBlock) -> Limits:
+        """The limits a deployment's serving block sets."""
+        return cls(max_images=serving.maxImages, max_image_bytes=int(serving.maxImageMB * 1024 * 1024),
+                   max_image_pixels=serving.maxImagePixels)
 
 
+DEFAULT_LIMITS = Limits.of(ServingBlock())  # the serving block's defaults state them once
 
 def _decode_base64(data: str, where: str, limits: Limits) -> bytes:
     if len(data) * 3 // 4 > limits.max_image_bytes:
@@ -87,7 +95,7 @@ def image_from_part(part: dict[str, Any], where: str, allowed_hosts: tuple[str, 
 
 
 def convert_messages(messages: Any, default_system: str | None, allowed_hosts: tuple[str, ...] = (),
-                     limits: Limits = Limits()) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+                     limits: Limits = DEFAULT_LIMITS) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """OpenAI messages -> (chat-template messages, images in order); the run's system prompt when none is given."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: a non-empty list of {role, content} is required")

@@ -1,23 +1,22 @@
-"""What to serve: a run's best (else latest) checkpoint, its final/ weights, a checkpoint, or a base model."""
+"""What to serve: a run's best (else latest) checkpoint, its final/ weights, a checkpoint, or a base model.
+
+`resolve_target` reads what it is given (a run through its RunRecord); `run_target` turns a run's spec, plan and
+checkpoint into the ServeTarget, for `vray serve` and a rendered RayService alike.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vray.archs import registry
 from vray.errors import VrayError
-from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, RunSpec, validate_spec
-from vray.storage.rundir import (
-    CHECKPOINT_MARKER,
-    RunDir,
-    fetch_checkpoint,
-    read_checkpoint_info,
-)
+from vray.plan.plan import Plan
+from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, QuantizationBlock, RunSpec, ServingBlock
+from vray.storage.record import RunRecord
+from vray.storage.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 
 
 @dataclass(frozen=True)
@@ -31,11 +30,11 @@ class ServeTarget:
     weights: str | None  # folder with full fine-tuned weights, when not an adapter
     task: str | None
     system_prompt: str | None
-    evaluation: dict[str, Any]
+    evaluation: EvaluationBlock  # the defaults of every request
     checkpoint: str | None = None  # which checkpoint this is (for /v1/models and logs)
-    quantization: dict[str, Any] | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
-    serving: dict[str, Any] | None = None  # the run's serving block (replicas, batching, limits)
-    reference: str | None = None  # what was asked for (a remote run is fetched again on each replica's node)
+    quantization: QuantizationBlock | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
+    serving: ServingBlock | None = None  # the run's serving block (replicas, batching, limits)
+    stored: str | None = None  # the checkpoint folder as the run stores it: a remote one is fetched on each node
 
     @property
     def base_id(self) -> str:
@@ -49,89 +48,88 @@ class ServeTarget:
         name, size = self.architecture.split(":", 1)
         return registry.get(name, size)
 
-    @property
-    def generation(self) -> EvaluationBlock:
-        """The run's evaluation settings: the defaults of every request."""
-        return EvaluationBlock(**self.evaluation)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (crosses into Ray Serve replicas)."""
-        return asdict(self)
-
-
-def _spec_of_run(run: RunDir) -> RunSpec:
-    if not run.exists("spec.yaml"):
-        raise VrayError(f"{run.uri} has no spec.yaml; is it a vray run directory?")
-    return validate_spec(yaml.safe_load(run.read_text("spec.yaml")))
-
-
-def _serving_of(spec: RunSpec, run: RunDir | None) -> dict[str, Any]:
+def _serving_of(spec: RunSpec, plan: Plan | None) -> ServingBlock:
     """The run's serving block; a replica's GPU kind defaults to the one the run trained on."""
-    serving = spec.serving.model_dump()
-    if serving.get("gpu") is None and run is not None and run.exists("plan.json"):
-        plan = json.loads(run.read_text("plan.json"))
-        if plan.get("device") == "gpu":
-            serving["gpu"] = plan.get("gpu")
-    return serving
+    if spec.serving.gpu is None and plan is not None and plan.device == "gpu":
+        return spec.serving.model_copy(update={"gpu": plan.gpu})
+    return spec.serving
 
 
-def _from_checkpoint(where: Any, spec: RunSpec, label: str, run: RunDir | None = None) -> ServeTarget:
-    info = read_checkpoint_info(where)
-    folder = fetch_checkpoint(str(where))  # a local copy when the run directory is remote
-    adapter = folder if (folder / "adapter_config.json").exists() else None
+def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, label: str | None = None,
+               name: str | None = None) -> ServeTarget:
+    """What serving a run means, from its spec, plan and checkpoint folder (local or remote; fetched here).
+
+    Without a checkpoint (a run not trained yet, as a rendered RayService sees it) the target has no weights of
+    its own: the deployment resolves them when it starts. `name`: the model id when the spec has no name."""
+    info: dict[str, Any] = {}
+    adapter = weights = None
+    if checkpoint is not None:
+        info = read_checkpoint_info(checkpoint)
+        folder = fetch_checkpoint(checkpoint)  # a local copy when the run directory is remote
+        if (folder / "adapter_config.json").exists():
+            adapter = str(folder)
+        else:
+            weights = str(folder)
+        trains_adapter = adapter is not None
+    else:
+        trains_adapter = spec.trainingMode.type == "LoRA"
     return ServeTarget(
-        model_id=spec.name or folder.name,
+        model_id=name or spec.name or Path(checkpoint or "").name,
         architecture=spec.arch.key,
         base_source=spec.model.source or spec.arch.repo_id,
-        adapter=str(adapter) if adapter else None,
-        weights=None if adapter else str(folder),
+        adapter=adapter,
+        weights=weights,
         task=spec.effective_task or info.get("task"),
         system_prompt=spec.systemPrompt,
-        evaluation=spec.evaluation.model_dump(),
+        evaluation=spec.evaluation,
         checkpoint=label,
-        quantization=spec.quantization.model_dump() if (adapter and spec.quantization.enabled) else None,
-        serving=_serving_of(spec, run),
+        quantization=spec.quantization if (trains_adapter and spec.quantization.enabled) else None,
+        serving=_serving_of(spec, plan),
+        stored=checkpoint,
     )
+
+
+def local_on_this_node(target: ServeTarget) -> ServeTarget:
+    """The target with its checkpoint folder on this node: a remote checkpoint is fetched here (once per node).
+
+    The checkpoint was chosen when the target was resolved; a replica never chooses again (`best` may have moved)."""
+    if target.stored is None or "://" not in target.stored:
+        return target
+    folder = str(fetch_checkpoint(target.stored))
+    if target.adapter is not None:
+        return replace(target, adapter=folder)
+    return replace(target, weights=folder)
+
+
+def _folder_name(folder: str) -> str:
+    return folder.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _of_run(record: RunRecord) -> ServeTarget:
+    """A run's best checkpoint, else its latest, else final/."""
+    if record.best is not None:
+        return run_target(record.spec, record.plan, record.best, f"best ({_folder_name(record.best)})")
+    if record.latest is not None:
+        return run_target(record.spec, record.plan, record.latest, f"latest ({_folder_name(record.latest)})")
+    if record.final is not None:
+        return run_target(record.spec, record.plan, record.final, "final")
+    raise VrayError(f"{record.run.uri} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
 
 
 def resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
     """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
-    from dataclasses import replace
-
-    return replace(_resolve_target(path_or_source, architecture, task), reference=path_or_source)
-
-
-def local_on_this_node(target: ServeTarget) -> ServeTarget:
-    """The target with its checkpoint folders on this node: a remote run is fetched here (once per node)."""
-    if target.reference and "://" in target.reference and target.checkpoint != "base":
-        from dataclasses import replace
-
-        fresh = _resolve_target(target.reference)
-        return replace(target, adapter=fresh.adapter, weights=fresh.weights)
-    return target
-
-
-def _resolve_target(path_or_source: str, architecture: str | None = None, task: str | None = None) -> ServeTarget:
-    """The ServeTarget for a run directory, a checkpoint folder, a merged/base model folder, or a model source."""
     p = Path(path_or_source).expanduser()
-    remote = "://" in path_or_source
-    if (remote or p.is_dir()) and RunDir.of(path_or_source).exists("spec.yaml"):  # a run directory
-        run = RunDir.of(path_or_source)
-        spec = _spec_of_run(run)
-        best, latest = run.best_checkpoint(), run.latest_checkpoint()
-        if best is not None:
-            return _from_checkpoint(best, spec, f"best ({str(best).rstrip('/').rsplit('/', 1)[-1]})", run)
-        if latest is not None:
-            return _from_checkpoint(latest, spec, f"latest ({str(latest).rstrip('/').rsplit('/', 1)[-1]})", run)
-        if run.exists(f"final/{CHECKPOINT_MARKER}"):
-            return _from_checkpoint(run.join("final"), spec, "final", run)
-        raise VrayError(f"{path_or_source} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
-    if (remote or p.is_dir()) and RunDir.of(path_or_source).exists(CHECKPOINT_MARKER):  # a checkpoint inside a run
-        here = RunDir.of(path_or_source).uri
-        for root in (here.rsplit("/", 2)[0], here.rsplit("/", 1)[0]):
-            if RunDir.of(root).exists("spec.yaml"):
-                return _from_checkpoint(here, _spec_of_run(RunDir.of(root)), here.rsplit("/", 1)[-1], RunDir.of(root))
-        raise VrayError(f"{path_or_source} is a checkpoint outside its run directory (no spec.yaml beside it)")
+    if "://" in path_or_source or p.is_dir():
+        here = RunDir.of(path_or_source)
+        if here.exists("spec.yaml"):  # a run directory
+            return _of_run(RunRecord.read(here))
+        if here.exists(CHECKPOINT_MARKER):  # a checkpoint inside a run: checkpoints/step-N or final
+            for root in (here.uri.rsplit("/", 2)[0], here.uri.rsplit("/", 1)[0]):
+                if RunDir.of(root).exists("spec.yaml"):
+                    record = RunRecord.read(root)
+                    return run_target(record.spec, record.plan, here.uri, _folder_name(here.uri))
+            raise VrayError(f"{path_or_source} is a checkpoint outside its run directory (no spec.yaml beside it)")
     # A base or merged model: architecture from the registry by model_type, defaults from the registry.
     arch = _architecture_for(p, path_or_source, architecture)
     return ServeTarget(
@@ -142,7 +140,7 @@ def _resolve_target(path_or_source: str, architecture: str | None = None, task: 
         weights=None,
         task=task,
         system_prompt=DEFAULT_SYSTEM_PROMPTS.get(task) if task else None,
-        evaluation=EvaluationBlock().model_dump(),
+        evaluation=EvaluationBlock(),
         checkpoint="base",
     )
 

@@ -178,20 +178,15 @@ def rayjob(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None, run_
 
 def rayservice(plan: Plan, spec: RunSpec, opts: RenderOptions, run_uri: str, run_name: str) -> dict[str, Any]:
     """A RayService serving the trained run (`<output>/<name>`) with the run's serving block."""
-    from vray.infer.target import ServeTarget
+    from vray.infer.target import run_target
     from vray.plan.gpus import gpu as gpu_named
-    from vray.serve.config import vray_application
-    from vray.serve.options import ServeOptions
+    from vray.serve.config import AppArgs, vray_application
 
-    serving = spec.serving.model_dump()
-    if serving.get("gpu") is None and plan.device == "gpu":
-        serving["gpu"] = plan.gpu
-    target = ServeTarget(model_id=run_name, architecture=spec.arch.key, base_source=spec.model.source or spec.arch.repo_id,
-                         adapter=None, weights=None, task=spec.effective_task, system_prompt=spec.systemPrompt,
-                         evaluation=spec.evaluation.model_dump(), quantization=spec.quantization.model_dump()
-                         if spec.quantization.enabled else None, serving=serving)
-    options = ServeOptions.resolve(target)
-    application = vray_application(run_uri, target, options, {})
+    # The run is not trained yet: the target has no checkpoint; the deployment resolves the run when it starts.
+    app = AppArgs(target=run_uri)
+    target = run_target(spec, plan, name=run_name)
+    options = app.options(target, api_key=None)
+    application = vray_application(app, options)
     serve_config = {"applications": [application]}
     s = options.serving
     replica = options.replica

@@ -13,7 +13,7 @@ from vray.archs.registry import Architecture
 from vray.errors import VrayError
 from vray.fs import filesystem
 from vray.models.quantized import keep_4bit_layout
-from vray.spec import LoraBlock, MediaBlock
+from vray.spec import LoraBlock, MediaBlock, QuantizationBlock
 
 DTYPES = {"BFloat16": torch.bfloat16, "Float16": torch.float16, "Float32": torch.float32}
 
@@ -146,7 +146,7 @@ def check_device_precision(precision: str, device: torch.device) -> None:
         raise VrayError("compute.precisionType: this GPU has no bfloat16 support (pre-Ampere); use Float16")
 
 
-def load_model(path: Path, arch: Architecture, precision: str, quantization: dict[str, Any] | None = None,
+def load_model(path: Path, arch: Architecture, precision: str, quantization: QuantizationBlock | None = None,
                device: torch.device | None = None) -> nn.Module:
     """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked)."""
     from transformers import AutoModelForImageTextToText
@@ -159,12 +159,12 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: dic
     device = device or torch.device("cpu")
     check_device_precision(precision, device)
     kwargs: dict[str, Any] = {"dtype": DTYPES[precision]}
-    if quantization and quantization.get("enabled"):
+    if quantization is not None and quantization.enabled:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=quantization.get("type", "NF4").lower(),
+            bnb_4bit_quant_type=quantization.type.lower(),
             bnb_4bit_compute_dtype=DTYPES[precision],
             bnb_4bit_use_double_quant=True,
             # Keep the vision tower, projector and LM head in the compute dtype (matched from the module name's start).
@@ -254,7 +254,7 @@ def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False)
     return model
 
 
-def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: dict[str, Any] | None,
+def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: QuantizationBlock | None,
                          lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
                          train_vision: bool = False) -> tuple[nn.Module, torch.dtype | None]:
     """The model ready to train, and the autocast dtype its forward runs under (None: no autocast).

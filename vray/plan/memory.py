@@ -194,24 +194,29 @@ def _adafactor_elems(shape: tuple[int, ...]) -> int:
     return lead * shape[-2] + lead * shape[-1]
 
 
+@lru_cache(maxsize=64)
+def base_weight_bytes(profile: ArchProfile, p: int, four_bit: bool) -> int:
+    """Bytes of a checkpoint's weights held at `p` bytes per element; with `four_bit`, as the 4-bit base of QLoRA
+    (and of serving a QLoRA adapter) stores them: the language model's Linear weights in bitsandbytes 4-bit, the
+    vision tower, projector, LM head, embeddings, norms and biases at `p` (vray.models.loader)."""
+    quantize = {f"{lin.name}.weight" for lin in profile.linears if profile.role(lin.name) == "language"} if four_bit else set()
+    return sum(quantized_bytes(t.numel) if t.name in quantize else t.numel * p for t in profile.tensors)
+
+
 @lru_cache(maxsize=4096)
 def param_split(profile: ArchProfile, w: Workload) -> ParamSplit:
     """Which parameters train and what the frozen ones occupy."""
-    quantize: set[str] = set()
-    if w.mode == "qlora":
-        quantize = {f"{lin.name}.weight" for lin in profile.linears if profile.role(lin.name) == "language"}
     frozen = trainable = tensors = ada = 0
-    for t in profile.tensors:
-        role = profile.role(t.name)
-        trains = w.mode == "full" and (role != "vision" or w.train_vision)
-        if trains:
-            trainable += t.numel
-            tensors += 1
-            ada += _adafactor_elems(t.shape)
-        elif t.name in quantize:
-            frozen += quantized_bytes(t.numel)
-        else:
-            frozen += t.numel * w.p
+    if w.mode == "full":
+        for t in profile.tensors:
+            if profile.role(t.name) != "vision" or w.train_vision:
+                trainable += t.numel
+                tensors += 1
+                ada += _adafactor_elems(t.shape)
+            else:
+                frozen += t.numel * w.p
+    else:  # adapters train: every base weight is frozen, 4-bit under QLoRA
+        frozen = base_weight_bytes(profile, w.p, w.mode == "qlora")
     targets = 0
     if w.mode in ("lora", "qlora"):
         selection = _lora_selection(profile, w)

@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from vray.errors import RequestError, VrayError
+from vray.infer.engine import ChatResult, RequestFailure, grounding_messages
 from vray.infer.target import ServeTarget
+from vray.serve.config import AppArgs
 from vray.serve.options import ServeOptions
 
 api = FastAPI(title="vray", description="OpenAI-compatible endpoint of a vray fine-tune")
@@ -40,9 +41,13 @@ def _error(status: int, message: str, kind: str | None = None, param: str | None
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
-def _usage(out: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+def _failed(failure: RequestFailure) -> JSONResponse:
+    return _error(failure.status, failure.message)
+
+
+def _usage(result: ChatResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
 class _AdapterSlot:
@@ -59,17 +64,17 @@ class _AdapterSlot:
 
 @serve.deployment(name="ModelServer", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class ModelServer:
-    """Holds the model; answers chat and grounding requests. Bad requests come back as errors, never crashes."""
+    """Holds the model; answers chat and grounding requests. Bad requests come back as RequestFailures, never crashes."""
 
-    def __init__(self, target: dict[str, Any], options: dict[str, Any]):
+    def __init__(self, target: ServeTarget, options: ServeOptions):
         from ray.serve import metrics
 
         from vray.infer.engine import ModelEngine
         from vray.infer.target import local_on_this_node
         from vray.serve.adapters import AdapterCatalog
 
-        self.target = local_on_this_node(ServeTarget(**target))  # a replica may run on another node than the builder
-        self.options = ServeOptions.from_args(options)
+        self.target = local_on_this_node(target)  # a replica may run on another node than the builder
+        self.options = options
         gpus = self.options.replica.num_gpus
         self.engine = ModelEngine(self.target, allowed_image_hosts=self.options.allowed_image_hosts,
                                   limits=self.options.limits, device_map="auto" if gpus > 1 else None)
@@ -112,14 +117,6 @@ class ModelServer:
         if started is not None:
             self.m_latency.observe(time.perf_counter() - started, tags={"model": model})
 
-    @staticmethod
-    def _failure(exc: Exception) -> dict[str, Any]:
-        if isinstance(exc, RequestError):
-            return {"error": str(exc), "status": exc.status}
-        if isinstance(exc, VrayError):
-            return {"error": str(exc), "status": 400}
-        return {"error": f"generation failed: {type(exc).__name__}: {exc}", "status": 500}
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, prepared: list[Any]) -> list[Any]:
         self.m_batch.observe(len(prepared))
@@ -131,26 +128,26 @@ class ModelServer:
         return (await asyncio.to_thread(self.engine.generate, [prepared]))[0]
 
     # ---- methods the ingress calls ---------------------------------------------------------------
-    async def chat(self, payload: dict[str, Any], model: str, want_boxes: bool | None = None) -> dict[str, Any]:
+    async def chat(self, payload: dict[str, Any], model: str, want_boxes: bool | None = None) -> ChatResult | RequestFailure:
         """One chat completion from an OpenAI-format payload."""
         started = time.perf_counter()
         try:
             result = await self._generate(await self._prepare(payload, want_boxes))
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the replica down
-            failure = self._failure(exc)
-            self._count(model, "rejected" if failure["status"] < 500 else "failed")
+            failure = RequestFailure.of(exc)
+            self._count(model, "rejected" if failure.status < 500 else "failed")
             return failure
         self._count(model, "ok", result, started)
-        return result.to_dict()
+        return result
 
-    async def chat_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[dict[str, Any]]:
-        """Text pieces (`{"delta"}`) then `{"done": result}`; a first `{"error"}` instead when the request is bad."""
+    async def chat_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[str | ChatResult | RequestFailure]:
+        """Text pieces then the ChatResult; a RequestFailure first when the request is bad, or last when generation fails."""
         started = time.perf_counter()
         try:
             prepared = await self._prepare(payload)
         except Exception as exc:  # noqa: BLE001
             self._count(model, "rejected")
-            yield self._failure(exc)
+            yield RequestFailure.of(exc)
             return
         pieces = self.engine.stream(prepared)
         end = object()
@@ -159,24 +156,20 @@ class ModelServer:
                 item = await asyncio.to_thread(next, pieces, end)
             except Exception as exc:  # noqa: BLE001
                 self._count(model, "failed")
-                yield self._failure(exc)
+                yield RequestFailure.of(exc)
                 return
             if item is end:
                 return
-            if isinstance(item, str):
-                yield {"delta": item}
-            else:
+            if isinstance(item, ChatResult):
                 self._count(model, "ok", item, started)
-                yield {"done": item.to_dict()}
+            yield item
 
-    async def ground(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
+    async def ground(self, payload: dict[str, Any], model: str) -> ChatResult | RequestFailure:
         """Boxes for `{image, phrase}`."""
         image, phrase = payload.get("image"), payload.get("phrase")
         if not isinstance(image, str) or not isinstance(phrase, str) or not phrase.strip():
-            return {"error": "ground: 'image' (a data: URL or base64) and a non-empty 'phrase' are required", "status": 400}
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                 {"type": "text", "text": f"Locate the {phrase.strip()}."}]}]
-        return await self.chat({**payload, "messages": messages}, model, want_boxes=True)
+            return RequestFailure("ground: 'image' (a data: URL or base64) and a non-empty 'phrase' are required", 400)
+        return await self.chat({**payload, "messages": grounding_messages(image, phrase.strip())}, model, want_boxes=True)
 
     def adapters(self) -> list[str]:
         """Adapter names this deployment can load."""
@@ -196,10 +189,10 @@ class ModelServer:
 class Ingress:
     """HTTP: POST /v1/chat/completions, POST /v1/ground, GET /v1/models, GET /healthz."""
 
-    def __init__(self, server: DeploymentHandle, target: dict[str, Any], options: dict[str, Any]):
+    def __init__(self, server: DeploymentHandle, target: ServeTarget, options: ServeOptions):
         self.server = server
-        self.target = ServeTarget(**target)
-        self.options = ServeOptions.from_args(options)
+        self.target = target
+        self.options = options
         self.model_id = self.target.model_id
         self.base_id = self.target.base_id
         self.api_key = self.options.api_key
@@ -241,7 +234,7 @@ class Ingress:
             return _error(400, "the request body must be a JSON object")
         return payload
 
-    async def _call(self, method: str, payload: dict[str, Any], adapter: str | None) -> dict[str, Any]:
+    async def _call(self, method: str, payload: dict[str, Any], adapter: str | None) -> ChatResult | RequestFailure:
         """Call the model server; a replica that dies mid-request is retried once on another."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
@@ -252,7 +245,7 @@ class Ingress:
                 return await getattr(handle, method).remote(payload, model)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
                 if attempt == 2:
-                    return {"error": f"the model replica failed twice ({type(exc).__name__}); retry later", "status": 503}
+                    return RequestFailure(f"the model replica failed twice ({type(exc).__name__}); retry later", 503)
         raise AssertionError("unreachable")
 
     # ---- routes ----------------------------------------------------------------------------------
@@ -286,12 +279,12 @@ class Ingress:
         if payload.get("stream"):
             return await self._stream(payload, adapter, model)
         out = await self._call("chat", payload, adapter)
-        if "error" in out:
-            return _error(out["status"], out["error"])
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                                  "finish_reason": out["finish_reason"]}
-        if out["boxes"] or self.target.task == "phrase_grounding":
-            choice["boxes"] = out["boxes"]
+        if isinstance(out, RequestFailure):
+            return _failed(out)
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out.text},
+                                  "finish_reason": out.finish_reason}
+        if out.boxes or self.target.task == "phrase_grounding":
+            choice["boxes"] = out.boxes
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": [choice], "usage": _usage(out)}
 
@@ -299,8 +292,8 @@ class Ingress:
         handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
         events = handle.chat_stream.remote(payload, f"{self.base_id}:{adapter}" if adapter else self.model_id)
         first = await events.__anext__()
-        if "error" in first:
-            return _error(first["status"], first["error"])
+        if isinstance(first, RequestFailure):
+            return _failed(first)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
 
@@ -313,16 +306,15 @@ class Ingress:
             yield chunk({"role": "assistant", "content": ""})
             item = first
             while True:
-                if "delta" in item:
-                    yield chunk({"content": item["delta"]})
-                elif "done" in item:
-                    done = item["done"]
-                    extra = {"boxes": done["boxes"]} if done["boxes"] else {}
-                    yield chunk({}, done["finish_reason"], **extra)
+                if isinstance(item, str):
+                    yield chunk({"content": item})
+                elif isinstance(item, ChatResult):
+                    extra = {"boxes": item.boxes} if item.boxes else {}
+                    yield chunk({}, item.finish_reason, **extra)
                     if include_usage:
-                        yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(done)})}\n\n"
-                else:  # an error after the stream started: report it in-band, as OpenAI does
-                    yield f"data: {json.dumps({'error': {'message': item['error'], 'code': item['status']}})}\n\n"
+                        yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(item)})}\n\n"
+                else:  # a failure after the stream started: report it in-band, as OpenAI does
+                    yield f"data: {json.dumps({'error': {'message': item.message, 'code': item.status}})}\n\n"
                     break
                 try:
                     item = await events.__anext__()
@@ -341,34 +333,24 @@ class Ingress:
         if isinstance(adapter, JSONResponse):
             return adapter
         out = await self._call("ground", payload, adapter)
-        if "error" in out:
-            return _error(out["status"], out["error"])
-        return {"boxes": out["boxes"], "text": out["text"]}
+        if isinstance(out, RequestFailure):
+            return _failed(out)
+        return {"boxes": out.boxes, "text": out.text}
 
 
 def build_app(target: ServeTarget, options: ServeOptions) -> Any:
-    """The Serve application for one target."""
-    args = options.to_args()
-    server = ModelServer.options(**options.deployment_options()).bind(target.to_dict(), args)
-    return Ingress.bind(server, target.to_dict(), args)
+    """The Serve application for one resolved target (Serve pickles the bound objects into each replica)."""
+    server = ModelServer.options(**options.deployment_options()).bind(target, options)
+    return Ingress.bind(server, target, options)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Ray Serve application builder. `args`: `target` (run directory, checkpoint, model folder or source), and
-    optionally `architecture`, `task`, `api_key_env` (the variable holding the key; default VRAY_API_KEY),
-    `allowed_image_hosts`, `adapters {name: run}`, `adapters_dir`, `serving {<serving block keys>}`."""
+    """Ray Serve application builder. `args` are a Serve config's (vray.serve.config.AppArgs): `target` (run
+    directory, checkpoint, model folder or source), and optionally `architecture`, `task`, `api_key_env` (the
+    variable holding the key; default VRAY_API_KEY), `allowed_image_hosts`, `adapters {name: run}`, `adapters_dir`,
+    `serving {<serving block keys>}`. The target is resolved here, once."""
     from vray.infer.target import resolve_target
 
-    known = {"target", "architecture", "task", "api_key_env", "allowed_image_hosts", "adapters", "adapters_dir", "serving"}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise VrayError(f"vray.serve.app:app_builder args: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if "target" not in args:
-        raise VrayError("vray.serve.app:app_builder args: 'target' (a run directory, checkpoint or model) is required")
-    target = resolve_target(str(args["target"]), architecture=args.get("architecture"), task=args.get("task"))
-    options = ServeOptions.resolve(
-        target, args.get("serving"), api_key=os.environ.get(args.get("api_key_env") or "VRAY_API_KEY") or None,
-        allowed_image_hosts=args.get("allowed_image_hosts"), adapters=args.get("adapters"),
-        adapters_dir=args.get("adapters_dir"),
-    )
-    return build_app(target, options)
+    app = AppArgs.from_config(args)
+    target = resolve_target(app.target, architecture=app.architecture, task=app.task)
+    return build_app(target, app.options(target, api_key=os.environ.get(app.api_key_env) or None))

@@ -1,12 +1,13 @@
-"""Ray Serve config files from a run: vray's own application, or a vLLM application through `ray.serve.llm`.
+"""Ray Serve config files: the vray application's arguments (`AppArgs`), its `applications:` entry, and reading,
+writing and checking whole configs.
 
-Both are the standard `applications: [...]` format that `serve run`, `serve deploy`, `vray serve --config` and a
-KubeRay RayService's `serveConfigV2` accept.
+They are the standard `applications: [...]` format that `serve run`, `serve deploy`, `vray serve --config` and a
+KubeRay RayService's `serveConfigV2` accept (the vLLM application is in vray.serve.vllm).
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,56 @@ from vray.errors import VrayError
 from vray.infer.target import ServeTarget
 from vray.serve.options import ServeOptions
 
-APP_NAME = "vray"
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's max_lora_rank accepts
+APP_NAME = "vray"  # the Serve application of `vray serve` (and of its vLLM engine)
 
 
-def vray_application(target_ref: str, target: ServeTarget, options: ServeOptions, args: dict[str, Any]) -> dict[str, Any]:
-    """One `applications:` entry serving `target_ref` with vray's transformers model server."""
+@dataclass(frozen=True)
+class AppArgs:
+    """What the vray application serves and how: `vray serve`'s flags, and the `args:` of a Serve config's
+    `vray.serve.app:app_builder` application, in one vocabulary."""
+
+    target: str  # run directory, checkpoint, model folder or model source
+    architecture: str | None = None  # NAME:SIZE, for a hub model
+    task: str | None = None  # task of a base model
+    api_key_env: str = "VRAY_API_KEY"  # the variable holding the API key (a config file keeps no secrets)
+    allowed_image_hosts: tuple[str, ...] = ()
+    adapters: dict[str, str] = field(default_factory=dict)  # extra adapter name -> run directory
+    adapters_dir: str | None = None  # folder or s3:// prefix of runs of the same base
+    serving: dict[str, Any] = field(default_factory=dict)  # overrides of the run's serving block
+
+    @classmethod
+    def from_config(cls, args: dict[str, Any]) -> AppArgs:
+        """The `args:` of a Serve config's application, checked."""
+        known = sorted(f.name for f in fields(cls))
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise VrayError(f"vray.serve.app:app_builder args: unknown key(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(known)}")
+        if "target" not in args:
+            raise VrayError("vray.serve.app:app_builder args: 'target' (a run directory, checkpoint or model) is required")
+        return cls(target=str(args["target"]), architecture=args.get("architecture"), task=args.get("task"),
+                   api_key_env=args.get("api_key_env") or "VRAY_API_KEY",
+                   allowed_image_hosts=tuple(args.get("allowed_image_hosts") or ()),
+                   adapters=dict(args.get("adapters") or {}), adapters_dir=args.get("adapters_dir"),
+                   serving=dict(args.get("serving") or {}))
+
+    def to_config(self) -> dict[str, Any]:
+        """The `args:` of a Serve config (what `from_config` reads back); unset keys are left out."""
+        values = {"target": self.target, "api_key_env": self.api_key_env, "architecture": self.architecture,
+                  "task": self.task, "allowed_image_hosts": list(self.allowed_image_hosts), "adapters": self.adapters,
+                  "adapters_dir": self.adapters_dir, "serving": self.serving}
+        return {k: v for k, v in values.items() if v not in (None, {}, [])}
+
+    def options(self, target: ServeTarget, api_key: str | None) -> ServeOptions:
+        """The deployment's options for `target` (what `resolve_target(self.target, ...)` gave)."""
+        return ServeOptions.resolve(target, self.serving, api_key=api_key, allowed_image_hosts=self.allowed_image_hosts,
+                                    adapters=self.adapters, adapters_dir=self.adapters_dir)
+
+
+def vray_application(args: AppArgs, options: ServeOptions) -> dict[str, Any]:
+    """One `applications:` entry serving `args.target` with vray's transformers model server."""
     deployment = {"name": "ModelServer", **options.deployment_options()}
-    app_args = {"target": target_ref, "api_key_env": "VRAY_API_KEY", **{k: v for k, v in args.items() if v not in (None, {}, [], ())}}
-    return {"name": APP_NAME, "route_prefix": "/", "import_path": "vray.serve.app:app_builder", "args": app_args,
+    return {"name": APP_NAME, "route_prefix": "/", "import_path": "vray.serve.app:app_builder", "args": args.to_config(),
             "deployments": [deployment, {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 256,
                                          "ray_actor_options": {"num_cpus": 0}}]}
 
@@ -68,109 +110,3 @@ def read_config(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise VrayError(f"--config {path}: not valid YAML ({exc})") from None
     return validate_serve_config(config, f"--config {path}")
-
-
-# ---- vLLM ------------------------------------------------------------------------------------------
-
-
-def _adapter_config(target: ServeTarget) -> dict[str, Any]:
-    return json.loads((Path(target.adapter) / "adapter_config.json").read_text()) if target.adapter else {}
-
-
-def vllm_merge_reason(target: ServeTarget) -> str | None:
-    """Why vLLM cannot apply this run's adapter as a LoRA (so it must be merged first), or None."""
-    if not target.adapter:
-        return None
-    if target.arch.is_moe:
-        return "vLLM does not apply LoRA to fused MoE experts"
-    cfg = _adapter_config(target)
-    if cfg.get("target_parameters"):
-        return "the adapter trains routed-expert parameters, which vLLM cannot apply as LoRA"
-    if _adapts_vision(target):
-        return "the adapter reaches the vision tower or projector; vLLM applies LoRA to language-model modules only"
-    if target.quantization:
-        return "a QLoRA adapter was trained on a 4-bit base; merge it into the dequantized base"
-    return None
-
-
-def _adapts_vision(target: ServeTarget) -> bool:
-    """Whether the adapter's weights reach the vision tower or projector (read from the tensor names: peft keeps only
-    module-name suffixes in adapter_config.json)."""
-    from safetensors import safe_open
-
-    prefixes = tuple(f".{p}." for p in target.arch.vision_modules + target.arch.projector_modules)
-    for file in Path(target.adapter).glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as fh:
-            if any(any(p in f".{key}" for p in prefixes) for key in fh.keys()):
-                return True
-    return False
-
-
-def _lora_rank(target: ServeTarget) -> int:
-    rank = int(_adapter_config(target).get("r", 16))
-    for allowed in VLLM_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise VrayError(f"LoRA rank {rank} is above what vLLM serves ({VLLM_LORA_RANKS[-1]}); merge the adapter instead")
-
-
-def vllm_application(target: ServeTarget, options: ServeOptions, *, merged: str | None = None,
-                     lora_prefix: str | None = None) -> dict[str, Any]:
-    """One `applications:` entry for `ray.serve.llm:build_openai_app` serving the run on vLLM.
-
-    `merged`: a merged export to serve as the model; `lora_prefix`: the s3:// prefix holding `<adapter>/` folders
-    (the run's adapter published there), for runs served as base + LoRA."""
-    replica = options.replica
-    if not replica.num_gpus:
-        raise VrayError("vLLM serves on GPUs: set the serving GPU with --gpu NAME (or serving.gpu in the spec)")
-    serving = options.serving
-    engine: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": serving.maxModelLen,
-                              "tensor_parallel_size": replica.tensor_parallel,
-                              "limit_mm_per_prompt": {"image": serving.maxImages, "video": 0}}
-    loading: dict[str, Any] = {"model_id": target.model_id}
-    config: dict[str, Any] = {"model_loading_config": loading, "engine_kwargs": engine,
-                              "accelerator_type": replica.ray_actor_options().get("accelerator_type"),
-                              "deployment_config": {"autoscaling_config": options.autoscaling_config(),
-                                                    "max_ongoing_requests": max(64, options.max_ongoing_requests())}}
-    if merged:
-        loading["model_source"] = merged
-    elif target.adapter:
-        reason = vllm_merge_reason(target)
-        if reason:
-            raise VrayError(f"{reason}; write the config with --merge (vray merges the adapter into its base first)")
-        if not lora_prefix:
-            raise VrayError("vLLM loads LoRA adapters from cloud storage (s3://, gs://); give --lora-prefix s3://... "
-                            "(vray copies the adapter there), or --merge to serve a merged checkpoint")
-        loading.update(model_id=target.base_id, model_source=target.base_source)
-        engine.update(enable_lora=True, max_lora_rank=_lora_rank(target), max_loras=serving.maxAdapters)
-        config["lora_config"] = {"dynamic_lora_loading_path": lora_prefix.rstrip("/"),
-                                 "max_num_adapters_per_replica": serving.maxAdapters}
-    else:
-        loading["model_source"] = target.weights or target.base_source
-    if config["accelerator_type"] is None:
-        del config["accelerator_type"]
-    return {"name": APP_NAME, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
-            "args": {"llm_configs": [config]}}
-
-
-def validate_llm_configs(application: dict[str, Any]) -> None:
-    """Check a vLLM application's `llm_configs` against Ray Serve LLM's own schema (importable without vLLM)."""
-    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
-
-    for i, cfg in enumerate(application["args"]["llm_configs"]):
-        try:
-            LLMConfig.model_validate(cfg)
-        except Exception as exc:  # noqa: BLE001
-            raise VrayError(f"llm_configs[{i}] is not a valid ray.serve.llm LLMConfig:\n{exc}") from None
-
-
-def publish_adapter(target: ServeTarget, prefix: str, name: str) -> str:
-    """Copy the run's adapter to `<prefix>/<name>/`, where Ray Serve LLM looks for LoRA `name`."""
-    import fsspec
-
-    dest = f"{prefix.rstrip('/')}/{name}"
-    fs, path = fsspec.core.url_to_fs(dest)
-    for file in Path(target.adapter).iterdir():
-        if file.is_file():
-            fs.put_file(str(file), f"{path}/{file.name}")
-    return dest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from vray.errors import VrayError
@@ -54,17 +54,13 @@ def replica_size(target: ServeTarget, serving: ServingBlock) -> ReplicaSize:
     if not serving.gpu:
         return ReplicaSize(num_cpus=serving.replicaCpus, num_gpus=0, gpu=None)
     from vray.plan.gpus import gpu as gpu_named
-    from vray.plan.memory import margin_bytes, quantized_bytes
+    from vray.plan.memory import base_weight_bytes, margin_bytes
     from vray.plan.profile import arch_profile
 
     kind = gpu_named(serving.gpu)
     profile = arch_profile(target.arch)
-    quantized = bool(target.quantization and target.quantization.get("enabled"))
-    if quantized:  # the 4-bit base keeps vision tower, projector and LM head in bf16 (vray.models.loader)
-        weights = sum(2 * t.numel if profile.role(t.name) != "language" or t.numel < 4096 else quantized_bytes(t.numel)
-                      for t in profile.tensors)
-    else:
-        weights = 2 * profile.total_params
+    # bf16 weights; a QLoRA adapter's base is 4-bit exactly as the planner counts it for training
+    weights = base_weight_bytes(profile, 2, four_bit=target.quantization is not None)
     text = profile.text
     full_layers = sum(1 for k in text.layer_kinds if k == "full_attention") or text.layers
     kv_per_token = 2 * full_layers * text.kv_heads * text.head_dim * 2  # K and V, bf16
@@ -94,13 +90,6 @@ class ServeOptions:
     adapters: dict[str, str] = field(default_factory=dict)  # extra adapter name -> run dir / checkpoint
     adapters_dir: str | None = None  # a folder (or s3:// prefix) whose sub-folders are runs of the same base
 
-    @classmethod
-    def from_args(cls, d: dict[str, Any]) -> ServeOptions:
-        """Read back `to_args()` (inside the replicas)."""
-        return cls(serving=ServingBlock(**d["serving"]), replica=ReplicaSize(**d["replica"]), api_key=d.get("api_key"),
-                   allowed_image_hosts=tuple(d.get("allowed_image_hosts") or ()), adapters=dict(d.get("adapters") or {}),
-                   adapters_dir=d.get("adapters_dir"))
-
     @property
     def max_body_bytes(self) -> int:
         """Bytes one request body may have."""
@@ -111,7 +100,7 @@ class ServeOptions:
         """The run's serving block with `serving` overrides on top; the replica sized for it."""
         # None leaves the run's value, except for `gpu`, where it means "serve on CPU"
         given = {k: v for k, v in (serving or {}).items() if v is not None or k == "gpu"}
-        merged = {**(target.serving or {}), **given}
+        merged = {**(target.serving.model_dump() if target.serving else {}), **given}
         try:
             block = ServingBlock(**merged)
         except Exception as exc:  # noqa: BLE001 - pydantic names the field
@@ -126,9 +115,7 @@ class ServeOptions:
     @property
     def limits(self) -> Limits:
         """What one request may carry."""
-        s = self.serving
-        return Limits(max_images=s.maxImages, max_image_bytes=int(s.maxImageMB * 1024 * 1024),
-                      max_image_pixels=s.maxImagePixels)
+        return Limits.of(self.serving)
 
     def autoscaling_config(self) -> dict[str, Any]:
         """Ray Serve `autoscaling_config` of the ModelServer deployment."""
@@ -145,9 +132,3 @@ class ServeOptions:
         """`.options(...)` of the ModelServer deployment (the same keys a Serve config's `deployments:` takes)."""
         return {"autoscaling_config": self.autoscaling_config(), "max_ongoing_requests": self.max_ongoing_requests(),
                 "ray_actor_options": self.replica.ray_actor_options()}
-
-    def to_args(self) -> dict[str, Any]:
-        """Plain data for the replicas."""
-        d = asdict(self)
-        d["serving"] = self.serving.model_dump()
-        return d

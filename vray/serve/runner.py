@@ -13,10 +13,10 @@ from rich.console import Console
 from vray.cluster import ensure_ray, running_cluster_address, start_persistent_head
 from vray.errors import VrayError
 from vray.infer.target import ServeTarget
+from vray.serve.config import APP_NAME
 from vray.serve.options import ServeOptions
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-APP_NAME = "vray"
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ class Recipe:
         weights = restore if (full and restore is not None) else self.model_path
         model, self.autocast_dtype = prepare_for_training(
             weights, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
-            self.spec.quantization.model_dump(), self.spec.lora, self.device, self.plan.gradient_checkpointing,
+            self.spec.quantization, self.spec.lora, self.device, self.plan.gradient_checkpointing,
             train_vision=self.spec.full.trainVision,
         )
         model.train()

@@ -1,0 +1,127 @@
+"""`vray serve` as steps: its flags become AppArgs, the target is resolved once, then a Serve config is written,
+or the target is deployed with vray's model server or on vLLM; a Serve config file deploys as it is.
+
+Progress goes to the caller's console (stderr); what a step returns (a written file, a URL) is the caller's to print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from vray.errors import VrayError
+from vray.serve import runner
+from vray.serve.config import AppArgs
+
+ENGINES = ("transformers", "vllm")
+
+
+def _absolute(ref: str) -> str:
+    """A local path made absolute (a Serve config is read elsewhere); a URI as it is."""
+    return ref if "://" in ref else str(Path(ref).expanduser().resolve())
+
+
+def serving_overrides(items: list[str], min_replicas: int | None = None, max_replicas: int | None = None,
+                      max_batch_size: int | None = None, gpu: str | None = None) -> dict[str, Any]:
+    """The serving-block overrides of `--serving KEY=VALUE` and the shorthand flags (which win)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise VrayError(f"--serving {item!r}: use KEY=VALUE (keys of the spec's serving block)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    overrides.update({k: v for k, v in {"minReplicas": min_replicas, "maxReplicas": max_replicas,
+                                         "maxBatchSize": max_batch_size}.items() if v is not None})
+    if gpu is not None:
+        overrides["gpu"] = None if gpu.lower() in ("none", "cpu", "") else gpu
+    return overrides
+
+
+def named_adapters(items: list[str]) -> dict[str, str]:
+    """`--adapter NAME=RUN` flags as {name: run}, local runs made absolute."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, where = item.partition("=")
+        if not sep or not name or not where:
+            raise VrayError(f"--adapter {item!r}: use NAME=RUN_DIR")
+        named[name] = _absolute(where)
+    return named
+
+
+def app_args(target: str, architecture: str | None = None, task: str | None = None,
+             allowed_image_hosts: tuple[str, ...] = (), adapters: dict[str, str] | None = None,
+             adapters_dir: str | None = None, serving: dict[str, Any] | None = None) -> AppArgs:
+    """The application `vray serve TARGET ...` deploys, local paths made absolute (model sources stay as they are)."""
+    local = not target.startswith("tiny:") and Path(target).expanduser().exists()
+    return AppArgs(target=_absolute(target) if local else target, architecture=architecture, task=task,
+                   allowed_image_hosts=tuple(allowed_image_hosts), adapters=dict(adapters or {}),
+                   adapters_dir=None if adapters_dir is None else _absolute(adapters_dir), serving=dict(serving or {}))
+
+
+@dataclass(frozen=True)
+class Served:
+    """What `serve` did, for the caller to print: a written config, or where the model answers now."""
+
+    written: Path | None = None
+    url: str | None = None
+
+
+def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, detach: bool = False, insecure: bool = False, verbose: bool = False,
+          merge: bool = False, lora_prefix: str | None = None, write_config: Path | None = None,
+          console: Console) -> Served:
+    """Resolve `app.target` once, then write its Serve config (`write_config`), deploy it detached, or serve it
+    until Ctrl-C. `given`: the target as the user wrote it (for the config's header)."""
+    from vray.infer.target import resolve_target
+    from vray.serve.config import serve_config, vray_application
+
+    if engine not in ENGINES:
+        raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
+    target = resolve_target(app.target, architecture=app.architecture, task=app.task)
+    options = app.options(target, api_key)
+    if engine == "vllm":
+        from vray.serve.vllm import vllm_app_for_run
+
+        application = vllm_app_for_run(app.target, target, options, merge, lora_prefix, console.print)
+    else:
+        application = vray_application(app, options)
+    if write_config is not None:
+        from vray.serve.config import write_config as write
+
+        out = write(write_config, serve_config([application], host, port), f"vray serve {given} --write-config")
+        console.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
+        return Served(written=out)
+    if engine == "vllm":
+        if api_key or (host not in runner.LOOPBACK and not insecure):
+            raise VrayError("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your "
+                            "own gateway, or pass --insecure to expose it without one")
+        urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
+        if not detach:
+            runner.block_until_interrupted(f"{target.model_id} on vLLM at {urls[0]}", console, (application["name"],))
+        return Served(url=urls[0])
+    console.print(f"deploying {target.model_id} ({target.checkpoint}) ...")
+    endpoint = runner.deploy(target, options, host=host, port=port, detach=detach, insecure=insecure, verbose=verbose)
+    if detach:
+        console.print(f"serving {endpoint.model_id} at {endpoint.url}; stop with `serve shutdown -y` (and `ray stop`)")
+    else:
+        runner.block_until_interrupted(f"{endpoint.model_id} at {endpoint.url}", console)
+    return Served(url=endpoint.url)
+
+
+def serve_config_file(path: Path, *, detach: bool = False, insecure: bool = False, verbose: bool = False,
+                      console: Console) -> list[str]:
+    """Deploy a Serve config file's applications as they are; block until Ctrl-C unless `detach`. Their URLs."""
+    from vray.serve.config import read_config
+
+    config = read_config(path)
+    names = tuple(a["name"] for a in config["applications"])
+    urls = runner.deploy_config(config, detach=detach, insecure=insecure, verbose=verbose)
+    if detach:
+        console.print(f"deployed {', '.join(names)}; stop with `serve shutdown -y` (and `ray stop`)")
+    else:
+        runner.block_until_interrupted(f"{', '.join(names)} at {', '.join(urls)}", console, names)
+    return urls

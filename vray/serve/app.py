@@ -215,6 +215,16 @@ class Ingress:
         return _error(404, f"model {model!r} is not served here; use {self.model_id!r}, or '{self.base_id}:<adapter>' "
                            "for an adapter of the same base (GET /v1/models lists them)", "not_found_error", "model")
 
+    async def _accept(self, request: Request) -> tuple[dict[str, Any], str | None] | JSONResponse:
+        """The request's JSON body and the adapter its `model` names, or the error response that refuses it."""
+        payload = await self._payload(request)
+        if isinstance(payload, JSONResponse):
+            return payload
+        adapter = self._route(payload.get("model"))
+        if isinstance(adapter, JSONResponse):
+            return adapter
+        return payload, adapter
+
     async def _payload(self, request: Request) -> dict[str, Any] | JSONResponse:
         """The JSON body of an authorised request of acceptable size, or the error response."""
         if (denied := self._unauthorized(request)) is not None:
@@ -267,12 +277,10 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        payload = await self._payload(request)
-        if isinstance(payload, JSONResponse):
-            return payload
-        adapter = self._route(payload.get("model"))
-        if isinstance(adapter, JSONResponse):
-            return adapter
+        accepted = await self._accept(request)
+        if isinstance(accepted, JSONResponse):
+            return accepted
+        payload, adapter = accepted
         if payload.get("n", 1) != 1:
             return _error(400, "n: only one choice per request is supported", param="n")
         model = payload.get("model") or self.model_id
@@ -326,12 +334,10 @@ class Ingress:
 
     @api.post("/v1/ground")
     async def ground(self, request: Request) -> Any:
-        payload = await self._payload(request)
-        if isinstance(payload, JSONResponse):
-            return payload
-        adapter = self._route(payload.get("model"))
-        if isinstance(adapter, JSONResponse):
-            return adapter
+        accepted = await self._accept(request)
+        if isinstance(accepted, JSONResponse):
+            return accepted
+        payload, adapter = accepted
         out = await self._call("ground", payload, adapter)
         if isinstance(out, RequestFailure):
             return _failed(out)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vray.errors import VrayError
+from vray.fs import filesystem
 from vray.infer.target import ServeTarget
 from vray.serve.config import APP_NAME
 from vray.serve.options import ServeOptions
@@ -110,10 +111,8 @@ def validate_llm_configs(application: dict[str, Any]) -> None:
 
 def publish_adapter(target: ServeTarget, prefix: str, name: str) -> str:
     """Copy the run's adapter to `<prefix>/<name>/`, where Ray Serve LLM looks for LoRA `name`."""
-    import fsspec
-
     dest = f"{prefix.rstrip('/')}/{name}"
-    fs, path = fsspec.core.url_to_fs(dest)
+    fs, path = filesystem(dest)
     for file in Path(target.adapter).iterdir():
         if file.is_file():
             fs.put_file(str(file), f"{path}/{file.name}")

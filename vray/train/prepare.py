@@ -16,7 +16,7 @@ from rich.console import Console
 
 from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan
-from vray.spec import RunSpec, require_for_training
+from vray.spec import RunSpec, require_for_training, token_budget
 from vray.storage.rundir import RunDir, require_shared_storage
 from vray.train.loop import WorkerConfig
 
@@ -48,15 +48,6 @@ def data_paths(spec: RunSpec) -> tuple[str, str | None]:
         eval_path = str(synthetic.split_paths(eval_path)[1])
     local = lambda p: p if (p is None or "://" in p) else str(Path(p).expanduser().resolve())  # noqa: E731
     return local(train), local(eval_path)
-
-
-def token_budget(spec: RunSpec) -> int:
-    """The most tokens one sample may take: data.maxTokens, else the model's context length."""
-    if spec.data.maxTokens:
-        return spec.data.maxTokens
-    cfg = spec.arch.config
-    text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
-    return int(text.get("max_position_embeddings") or 32768)
 
 
 @dataclass(frozen=True)

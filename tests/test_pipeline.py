@@ -11,6 +11,7 @@ from vray.archs import registry
 from vray.data import synthetic
 from vray.data.io import read_samples, write_samples
 from vray.data.pipeline import DataOrder, SampleStream
+from vray.spec import MediaBlock
 from vray.train.loop import CollatorFactory
 
 
@@ -30,7 +31,7 @@ def test_order_is_seeded_complete_and_split_over_ranks():
 
 
 def _factory() -> CollatorFactory:
-    return CollatorFactory("tiny:qwen2_5_vl", None, "qwen2.5vl:3B", "Answer briefly.", {}, None)
+    return CollatorFactory("tiny:qwen2_5_vl", None, registry.get("qwen2.5vl", "3B"), "Answer briefly.", MediaBlock(), None)
 
 
 def _ids(micro_batches) -> list[list[int]]:

@@ -91,6 +91,9 @@ def test_datasets_on_s3_jsonl_and_parquet_with_relative_images(s3_endpoint, tmp_
     write_samples(samples, "s3://vray-test/pq", parquet=True)
     again = read_samples("s3://vray-test/pq").samples
     assert [s.model_dump() for s in again] == [s.model_dump() for s in samples]
+    for uri in ("s3://vray-test/ds/data.jsonl", "s3://vray-test/pq"):  # what a worker reads: only its rows
+        mine = read_samples(uri).kept().read([3, 1])
+        assert {i: s.model_dump() for i, s in mine.items()} == {i: samples[i].model_dump() for i in (1, 3)}
     arch = registry.get("qwen2.5vl", "3B")
     from vray.data.check import check_dataset
 

@@ -11,6 +11,7 @@ from vray.archs import registry
 from vray.data import synthetic
 from vray.data.io import read_samples, write_samples
 from vray.data.pipeline import DataOrder, SampleStream
+from vray.spec import MediaBlock
 from vray.train.loop import CollatorFactory
 
 
@@ -30,7 +31,7 @@ def test_order_is_seeded_complete_and_split_over_ranks():
 
 
 def _factory() -> CollatorFactory:
-    return CollatorFactory("tiny:qwen2_5_vl", None, "qwen2.5vl:3B", "Answer briefly.", {}, None)
+    return CollatorFactory("tiny:qwen2_5_vl", None, registry.get("qwen2.5vl", "3B"), "Answer briefly.", MediaBlock(), None)
 
 
 def _ids(micro_batches) -> list[list[int]]:
@@ -90,6 +91,9 @@ def test_datasets_on_s3_jsonl_and_parquet_with_relative_images(s3_endpoint, tmp_
     write_samples(samples, "s3://vray-test/pq", parquet=True)
     again = read_samples("s3://vray-test/pq").samples
     assert [s.model_dump() for s in again] == [s.model_dump() for s in samples]
+    for uri in ("s3://vray-test/ds/data.jsonl", "s3://vray-test/pq"):  # what a worker reads: only its rows
+        mine = read_samples(uri).kept().read([3, 1])
+        assert {i: s.model_dump() for i, s in mine.items()} == {i: samples[i].model_dump() for i in (1, 3)}
     arch = registry.get("qwen2.5vl", "3B")
     from vray.data.check import check_dataset
 

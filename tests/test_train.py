@@ -117,7 +117,7 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     from vray.storage.rundir import RunDir
 
     resumed = PreparedRun(prepared.spec.model_copy(update={"output": str(tmp_path)}), prepared.plan, RunDir(copy),
-                          prepared.train_path, prepared.eval_path)
+                          prepared.train_path, prepared.eval_path, prepared.data)
     train_local(resumed, resume_from=copy / "checkpoints" / "step-6")
     after = [r for r in RunDir(copy).read_metrics() if "loss" in r]
     assert [r["step"] for r in after] == list(range(1, 19))

@@ -316,8 +316,7 @@ def data_check(
     from vray.archs import registry
     from vray.data.check import check_dataset
     from vray.models.loader import load_processor, resolve_processor_source
-    from vray.spec import validate_spec
-    from vray.train.prepare import token_budget
+    from vray.spec import token_budget, validate_spec
 
     name, _, size = arch.partition(":")
     if not size and name in registry.FAMILIES:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vray.archs.registry import Architecture
-from vray.data.io import read_samples
+from vray.data.io import ReadResult, read_samples
 from vray.data.sample import Sample
 from vray.errors import DataError
 
@@ -142,11 +142,12 @@ def _check_sample(sample: Sample, where: str, arch: Architecture, collator: Any,
 
 def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str | None = None,
                   max_tokens: int | None = None, max_frames: int | None = None, system_prompt: str | None = None,
-                  threads: int = 8, progress: Any = None) -> Report:
-    """Check every row of a dataset for training `arch`; `processor` makes token counts exact."""
+                  threads: int = 8, progress: Any = None, parsed: ReadResult | None = None) -> Report:
+    """Check every row of a dataset for training `arch`; `processor` makes token counts exact. `parsed` is the
+    dataset already read with `read_samples(uri, task)` (the driver keeps it to hand the valid rows on)."""
     from vray.data.collate import Collator
 
-    parsed = read_samples(uri, task=task)
+    parsed = read_samples(uri, task=task) if parsed is None else parsed
     report = Report(parsed.source, rows=parsed.rows, budget=max_tokens)
     for problem in parsed.problems:
         where, _, message = str(problem).partition(": ")

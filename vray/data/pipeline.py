@@ -1,9 +1,9 @@
 """The data pipeline of a training worker: deterministic order, parallel preprocessing, a resumable position.
 
-The driver hands Ray Train the validated samples as Ray Datasets; each worker reads its rows with
-`ray.train.get_dataset_shard` (or from the files, in a plain process). The order of every epoch is a
-permutation drawn from the seed and the epoch, padded by wrapping around to whole optimizer steps; each
-rank takes every world-size-th sample of a step. Decoding, resizing and tokenizing run ahead of the training
+The driver checks every row and hands each worker where the kept rows start in the files (`DatasetRows`);
+a worker reads only the rows it trains on (`WorkerData`). The order of every epoch is a permutation drawn
+from the seed and the epoch, padded by wrapping around to whole optimizer steps; each rank takes every
+world-size-th sample of a step. Decoding, resizing and tokenizing run ahead of the training
 loop in a Ray Data actor pool (in a thread pool without Ray) and stream back in order. The position
 (epoch, samples consumed) follows from the optimizer step, so a checkpoint stores it and a resumed run
 continues from it.
@@ -15,11 +15,12 @@ import math
 import pickle
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from vray.data.io import DatasetRows
 from vray.data.sample import Sample
 
 
@@ -67,6 +68,39 @@ class DataOrder:
         """The data position after `step` optimizer steps."""
         return DataPosition(epoch=step // self.steps_per_epoch, samples_consumed=step * self.effective_batch)
 
+    def rank_indexes(self, steps: int) -> set[int]:
+        """Every sample index this rank trains in the first `steps` optimizer steps: `step_indexes` of each,
+        one shuffle per epoch."""
+        e, out = self.effective_batch, set()
+        for epoch in range(math.ceil(steps / self.steps_per_epoch)):
+            order = self.epoch_order(epoch)
+            for in_epoch in range(min(self.steps_per_epoch, steps - epoch * self.steps_per_epoch)):
+                out.update(order[in_epoch * e:(in_epoch + 1) * e][self.rank::self.world])
+        return out
+
+
+@dataclass(frozen=True)
+class WorkerData:
+    """One rank's samples: those it trains on by their index in the run's order, its share of the held-out
+    samples, and the held-out sample a rank repeats when it runs out before the others (never scored)."""
+
+    order: DataOrder
+    total_steps: int
+    train: dict[int, Sample]
+    eval: list[Sample]
+    eval_filler: list[Sample]
+
+    @classmethod
+    def read(cls, train: DatasetRows, eval_rows: DatasetRows | None, order: DataOrder, epochs: int) -> WorkerData:
+        """Read this rank's rows of the checked datasets: its positions in the seeded order of every epoch, and
+        every world-size-th held-out sample from its rank on."""
+        total = order.steps_per_epoch * epochs
+        count = len(eval_rows) if eval_rows is not None else 0
+        mine = range(order.rank, count, order.world)
+        held_out = eval_rows.read([*mine, 0]) if count else {}
+        return cls(order, total, train.read(order.rank_indexes(total)), [held_out[i] for i in mine],
+                   [held_out[0]] if count else [])
+
 
 def _split(indexes: list[int], size: int) -> list[list[int]]:
     return [indexes[j:j + size] for j in range(0, len(indexes), size)]
@@ -81,16 +115,15 @@ class _Preprocessor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         payloads = []
         for row in batch["row"]:
-            sample = Sample.model_validate(row if isinstance(row, dict) else pickle.loads(row))
-            payloads.append(pickle.dumps(self.collator.encode(sample)))
+            payloads.append(pickle.dumps(self.collator.encode(pickle.loads(row))))
         return {"step": batch["step"], "payload": payloads}
 
 
 class SampleStream:
     """Encoded micro-batches of one worker, in order, from a given step to the end of training."""
 
-    def __init__(self, samples: list[Sample], order: DataOrder, make_collator: Any, use_ray: bool,
-                 prefetch: int = 4, actors: int = 1):
+    def __init__(self, samples: Mapping[int, Sample] | Sequence[Sample], order: DataOrder, make_collator: Any,
+                 use_ray: bool, prefetch: int = 4, actors: int = 1):
         self.samples = samples
         self.order = order
         self.make_collator = make_collator
@@ -141,7 +174,8 @@ class SampleStream:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
-        rows = [{"step": step, "row": pickle.dumps(self.samples[i].model_dump(mode="json"))}
+        # The Sample objects themselves, pickled: the actors encode them without parsing them again.
+        rows = [{"step": step, "row": pickle.dumps(self.samples[i])}
                 for step, indexes in plan for i in indexes]
         if not rows:
             return

@@ -15,27 +15,9 @@ from vray.cluster import ensure_ray, forwarded_env
 from vray.errors import VrayError
 from vray.fs import explicit_filesystem
 from vray.storage.rundir import RunDir
-from vray.train.loop import train_worker
+from vray.train.loop import WorkerConfig, train_worker
 from vray.train.prepare import PreparedRun, worker_config, write_run_files
 from vray.train.progress import ProgressView, draw_curves
-
-
-def ray_datasets(prepared: PreparedRun) -> dict[str, Any]:
-    """The validated samples as Ray Datasets (one JSON row each); every worker reads its rows from them."""
-    import json
-
-    import ray.data
-
-    from vray.data.io import read_samples, sample_row
-
-    excluded = set(prepared.data.exclude_ids) if prepared.data else set()
-    out = {}
-    for split, uri in (("train", prepared.train_path), ("eval", prepared.eval_path)):
-        if not uri:
-            continue
-        samples = [s for s in read_samples(uri, task=prepared.spec.effective_task).samples if s.id not in excluded]
-        out[split] = ray.data.from_items([{"sample_json": json.dumps(sample_row(s))} for s in samples])
-    return out
 
 
 def ray_storage_filesystem(run: RunDir) -> Any:
@@ -91,8 +73,9 @@ class _RayReporter:
         return self.resume_from
 
 
-def _ray_train_func(config: dict[str, Any]) -> None:
-    train_worker(config, _RayReporter(config.get("resume_from"), config["run_dir"]))
+def _ray_train_func(loop_config: dict[str, WorkerConfig]) -> None:
+    config = loop_config["config"]
+    train_worker(config, _RayReporter(config.resume_from, config.run_dir))
 
 
 def _vray_error_in(exc: BaseException) -> VrayError | None:
@@ -127,14 +110,10 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
     write_run_files(prepared)
     config = worker_config(prepared, resume_from)
     sc = prepared.plan.scaling_config
-    from ray.train import DataConfig
-
     trainer = TorchTrainer(
         _ray_train_func,
-        train_loop_config=config.to_dict(),
-        datasets=ray_datasets(prepared),
-        # Every worker sees all rows and takes its share in the run's seeded order (deterministic, resumable).
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # The typed config, pickled as it is; each worker reads its own rows of the checked data from it.
+        train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=sc["resources_per_worker"],
                                      placement_strategy=sc["placement_strategy"]),
@@ -160,7 +139,7 @@ def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> R
     from vray.train.local import run_workers
 
     write_run_files(prepared)
-    run_workers(worker_config(prepared, resume_from).to_dict(), prepared.plan.num_workers,
+    run_workers(worker_config(prepared, resume_from), prepared.plan.num_workers,
                 backend="nccl" if prepared.plan.device == "gpu" else "gloo")
     draw_curves(prepared.run)
     return prepared.run
@@ -169,6 +148,6 @@ def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> R
 def train_local(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
     """Run the same worker code in this process, without Ray (a single worker)."""
     write_run_files(prepared)
-    train_worker(worker_config(prepared, resume_from).to_dict())
+    train_worker(worker_config(prepared, resume_from))
     draw_curves(prepared.run)
     return prepared.run

@@ -21,12 +21,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-Entry = Callable[[dict[str, Any]], Any]
+if TYPE_CHECKING:
+    from vray.train.loop import WorkerConfig
+
+Entry = Callable[[Any], Any]  # what a rank runs for a run's config (a picklable module-level function)
 
 
 def _free_port() -> int:
@@ -35,7 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_worker(config: dict[str, Any]) -> Any:
+def _train_worker(config: WorkerConfig) -> Any:
     from vray.train.loop import train_worker
 
     return train_worker(config)
@@ -55,7 +58,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _worker(rank: int, world: int, port: int, configs: list[dict[str, Any]], backend: str, first: int,
+def _worker(rank: int, world: int, port: int, configs: list[Any], backend: str, first: int,
             outcomes: str, entry: Entry) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -120,7 +123,7 @@ def _read_outcome(folder: Path, index: int, world: int, exits: dict[int, int | N
     return RunOutcome(index, False, errors)
 
 
-def _start(world: int, configs: list[dict[str, Any]], backend: str, first: int, folder: str,
+def _start(world: int, configs: list[Any], backend: str, first: int, folder: str,
            entry: Entry) -> tuple[dict[int, int | None], BaseException | None]:
     """Run configs[first:] in one process group; the ranks' exit codes, and the failure the processes saw."""
     context = mp.start_processes(_worker, args=(world, _free_port(), configs, backend, first, folder, entry),
@@ -134,7 +137,7 @@ def _start(world: int, configs: list[dict[str, Any]], backend: str, first: int, 
     return {rank: p.exitcode for rank, p in enumerate(context.processes)}, failure
 
 
-def run_workers(config: dict[str, Any] | list[dict[str, Any]], world: int, backend: str = "gloo",
+def run_workers(config: Any, world: int, backend: str = "gloo",
                 keep_going: bool = False, entry: Entry = _train_worker) -> list[RunOutcome]:
     """Train with `world` local processes (several runs one after the other when given a list).
 

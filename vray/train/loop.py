@@ -7,7 +7,6 @@ runs the epochs with evaluation and checkpoints beside it. It runs under Ray Tra
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -17,14 +16,13 @@ from typing import Any, Protocol
 
 import torch
 
-from vray.archs import registry
+from vray.archs.registry import Architecture
 from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
 from vray.data.boxes import PixelBox
 from vray.data.collate import Collator, Encoded
-from vray.data.io import read_samples
-from vray.data.pipeline import DataOrder, SampleStream
-from vray.data.sample import Sample
+from vray.data.io import DatasetRows
+from vray.data.pipeline import DataOrder, SampleStream, WorkerData
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
     load_processor,
@@ -34,7 +32,7 @@ from vray.models.loader import (
     trainable_parameters,
 )
 from vray.plan.plan import Plan
-from vray.spec import RunSpec
+from vray.spec import MediaBlock, RunSpec, token_budget
 from vray.storage.checkpoint import CheckpointWriter
 from vray.storage.rundir import (
     RunDir,
@@ -79,38 +77,21 @@ class LocalReporter:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a worker needs, as plain data (it crosses process boundaries)."""
+    """Everything a worker needs. It crosses process boundaries pickled (Ray's train_loop_config, spawned local
+    processes): the resolved spec and the plan as they are, and the rows the driver's check kept."""
 
-    spec: dict[str, Any]
-    plan: dict[str, Any]
+    spec: RunSpec
+    plan: Plan
     run_dir: str
-    train_path: str
-    eval_path: str | None
+    train: DatasetRows
+    eval: DatasetRows | None
     resume_from: str | None = None
-    eval_limit: int | None = None
-    exclude_ids: tuple[str, ...] = ()  # rows the driver's check refused (--skip-invalid)
-    skip_invalid: bool = False  # rows that do not even parse were reported by the driver and are left out
-    max_tokens: int | None = None  # the token budget of a sample
 
-    def to_dict(self) -> dict[str, Any]:
-        """For Ray's train_loop_config."""
-        return dict(self.__dict__)
-
-
-
-def _dataset_rows(split: str) -> list[dict[str, Any]] | None:
-    """The rows Ray Train hands this worker for a split, or None outside Ray Train."""
-    if not in_ray_train_worker():
-        return None
-    import ray.train
-
-    try:
-        shard = ray.train.get_dataset_shard(split)
-    except Exception:  # noqa: BLE001 - the run was started without datasets
-        return None
-    if shard is None:
-        return None
-    return [json.loads(row["sample_json"]) for row in shard.iter_rows()]
+    def data(self, rank: int, world: int) -> WorkerData:
+        """What rank `rank` of `world` reads of the checked datasets: its rows in the run's seeded order."""
+        order = DataOrder(len(self.train), self.plan.effective_batch, self.plan.micro_batch, self.spec.seed, rank,
+                          world)
+        return WorkerData.read(self.train, self.eval, order, self.spec.hyperparameters.epochs)
 
 
 @dataclass(frozen=True)
@@ -119,19 +100,24 @@ class CollatorFactory:
 
     source: str
     revision: str | None
-    architecture: str
+    arch: Architecture
     system_prompt: str | None
-    media: dict[str, Any]
+    media: MediaBlock
     max_tokens: int | None
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> CollatorFactory:
+        """The collator a run's spec asks for (the model's processor, the sample's token budget)."""
+        arch = spec.arch
+        return cls(spec.model.source or arch.repo_id, spec.model.revision, arch, spec.systemPrompt, spec.media,
+                   token_budget(spec))
 
     def __call__(self) -> Collator:
         from vray.models.loader import resolve_processor_source
-        from vray.spec import MediaBlock
 
-        arch = registry.get(*self.architecture.split(":", 1))
-        media = MediaBlock(**self.media)
-        processor = load_processor(resolve_processor_source(self.source, self.revision), media)
-        return Collator(processor, arch, self.system_prompt, max_tokens=self.max_tokens, max_frames=media.maxFrames)
+        processor = load_processor(resolve_processor_source(self.source, self.revision), self.media)
+        return Collator(processor, self.arch, self.system_prompt, max_tokens=self.max_tokens,
+                        max_frames=self.media.maxFrames)
 
 
 def _device(plan: Plan) -> torch.device:
@@ -172,9 +158,9 @@ class Recipe:
     def __init__(self, config: WorkerConfig, reporter: Reporter):
         self.config = config
         self.reporter = reporter
-        self.spec = RunSpec.model_validate(config.spec)
-        self.plan = Plan.from_dict(config.plan)
-        self.arch = registry.get(self.spec.architecture.name, self.spec.architecture.size)
+        self.spec = config.spec
+        self.plan = config.plan
+        self.arch = self.spec.arch
         self.run = RunDir.of(config.run_dir)
         self.rank, self.world_size = world()
         self.device = _device(self.plan)
@@ -247,40 +233,21 @@ class Recipe:
         self.engine.attach_scheduler(lambda opt: get_cosine_schedule_with_warmup(opt, warmup, self.total_steps))
 
     def _setup_data(self) -> None:
+        self.collator_factory = CollatorFactory.of(self.spec)
         self.collator = self.collator_factory()
-        self.train_samples = self._samples("train", self.config.train_path)
-        self.eval_samples: list[Sample] = self._samples("eval", self.config.eval_path) if self.config.eval_path else []
-        if self.config.eval_limit:
-            self.eval_samples = self.eval_samples[: self.config.eval_limit]
-        self.order = DataOrder(len(self.train_samples), self.plan.effective_batch, self.plan.micro_batch,
-                               self.spec.seed, self.rank, self.world_size)
+        self.data = self.config.data(self.rank, self.world_size)
+        self.order = self.data.order
         self.steps_per_epoch = self.order.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * self.spec.hyperparameters.epochs
+        self.total_steps = self.data.total_steps
+        self.evaluates = bool(self.data.eval_filler)  # every rank evaluates when there is held-out data
         self.generation = GenerationSettings.from_evaluation(self.spec.evaluation)
         # On GPUs a Ray Data actor pool preprocesses beside the worker; on CPU workers the cores are the training,
         # so a thread inside the worker does it (no second process competing for the same cores).
         actors = self.spec.data.preprocessors
         if actors is None:
             actors = 1 if self.plan.device == "gpu" else 0
-        self.stream = SampleStream(self.train_samples, self.order, self.collator_factory,
+        self.stream = SampleStream(self.data.train, self.order, self.collator_factory,
                                    use_ray=in_ray_train_worker() and actors > 0, actors=max(1, actors))
-
-    @property
-    def collator_factory(self) -> CollatorFactory:
-        return CollatorFactory(self.spec.model.source or self.arch.repo_id, self.spec.model.revision, self.arch.key,
-                               self.spec.systemPrompt, self.spec.media.model_dump(), self.config.max_tokens)
-
-    def _samples(self, split: str, path: str | None) -> list[Sample]:
-        """The split's validated samples: from Ray Train's dataset shard, or read from the file."""
-        exclude = set(self.config.exclude_ids)
-        rows = _dataset_rows(split)
-        if rows is not None:
-            samples = [Sample.model_validate(r) for r in rows]
-        else:
-            result = read_samples(path, task=self.task)
-            # With --skip-invalid the driver has checked the data and reported every row it leaves out.
-            samples = result.samples if self.config.skip_invalid else result.samples_or_raise()
-        return [s for s in samples if s.id not in exclude]
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -290,7 +257,7 @@ class Recipe:
                                 "epochs": epochs, "workers": self.world_size, "strategy": self.engine.name,
                                 "trainable_params": self.trainable, "total_params": self.total_params,
                                 "resumed_at": self.step})
-        if self.step == 0 and self.eval_samples:
+        if self.step == 0 and self.evaluates:
             self.metrics_log.write({"step": 0, "epoch": 0, **self.validate()})
         started, steps_done = time.time(), 0
         last: dict[str, Any] = {}
@@ -311,7 +278,7 @@ class Recipe:
                 last["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
             self.metrics_log.write(last)
             if self._at_checkpoint():
-                evaluation = self.validate() if self.eval_samples else {}
+                evaluation = self.validate() if self.evaluates else {}
                 if evaluation:
                     self.metrics_log.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
                 checkpoint = self.save_checkpoint({**last, **evaluation})
@@ -344,13 +311,13 @@ class Recipe:
     # ---- evaluation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """Held-out loss and the task's metrics, summed exactly over every rank's shard."""
-        mine = self.eval_samples[self.rank::self.world_size]
+        mine = self.data.eval
         lockstep = self.engine.lockstep_generation and self.world_size > 1
         batch_size = max(1, self.plan.micro_batch)
         batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
         if lockstep:  # sharded weights: every rank runs as many batches as the others (a padded copy is never scored)
             rounds = all_reduce_max(len(batches), self.device)
-            filler = (self.eval_samples[:1] or mine[:1])
+            filler = self.data.eval_filler
             batches += [filler] * (rounds - len(batches))
             scored = len(mine)
         settings = self.generation
@@ -449,13 +416,12 @@ class Recipe:
                                 **self.order.position(self.step).to_dict()})
 
 
-def train_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, Any]:
+def train_worker(config: WorkerConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Entry point of one worker: set up and train. Runs in Ray Train or a plain process."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    cfg = WorkerConfig(**config)
-    recipe = Recipe(cfg, reporter or LocalReporter(Path(cfg.resume_from) if cfg.resume_from else None))
+    recipe = Recipe(config, reporter or LocalReporter(Path(config.resume_from) if config.resume_from else None))
     if recipe.run.local:  # which process is which rank: for operators (and the failure test) to find a worker
         recipe.run.write_text(f".workers/rank-{recipe.rank}.pid", f"{os.getpid()}\n")
     recipe.setup()

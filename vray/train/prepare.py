@@ -14,9 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
+from vray.data.io import DatasetRows
 from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan
-from vray.spec import RunSpec, require_for_training
+from vray.spec import RunSpec, require_for_training, token_budget
 from vray.storage.rundir import RunDir
 from vray.storage.shared import require_shared_storage
 from vray.train.loop import WorkerConfig
@@ -31,7 +32,7 @@ class PreparedRun:
     run: RunDir
     train_path: str
     eval_path: str | None
-    data: DataCheck | None = None
+    data: DataCheck
 
 
 def data_paths(spec: RunSpec) -> tuple[str, str | None]:
@@ -51,15 +52,6 @@ def data_paths(spec: RunSpec) -> tuple[str, str | None]:
     return local(train), local(eval_path)
 
 
-def token_budget(spec: RunSpec) -> int:
-    """The most tokens one sample may take: data.maxTokens, else the model's context length."""
-    if spec.data.maxTokens:
-        return spec.data.maxTokens
-    cfg = spec.arch.config
-    text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
-    return int(text.get("max_position_embeddings") or 32768)
-
-
 @dataclass(frozen=True)
 class DataCheck:
     """What the driver's check of the data decided."""
@@ -67,12 +59,14 @@ class DataCheck:
     reports: tuple[Any, ...]
     exclude_ids: tuple[str, ...]
     skipped_rows: int
+    rows: dict[str, DatasetRows]  # the rows each worker may read, by dataset path: every valid one
 
 
 def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
     """Check every row of the training and held-out data before anything starts; refuse errors unless told to
     skip them, and then count and report every skipped row."""
     from vray.data.check import check_dataset
+    from vray.data.io import read_samples
     from vray.models.loader import load_processor, resolve_processor_source
 
     try:
@@ -81,12 +75,14 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
     except VrayError:
         processor = None  # the hub is out of reach: token counts are estimated
     budget = token_budget(spec)
-    reports = []
+    reports, parsed = [], {}
     for uri in (train, eval_path):
         if not uri:
             continue
+        parsed[uri] = read_samples(uri, task=spec.effective_task)  # the one time the rows are parsed on the driver
         reports.append(check_dataset(uri, spec.arch, processor, task=spec.effective_task, max_tokens=budget,
-                                     max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt))
+                                     max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt,
+                                     parsed=parsed[uri]))
     errors = [i for r in reports for i in r.errors]
     skipped = sum(r.invalid_rows for r in reports)
     if errors and not skip_invalid:
@@ -101,7 +97,8 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
     for r in reports:
         if r.rows - r.invalid_rows == 0:
             raise DataError(f"data: no valid sample in {r.source}")
-    return DataCheck(tuple(reports), tuple(sorted({i for r in reports for i in r.invalid_ids})), skipped)
+    exclude = tuple(sorted({i for r in reports for i in r.invalid_ids}))
+    return DataCheck(tuple(reports), exclude, skipped, {uri: result.kept(exclude) for uri, result in parsed.items()})
 
 
 def gpu_inventory(spec: RunSpec) -> Any:
@@ -151,14 +148,12 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
 
 
 def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
-    """What every worker of the run receives."""
+    """What every worker of the run receives: the spec and plan, and the checked rows of its datasets."""
+    rows = prepared.data.rows
     return WorkerConfig(
-        spec=prepared.spec.to_dict(), plan=prepared.plan.to_dict(), run_dir=prepared.run.uri,
-        train_path=prepared.train_path, eval_path=prepared.eval_path,
+        spec=prepared.spec, plan=prepared.plan, run_dir=prepared.run.uri, train=rows[prepared.train_path],
+        eval=rows[prepared.eval_path] if prepared.eval_path else None,
         resume_from=str(resume_from) if resume_from else None,
-        exclude_ids=prepared.data.exclude_ids if prepared.data else (),
-        skip_invalid=bool(prepared.data and prepared.data.skipped_rows),
-        max_tokens=token_budget(prepared.spec),
     )
 
 
@@ -170,8 +165,7 @@ def write_run_files(prepared: PreparedRun) -> None:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
     run.write_text("spec.yaml", prepared.spec.to_yaml())
     run.write_text("plan.json", prepared.plan.to_json() + "\n")
-    if prepared.data is not None:
-        reports = [json.loads(r.to_json()) for r in prepared.data.reports]
-        run.write_text("data_check.json", json.dumps({"skipped_rows": prepared.data.skipped_rows,
-                                                      "excluded_ids": list(prepared.data.exclude_ids),
-                                                      "datasets": reports}, indent=2) + "\n")
+    reports = [json.loads(r.to_json()) for r in prepared.data.reports]
+    run.write_text("data_check.json", json.dumps({"skipped_rows": prepared.data.skipped_rows,
+                                                  "excluded_ids": list(prepared.data.exclude_ids),
+                                                  "datasets": reports}, indent=2) + "\n")

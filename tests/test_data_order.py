@@ -1,0 +1,73 @@
+"""Each rank trains the samples, step by step, that vray at commit 194c2eb gave it: over two epochs, from a
+mid-epoch resume, with and without rows the driver's check left out; and the same held-out share.
+
+The reference, tests/fixtures/data_order_194c2eb.json, was written by tests/fixtures/make_data_order_reference.py
+run on a checkout of 194c2eb (its worker read the whole file and took its share through DataOrder). Here the
+same ids come through today's path: the driver keeps the checked rows (`ReadResult.kept`, as `check_data` does),
+the WorkerConfig carries them, and each rank reads only its own rows (`WorkerConfig.data`) into the SampleStream.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vray.data import synthetic
+from vray.data.io import read_samples
+from vray.data.pipeline import SampleStream
+from vray.plan.planner import cpu_plan
+from vray.spec import validate_spec
+from vray.train.loop import WorkerConfig
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "data_order_194c2eb.json").read_text())
+
+
+class _IdCollator:
+    """Encodes a sample as its id: the stream then yields the ids each step trains."""
+
+    def encode(self, sample):
+        return sample.id
+
+
+def _config(exclude: list[str]) -> WorkerConfig:
+    ref = REFERENCE
+    spec = validate_spec({
+        "architecture": {"name": "qwen2.5vl", "size": "3B"}, "trainingMode": {"type": "Full"}, "task": "vqa",
+        "data": {"train": ref["dataset"]}, "seed": ref["seed"], "cluster": {"workers": ref["world"]},
+        "hyperparameters": {"epochs": ref["epochs"], "batchSize": ref["micro_batch"],
+                            "gradientAccumulation": ref["effective_batch"] // ref["micro_batch"]},
+    }).resolved()
+    plan = cpu_plan(spec)
+    assert (plan.effective_batch, plan.micro_batch, plan.num_workers) == (ref["effective_batch"], ref["micro_batch"],
+                                                                          ref["world"])
+    train, held_out = (str(p) for p in synthetic.split_paths(ref["dataset"]))
+    return WorkerConfig(spec, plan, "unused", read_samples(train, task="vqa").kept(exclude),
+                        read_samples(held_out, task="vqa").kept(exclude))
+
+
+@pytest.mark.parametrize("scenario", sorted(REFERENCE["scenarios"]))
+def test_every_rank_trains_the_samples_of_194c2eb(scenario):
+    expected = REFERENCE["scenarios"][scenario]
+    config = _config(expected["exclude_ids"])
+    assert len(config.train) == expected["train_samples"] and len(config.eval) == expected["eval_samples"]
+    for rank, want in enumerate(expected["ranks"]):
+        data = config.data(rank, REFERENCE["world"])
+        stream = lambda start: list(SampleStream(data.train, data.order, _IdCollator, use_ray=False)  # noqa: E731
+                                    .steps(start, data.total_steps))
+        assert stream(0) == want["steps"], f"rank {rank}"
+        assert stream(REFERENCE["resume_at"]) == want["resumed"], f"rank {rank}, resumed"
+        assert [s.id for s in data.eval] == want["eval"] and [s.id for s in data.eval_filler] == want["eval_filler"]
+        # The rank read exactly the rows it trains on, no other rank's.
+        trained = {i for step in range(data.total_steps) for i in data.order.step_indexes(step)}
+        assert set(data.train) == trained
+
+
+def test_in_one_epoch_the_ranks_read_disjoint_halves():
+    config = _config([])
+    halves = []
+    for rank in range(2):
+        data = config.data(rank, 2)
+        halves.append(set(data.order.rank_indexes(data.order.steps_per_epoch)))
+    assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == len(config.train) // 2

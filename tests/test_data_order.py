@@ -59,9 +59,18 @@ def test_every_rank_trains_the_samples_of_194c2eb(scenario):
         assert stream(0) == want["steps"], f"rank {rank}"
         assert stream(REFERENCE["resume_at"]) == want["resumed"], f"rank {rank}, resumed"
         assert [s.id for s in data.eval] == want["eval"] and [s.id for s in data.eval_filler] == want["eval_filler"]
-        # The rank read exactly the rows it trains on, no other rank's.
-        trained = {i for step in range(data.total_steps) for i in data.order.step_indexes(step)}
-        assert set(data.train) == trained
+        # The rank reads exactly the rows it trains on, no other rank's, one epoch at a time.
+        reads = []
+        real = type(data.train).for_steps
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(data.train), "for_steps", lambda self, a, b: reads.append((a, b)) or real(self, a, b))
+            assert stream(0) == want["steps"]
+        per_epoch = data.order.steps_per_epoch
+        assert reads == [(e * per_epoch, (e + 1) * per_epoch) for e in range(REFERENCE["epochs"])]
+        for a, b in reads:
+            mine = data.train.for_steps(a, b)
+            assert set(mine) == {i for step in range(a, b) for i in data.order.step_indexes(step)}
+            assert {s.id for s in mine.values()} == {i for step in want["steps"][a:b] for mb in step for i in mb}
 
 
 def test_in_one_epoch_the_ranks_read_disjoint_halves():
@@ -69,5 +78,5 @@ def test_in_one_epoch_the_ranks_read_disjoint_halves():
     halves = []
     for rank in range(2):
         data = config.data(rank, 2)
-        halves.append(set(data.order.rank_indexes(data.order.steps_per_epoch)))
+        halves.append(data.train.indexes(0, data.order.steps_per_epoch))
     assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == len(config.train) // 2

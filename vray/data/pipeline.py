@@ -68,25 +68,41 @@ class DataOrder:
         """The data position after `step` optimizer steps."""
         return DataPosition(epoch=step // self.steps_per_epoch, samples_consumed=step * self.effective_batch)
 
-    def rank_indexes(self, steps: int) -> set[int]:
-        """Every sample index this rank trains in the first `steps` optimizer steps: `step_indexes` of each,
-        one shuffle per epoch."""
-        e, out = self.effective_batch, set()
-        for epoch in range(math.ceil(steps / self.steps_per_epoch)):
-            order = self.epoch_order(epoch)
-            for in_epoch in range(min(self.steps_per_epoch, steps - epoch * self.steps_per_epoch)):
-                out.update(order[in_epoch * e:(in_epoch + 1) * e][self.rank::self.world])
-        return out
+    def epoch_spans(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The optimizer steps [start, stop) cut at epoch boundaries."""
+        spans, step = [], start
+        while step < stop:
+            end = min(stop, (step // self.steps_per_epoch + 1) * self.steps_per_epoch)
+            spans.append((step, end))
+            step = end
+        return spans
+
+
+@dataclass(frozen=True)
+class RankRows:
+    """One rank's training samples, read from the checked rows for a span of steps at a time: the stream asks
+    for one epoch's share, so a worker never holds more than that."""
+
+    rows: DatasetRows
+    order: DataOrder
+
+    def indexes(self, start: int, stop: int) -> set[int]:
+        """The sample indexes this rank trains in the optimizer steps [start, stop)."""
+        return {i for step in range(start, stop) for i in self.order.step_indexes(step)}
+
+    def for_steps(self, start: int, stop: int) -> dict[int, Sample]:
+        """The samples this rank trains in the steps [start, stop), by index."""
+        return self.rows.read(self.indexes(start, stop))
 
 
 @dataclass(frozen=True)
 class WorkerData:
-    """One rank's samples: those it trains on by their index in the run's order, its share of the held-out
-    samples, and the held-out sample a rank repeats when it runs out before the others (never scored)."""
+    """One rank's data: its training rows (read an epoch at a time), its share of the held-out samples, and the
+    held-out sample a rank repeats when it runs out before the others (never scored)."""
 
     order: DataOrder
     total_steps: int
-    train: dict[int, Sample]
+    train: RankRows
     eval: list[Sample]
     eval_filler: list[Sample]
 
@@ -98,8 +114,7 @@ class WorkerData:
         count = len(eval_rows) if eval_rows is not None else 0
         mine = range(order.rank, count, order.world)
         held_out = eval_rows.read([*mine, 0]) if count else {}
-        return cls(order, total, train.read(order.rank_indexes(total)), [held_out[i] for i in mine],
-                   [held_out[0]] if count else [])
+        return cls(order, total, RankRows(train, order), [held_out[i] for i in mine], [held_out[0]] if count else [])
 
 
 def _split(indexes: list[int], size: int) -> list[list[int]]:
@@ -120,10 +135,11 @@ class _Preprocessor:
 
 
 class SampleStream:
-    """Encoded micro-batches of one worker, in order, from a given step to the end of training."""
+    """Encoded micro-batches of one worker, in order, from a given step to the end of training. `samples` is this
+    rank's `RankRows` (read an epoch at a time), or every sample by index (a list or a mapping)."""
 
-    def __init__(self, samples: Mapping[int, Sample] | Sequence[Sample], order: DataOrder, make_collator: Any,
-                 use_ray: bool, prefetch: int = 4, actors: int = 1):
+    def __init__(self, samples: RankRows | Mapping[int, Sample] | Sequence[Sample], order: DataOrder,
+                 make_collator: Any, use_ray: bool, prefetch: int = 4, actors: int = 1):
         self.samples = samples
         self.order = order
         self.make_collator = make_collator
@@ -135,22 +151,26 @@ class SampleStream:
 
     def steps(self, start: int, stop: int) -> Iterator[list[list[Any]]]:
         """For each optimizer step in [start, stop): this rank's micro-batches of Encoded samples."""
-        plan = [(step, self.order.step_indexes(step)) for step in range(start, stop)]
-        source = self._ray(plan) if self.use_ray else self._threads(plan)
-        encoded_by_step: dict[int, list[Any]] = {}
-        for step, indexes in plan:
-            need = len(indexes)
-            self.step_wait = 0.0
-            while len(encoded_by_step.get(step, [])) < need:
-                t0 = time.perf_counter()
-                s, enc = next(source)
-                self.step_wait += time.perf_counter() - t0
-                encoded_by_step.setdefault(s, []).append(enc)
-            self.wait_seconds += self.step_wait
-            items = encoded_by_step.pop(step)
-            yield _split(items, self.order.micro_batch)
+        for a, b in self.order.epoch_spans(start, stop):
+            t0 = time.perf_counter()
+            samples = self.samples.for_steps(a, b) if isinstance(self.samples, RankRows) else self.samples
+            read = time.perf_counter() - t0  # reading the epoch's rows is waiting for data too
+            plan = [(step, self.order.step_indexes(step)) for step in range(a, b)]
+            source = self._ray(plan, samples) if self.use_ray else self._threads(plan, samples)
+            encoded_by_step: dict[int, list[Any]] = {}
+            for step, indexes in plan:
+                need = len(indexes)
+                self.step_wait, read = read, 0.0
+                while len(encoded_by_step.get(step, [])) < need:
+                    t0 = time.perf_counter()
+                    s, enc = next(source)
+                    self.step_wait += time.perf_counter() - t0
+                    encoded_by_step.setdefault(s, []).append(enc)
+                self.wait_seconds += self.step_wait
+                items = encoded_by_step.pop(step)
+                yield _split(items, self.order.micro_batch)
 
-    def _threads(self, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, Any]]:
+    def _threads(self, plan: list[tuple[int, list[int]]], samples: Any) -> Iterator[tuple[int, Any]]:
         collator = self.make_collator()
         work = [(step, i) for step, indexes in plan for i in indexes]
         with ThreadPoolExecutor(max_workers=max(1, self.actors)) as pool:
@@ -158,24 +178,24 @@ class SampleStream:
             futures: list[tuple[int, Any]] = []
             it = iter(work)
             for step, i in it:
-                futures.append((step, pool.submit(collator.encode, self.samples[i])))
+                futures.append((step, pool.submit(collator.encode, samples[i])))
                 if len(futures) >= window:
                     break
             for step, i in it:
                 s, f = futures.pop(0)
                 yield s, f.result()
-                futures.append((step, pool.submit(collator.encode, self.samples[i])))
+                futures.append((step, pool.submit(collator.encode, samples[i])))
             for s, f in futures:
                 yield s, f.result()
 
-    def _ray(self, plan: list[tuple[int, list[int]]]) -> Iterator[tuple[int, Any]]:
+    def _ray(self, plan: list[tuple[int, list[int]]], samples: Any) -> Iterator[tuple[int, Any]]:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         # The Sample objects themselves, pickled: the actors encode them without parsing them again.
-        rows = [{"step": step, "row": pickle.dumps(self.samples[i])}
+        rows = [{"step": step, "row": pickle.dumps(samples[i])}
                 for step, indexes in plan for i in indexes]
         if not rows:
             return

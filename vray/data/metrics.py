@@ -11,7 +11,7 @@ import string
 from collections import Counter
 
 from vray.data.boxes import ImageGeometry, PixelBox, iou, parse_answer
-from vray.data.sample import final_answer
+from vray.data.sample import Sample, final_answer
 
 PRIMARY_METRIC = {"vqa": "exact_match", "phrase_grounding": "recall@0.5", "freeform": "token_f1"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -109,3 +109,19 @@ def score(task: str, prediction: str, reference: str, reference_boxes: list[Pixe
           convention: str, geometry: ImageGeometry | None) -> tuple[float, float]:
     """(numerator, denominator) of the task's primary metric for one sample."""
     return sample_scores(task, prediction, reference, reference_boxes, convention, geometry)[PRIMARY_METRIC[task]]
+
+
+def answer_geometry(sample: Sample, geometries: list[ImageGeometry]) -> ImageGeometry | None:
+    """The geometry of the image a sample's answer boxes are on (its first image when the answer has none)."""
+    boxes = sample.answer.boxes
+    if boxes:
+        return geometries[boxes[0].image]
+    return geometries[0] if geometries else None
+
+
+def score_sample(task: str, text: str, sample: Sample, reference: str, geometries: list[ImageGeometry],
+                 convention: str) -> dict[str, tuple[float, float]]:
+    """Every metric of the task for a generated answer to `sample` (its encoded reference answer and image
+    geometries): what the in-training evaluation and `vray eval` both score."""
+    refs = [PixelBox(b.label, b.bbox) for b in sample.answer.boxes]
+    return sample_scores(task, text, reference, refs, convention, answer_geometry(sample, geometries))

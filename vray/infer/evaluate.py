@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vray.data import metrics as task_metrics
-from vray.data.boxes import PixelBox, parse_answer
+from vray.data.boxes import parse_answer
 from vray.data.io import read_samples
 from vray.data.sample import Sample
 from vray.infer.target import ServeTarget, resolve_target
@@ -61,14 +61,12 @@ def predict(target: ServeTarget, samples: list[Sample], batch_size: int = 8, dev
         with torch.no_grad():
             texts, _ = generate_texts(engine.model, engine.processor.tokenizer, batch, settings)
         for sample, enc, text in zip(chunk, encoded, texts):
-            geo = enc.geometries[sample.answer.boxes[0].image] if sample.answer.boxes else (
-                enc.geometries[0] if enc.geometries else None)
-            refs = [PixelBox(b.label, b.bbox) for b in sample.answer.boxes]
+            geo = task_metrics.answer_geometry(sample, enc.geometries)
             boxes = []
             if task == "phrase_grounding" and geo is not None:
                 boxes = [{"label": b.label, "bbox": [round(c, 1) for c in b.bbox]}
                          for b in parse_answer(task_metrics.final_answer(text), engine.arch.box_convention, geo)]
-            scores = task_metrics.sample_scores(task, text, enc.reference, refs, engine.arch.box_convention, geo)
+            scores = task_metrics.score_sample(task, text, sample, enc.reference, enc.geometries, engine.arch.box_convention)
             out.append(Prediction(sample.id, text, enc.reference, boxes, scores))
         if progress is not None:
             progress(len(chunk))

@@ -19,7 +19,6 @@ import torch
 from vray.archs.registry import Architecture
 from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
-from vray.data.boxes import PixelBox
 from vray.data.collate import Collator, Encoded
 from vray.data.io import DatasetRows
 from vray.data.pipeline import DataOrder, SampleStream, WorkerData
@@ -341,10 +340,8 @@ class Recipe:
                         continue
                     sums["loss"][0] += loss
                     sums["loss"][1] += 1
-                    boxes = [PixelBox(b.label, b.bbox) for b in sample.answer.boxes]
-                    geo = enc.geometries[sample.answer.boxes[0].image] if boxes else (enc.geometries[0] if enc.geometries else None)
-                    for name, (n, d) in task_metrics.sample_scores(self.task, text, enc.reference, boxes,
-                                                                     self.arch.box_convention, geo).items():
+                    for name, (n, d) in task_metrics.score_sample(self.task, text, sample, enc.reference, enc.geometries,
+                                                                    self.arch.box_convention).items():
                         acc = sums.setdefault(name, [0.0, 0.0])
                         acc[0] += n
                         acc[1] += d

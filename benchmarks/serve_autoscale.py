@@ -36,7 +36,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from vray.demo import free_port
+    from vray.cluster import free_port
     from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown

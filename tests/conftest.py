@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from vray.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VRAY = str(Path(sys.executable).with_name("vray"))
@@ -24,19 +25,13 @@ def vray_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A `ray start --head` on 127.0.0.1 for the session; RAY_ADDRESS points every driver (and CLI) at it."""
     import ray
 
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     # A loopback-only test cluster: no token, so the head, in-process drivers and CLI subprocesses agree.
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -93,7 +88,7 @@ def s3_endpoint():
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, _free_port, run_cli, stop_cluster
+from tests.conftest import REPO, run_cli, stop_cluster
+from vray.cluster import free_port
 from vray.errors import VrayError
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
@@ -211,7 +212,7 @@ def test_model_weights_are_fetched_once_per_node(s3_endpoint, tmp_path):
 def dashboard_head(tmp_path_factory, vray_cache):
     """`ray start --head` with its dashboard (the job API) on 127.0.0.1, stopped at the end."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray-jobs")
     runs = tmp_path_factory.mktemp("job-runs")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 from pathlib import Path
 
 import httpx
@@ -12,17 +11,12 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import run_cli
+from vray.cluster import free_port
 from vray.data import synthetic
 from vray.data.io import read_jsonl
 from vray.storage.rundir import RunDir
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data_url(path: str) -> str:
@@ -110,7 +104,7 @@ def test_cli_serve_detached_with_an_api_key(cli_run):
     import ray
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     proc = run_cli("serve", str(cli_run.root), "--detach", "--port", str(port), "--api-key", "s3cret", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = proc.stdout.strip().splitlines()[-1]

@@ -18,7 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import _free_port, run_cli
+from tests.conftest import run_cli
+from vray.cluster import free_port
 from vray.testing.runs import write_adapter_run
 
 KEY = "test-key"
@@ -58,7 +59,7 @@ def served(ray_head, runs):
                  "maxImagePixels": 512 * 512, "maxBodyMB": 2},
         api_key=KEY, adapters_dir=str(runs["adapters"]),
     )
-    port = _free_port()
+    port = free_port()
     endpoint = deploy(target, options, port=port)
     yield endpoint, target
     shutdown()

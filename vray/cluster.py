@@ -120,3 +120,12 @@ def in_ray_train_worker() -> bool:
         return ray.is_initialized() and ray.train.get_context() is not None
     except Exception:  # noqa: BLE001 - no Ray, or not inside a Ray Train worker
         return False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now (for a process group, a head or a server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

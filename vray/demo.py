@@ -8,7 +8,6 @@ real-architecture checkpoint `tiny:qwen2_5_vl`, the `synthetic:vqa` coloured-sha
 from __future__ import annotations
 
 import base64
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from vray.cluster import free_port
 from vray.data.io import read_jsonl
 from vray.spec import RunSpec, load_spec
 from vray.storage.rundir import RunDir
@@ -58,13 +58,6 @@ def demo_spec(output: str | None = None, overrides: list[str] | None = None, nam
     if name:
         base["name"] = name
     return load_spec(base=base, output=output, overrides=overrides)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def held_out_metric(run: RunDir, key: str) -> tuple[float, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import tempfile
 import time
 import traceback
@@ -26,16 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vray.cluster import free_port
+
 if TYPE_CHECKING:
     from vray.train.loop import WorkerConfig
 
 Entry = Callable[[Any], Any]  # what a rank runs for a run's config (a picklable module-level function)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_worker(config: WorkerConfig) -> Any:
@@ -126,7 +121,7 @@ def _read_outcome(folder: Path, index: int, world: int, exits: dict[int, int | N
 def _start(world: int, configs: list[Any], backend: str, first: int, folder: str,
            entry: Entry) -> tuple[dict[int, int | None], BaseException | None]:
     """Run configs[first:] in one process group; the ranks' exit codes, and the failure the processes saw."""
-    context = mp.start_processes(_worker, args=(world, _free_port(), configs, backend, first, folder, entry),
+    context = mp.start_processes(_worker, args=(world, free_port(), configs, backend, first, folder, entry),
                                  nprocs=world, join=False, start_method="spawn")
     failure: BaseException | None = None
     try:

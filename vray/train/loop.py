@@ -1,7 +1,8 @@
 """The per-worker training recipe: one loop, read top to bottom; strategy specifics live in the engines.
 
-`Recipe(config, reporter).setup()` builds model, optimizer, scheduler and data in that order; `train()`
-runs the epochs with evaluation and checkpoints beside it. It runs under Ray Train (the TorchTrainer's
+`Recipe(config, reporter).setup()` builds the model, the data, the engine (wrapping and optimizer) and the
+scheduler, in that order, then restores a checkpoint; `train()` runs the epochs with evaluation and checkpoints
+(written through `vray.storage.checkpoint`) beside it. It runs under Ray Train (the TorchTrainer's
 `train_func`) or in a plain process, with or without a torch.distributed process group.
 """
 

@@ -314,23 +314,16 @@ def data_check(
     from rich.progress import Progress
 
     from vray.archs import registry
-    from vray.data.check import check_dataset
-    from vray.models.loader import load_processor, resolve_processor_source
-    from vray.spec import token_budget, validate_spec
+    from vray.data.check import check_dataset, counting_processor
 
     name, _, size = arch.partition(":")
     if not size and name in registry.FAMILIES:
         size = registry.FAMILIES[name].recommended_size
     architecture = registry.get(name, size)
-    spec = validate_spec({"architecture": {"name": name, "size": size}, "trainingMode": {"type": "Full"},
-                          "data": {"maxTokens": max_tokens}, "media": {"maxFrames": max_frames}})
-    source = model or architecture.repo_id
-    try:
-        processor = load_processor(resolve_processor_source(source))
-    except VrayError as exc:
-        err.print(f"[yellow]token counts are estimated: {exc}[/yellow]")
-        processor = None
-    budget = token_budget(spec)
+    processor, unreachable = counting_processor(model or architecture.repo_id)
+    if unreachable:
+        err.print(f"[yellow]token counts are estimated: {unreachable}[/yellow]")
+    budget = max_tokens or architecture.context_length
     with Progress(console=err, transient=True) as progress:
         bar = progress.add_task("checking", total=None)
         report = check_dataset(dataset, architecture, processor, task=task, max_tokens=budget, max_frames=max_frames,

@@ -599,8 +599,4 @@ def require_for_training(spec: RunSpec) -> None:
 
 def token_budget(spec: RunSpec) -> int:
     """The most tokens one sample may take: data.maxTokens, else the model's context length."""
-    if spec.data.maxTokens:
-        return spec.data.maxTokens
-    cfg = spec.arch.config
-    text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
-    return int(text.get("max_position_embeddings") or 32768)
+    return spec.data.maxTokens or spec.arch.context_length

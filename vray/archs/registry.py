@@ -117,6 +117,13 @@ class Architecture:
         """Config fields that are assumptions (field path -> why), empty when none."""
         return dict(self.provenance.get("assumed", {}))
 
+    @property
+    def context_length(self) -> int:
+        """The language model's context (max_position_embeddings; 32768 when the config does not say)."""
+        cfg = self.config
+        text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+        return int(text.get("max_position_embeddings") or 32768)
+
     def lora_selection(self, targets: tuple[str, ...] | list[str] | None = None,
                        scope: tuple[str, ...] | list[str] = ("language",)) -> LoraSelection:
         """The Linear modules LoRA adapts for `lora.targets` and `lora.scope`."""

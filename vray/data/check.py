@@ -17,7 +17,7 @@ from typing import Any
 from vray.archs.registry import Architecture
 from vray.data.io import ReadResult, read_samples
 from vray.data.sample import Sample
-from vray.errors import DataError
+from vray.errors import DataError, VrayError
 
 BOX_TOLERANCE = 0.5  # pixels a box may overhang its image (rounding in exporters)
 
@@ -138,6 +138,17 @@ def _check_sample(sample: Sample, where: str, arch: Architecture, collator: Any,
     if budget and tokens <= budget and tokens > 0.9 * budget:
         issues.append(Issue(where, "warning", "near token budget", f"{tokens} tokens of a {budget} budget", sample.id))
     return issues, tokens
+
+
+def counting_processor(source: str, revision: str | None = None, media: Any = None) -> tuple[Any, str | None]:
+    """(the processor that counts a sample's tokens exactly, None) or, when the model is out of reach (an offline
+    hub), (None, why): token counts are then estimated."""
+    from vray.models.loader import load_processor, resolve_processor_source
+
+    try:
+        return load_processor(resolve_processor_source(source, revision), media), None
+    except VrayError as exc:
+        return None, str(exc)
 
 
 def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str | None = None,

@@ -65,15 +65,9 @@ class DataCheck:
 def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
     """Check every row of the training and held-out data before anything starts; refuse errors unless told to
     skip them, and then count and report every skipped row."""
-    from vray.data.check import check_dataset
+    from vray.data.check import check_dataset, counting_processor
     from vray.data.io import read_samples
-    from vray.models.loader import load_processor, resolve_processor_source
-
-    try:
-        processor = load_processor(resolve_processor_source(spec.model.source or spec.arch.repo_id, spec.model.revision),
-                                   spec.media)
-    except VrayError:
-        processor = None  # the hub is out of reach: token counts are estimated
+    processor, _ = counting_processor(spec.model.source or spec.arch.repo_id, spec.model.revision, spec.media)
     budget = token_budget(spec)
     reports, parsed = [], {}
     for uri in (train, eval_path):

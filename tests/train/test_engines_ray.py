@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from tests.test_engines import FAMILY_ARCH
+from tests.train.test_engines import FAMILY_ARCH
 from vray.spec import STRATEGIES, validate_spec
 from vray.train.launcher import run_training
 from vray.train.prepare import prepare

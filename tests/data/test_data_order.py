@@ -21,7 +21,7 @@ from vray.plan.planner import cpu_plan
 from vray.spec import validate_spec
 from vray.train.loop import WorkerConfig
 
-REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "data_order_194c2eb.json").read_text())
+REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "data_order_194c2eb.json").read_text())
 
 
 class _IdCollator:

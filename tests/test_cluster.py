@@ -7,11 +7,7 @@ from collections import Counter
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.placement_group import (
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from vray.cluster import check_cluster_capacity, inventory_from_cluster
 from vray.errors import VrayError

@@ -9,20 +9,8 @@ import torch
 from PIL import Image
 
 from vray.archs import registry
-from vray.archs.registry import (
-    BOX_INTERNVL_REL1000,
-    BOX_NVILA_REL1,
-    BOX_QWEN3_REL1000,
-    BOX_QWEN25_ABS,
-)
-from vray.data.boxes import (
-    ImageGeometry,
-    PixelBox,
-    format_answer,
-    from_model,
-    parse_answer,
-    to_model,
-)
+from vray.archs.registry import BOX_INTERNVL_REL1000, BOX_NVILA_REL1, BOX_QWEN3_REL1000, BOX_QWEN25_ABS
+from vray.data.boxes import ImageGeometry, PixelBox, format_answer, from_model, parse_answer, to_model
 from vray.data.collate import END_OF_TURN, IGNORE_INDEX, Collator, image_geometry
 from vray.data.io import read_jsonl
 from vray.data.metrics import box_recall, exact_match, normalize_answer, score, token_f1

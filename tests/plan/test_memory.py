@@ -13,14 +13,7 @@ from vray.data.collate import Collator
 from vray.data.io import read_jsonl
 from vray.models.loader import load_processor, prepare_for_training
 from vray.models.tiny import REFERENCE, tiny_checkpoint
-from vray.plan.memory import (
-    Layout,
-    Workload,
-    activation_bytes,
-    quantized_bytes,
-    sample_shape,
-    static_bytes,
-)
+from vray.plan.memory import Layout, Workload, activation_bytes, quantized_bytes, sample_shape, static_bytes
 from vray.plan.profile import profile_model
 from vray.spec import LoraBlock, QuantizationBlock
 

@@ -12,12 +12,7 @@ from PIL import Image
 
 from vray.errors import VrayError
 from vray.infer.target import ServeTarget, resolve_target
-from vray.serve.config import (
-    AppArgs,
-    serve_config,
-    validate_serve_config,
-    vray_application,
-)
+from vray.serve.config import AppArgs, serve_config, validate_serve_config, vray_application
 from vray.serve.options import ServeOptions
 from vray.serve.vllm import validate_llm_configs, vllm_application
 from vray.testing.runs import write_adapter_run

@@ -14,12 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vray.archs.registry import (
-    ARCHITECTURES,
-    TRANSFORMERS_CLASSES,
-    Architecture,
-    config_filename,
-)
+from vray.archs.registry import ARCHITECTURES, TRANSFORMERS_CLASSES, Architecture, config_filename
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "arch_configs.json"

@@ -51,12 +51,7 @@ class _NvilaMeta(nn.Module):
 
 
 def _nvila_meta(cfg: dict) -> nn.Module:
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     v = dict(cfg["vision_tower_cfg"])
     v.pop("model_type"), v.pop("architectures", None)

@@ -14,12 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from vray.archs.registry import (
-    BOX_INTERNVL_REL1000,
-    BOX_NVILA_REL1,
-    BOX_QWEN3_REL1000,
-    BOX_QWEN25_ABS,
-)
+from vray.archs.registry import BOX_INTERNVL_REL1000, BOX_NVILA_REL1, BOX_QWEN3_REL1000, BOX_QWEN25_ABS
 
 CONVENTIONS = (BOX_QWEN25_ABS, BOX_QWEN3_REL1000, BOX_INTERNVL_REL1000, BOX_NVILA_REL1)
 

@@ -14,20 +14,9 @@ from typing import Any
 from vray.archs import registry
 from vray.errors import VrayError
 from vray.plan.plan import Plan
-from vray.spec import (
-    DEFAULT_SYSTEM_PROMPTS,
-    EvaluationBlock,
-    QuantizationBlock,
-    RunSpec,
-    ServingBlock,
-)
+from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, QuantizationBlock, RunSpec, ServingBlock
 from vray.storage.record import RunRecord
-from vray.storage.rundir import (
-    CHECKPOINT_MARKER,
-    RunDir,
-    fetch_checkpoint,
-    read_checkpoint_info,
-)
+from vray.storage.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 
 
 @dataclass(frozen=True)

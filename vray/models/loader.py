@@ -47,11 +47,7 @@ def resolve_processor_source(source: str, revision: str | None = None, cache_dir
     if source.startswith("s3://"):
         return _fetch_s3(source, cache_dir, patterns=PROCESSOR_FILES)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(source, revision=revision, token=os.environ.get("HF_TOKEN"),
@@ -103,11 +99,7 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
 
 def _fetch_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN")))

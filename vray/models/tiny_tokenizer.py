@@ -5,15 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenizers import (
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 # The words of the synthetic datasets (vray.data.synthetic): the tiny tokenizers are trained on them.
 COLOURS = {

@@ -18,14 +18,7 @@ from vray.archs import registry
 from vray.errors import VrayError
 from vray.plan.engine_config import deepspeed_config, fsdp_settings
 from vray.plan.gpus import CATALOG, GPU, Inventory
-from vray.plan.memory import (
-    Estimate,
-    Layout,
-    SampleShape,
-    Workload,
-    estimate,
-    sample_shape,
-)
+from vray.plan.memory import Estimate, Layout, SampleShape, Workload, estimate, sample_shape
 from vray.plan.plan import Plan
 from vray.plan.profile import ArchProfile, arch_profile
 from vray.spec import RunSpec

@@ -22,12 +22,7 @@ FAMILY_ARCHITECTURE = {"qwen2_5_vl": ("qwen2.5vl", "3B"), "qwen3_vl": ("qwen3vl"
 def write_adapter_run(output: str | Path, name: str, family: str = "qwen2_5_vl", seed: int = 0,
                       task: str = "vqa", spread: float = 0.2, **spec: Any) -> RunDir:
     """`<output>/<name>`: a run of tiny:<family> whose only checkpoint is a LoRA adapter with random weights."""
-    from vray.models.loader import (
-        apply_lora,
-        load_model,
-        load_processor,
-        resolve_source,
-    )
+    from vray.models.loader import apply_lora, load_model, load_processor, resolve_source
 
     arch_name, size = FAMILY_ARCHITECTURE[family]
     resolved = validate_spec({

@@ -34,11 +34,7 @@ from vray.models.loader import (
 from vray.plan.plan import Plan
 from vray.spec import MediaBlock, RunSpec, token_budget
 from vray.storage.checkpoint import CheckpointWriter
-from vray.storage.rundir import (
-    RunDir,
-    fetch_checkpoint,
-    read_checkpoint_info,
-)
+from vray.storage.rundir import RunDir, fetch_checkpoint, read_checkpoint_info
 from vray.train.engines import (
     Engine,
     all_reduce_max,

@@ -3,8 +3,9 @@ mid-epoch resume, with and without rows the driver's check left out; and the sam
 
 The reference, tests/fixtures/data_order_194c2eb.json, was written by tests/fixtures/make_data_order_reference.py
 run on a checkout of 194c2eb (its worker read the whole file and took its share through DataOrder). Here the
-same ids come through today's path: the driver keeps the checked rows (`ReadResult.kept`, as `check_data` does),
-the WorkerConfig carries them, and each rank reads only its own rows (`WorkerConfig.data`) into the SampleStream.
+same ids come through today's path: the driver keeps the checked samples (`ReadResult.kept`, as `check_data`
+does) and packs them (`SampleRows`), the WorkerConfig carries them, and each rank reads only its own rows
+(`WorkerConfig.data`) into the SampleStream.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from vray.data import synthetic
 from vray.data.io import read_samples
-from vray.data.pipeline import SampleStream
+from vray.data.pipeline import SampleRows, SampleStream
 from vray.plan.planner import cpu_plan
 from vray.spec import validate_spec
 from vray.train.loop import WorkerConfig
@@ -31,7 +32,7 @@ class _IdCollator:
         return sample.id
 
 
-def _config(exclude: list[str]) -> WorkerConfig:
+def _config(exclude: list[str], rows: Path) -> WorkerConfig:
     ref = REFERENCE
     spec = validate_spec({
         "architecture": {"name": "qwen2.5vl", "size": "3B"}, "trainingMode": {"type": "Full"}, "task": "vqa",
@@ -43,14 +44,15 @@ def _config(exclude: list[str]) -> WorkerConfig:
     assert (plan.effective_batch, plan.micro_batch, plan.num_workers) == (ref["effective_batch"], ref["micro_batch"],
                                                                           ref["world"])
     train, held_out = (str(p) for p in synthetic.split_paths(ref["dataset"]))
-    return WorkerConfig(spec, plan, "unused", read_samples(train, task="vqa").kept(exclude),
-                        read_samples(held_out, task="vqa").kept(exclude))
+    kept = {split: read_samples(path, task="vqa").kept(exclude) for split, path in (("train", train), ("eval", held_out))}
+    return WorkerConfig(spec, plan, "unused", *(SampleRows.in_folder(split, kept[split], rows / split)
+                                                for split in ("train", "eval")))
 
 
 @pytest.mark.parametrize("scenario", sorted(REFERENCE["scenarios"]))
-def test_every_rank_trains_the_samples_of_194c2eb(scenario):
+def test_every_rank_trains_the_samples_of_194c2eb(scenario, tmp_path):
     expected = REFERENCE["scenarios"][scenario]
-    config = _config(expected["exclude_ids"])
+    config = _config(expected["exclude_ids"], tmp_path)
     assert len(config.train) == expected["train_samples"] and len(config.eval) == expected["eval_samples"]
     for rank, want in enumerate(expected["ranks"]):
         data = config.data(rank, REFERENCE["world"])
@@ -73,8 +75,8 @@ def test_every_rank_trains_the_samples_of_194c2eb(scenario):
             assert {s.id for s in mine.values()} == {i for step in want["steps"][a:b] for mb in step for i in mb}
 
 
-def test_in_one_epoch_the_ranks_read_disjoint_halves():
-    config = _config([])
+def test_in_one_epoch_the_ranks_read_disjoint_halves(tmp_path):
+    config = _config([], tmp_path)
     halves = []
     for rank in range(2):
         data = config.data(rank, 2)

@@ -10,7 +10,8 @@ import torch
 from vray.archs import registry
 from vray.data import synthetic
 from vray.data.io import read_samples, write_samples
-from vray.data.pipeline import DataOrder, SampleStream
+from vray.data.pipeline import DataOrder, SampleRows, SampleStream
+from vray.data.sample import Sample
 from vray.spec import MediaBlock
 from vray.train.loop import CollatorFactory
 
@@ -91,11 +92,45 @@ def test_datasets_on_s3_jsonl_and_parquet_with_relative_images(s3_endpoint, tmp_
     write_samples(samples, "s3://vray-test/pq", parquet=True)
     again = read_samples("s3://vray-test/pq").samples
     assert [s.model_dump() for s in again] == [s.model_dump() for s in samples]
-    for uri in ("s3://vray-test/ds/data.jsonl", "s3://vray-test/pq"):  # what a worker reads: only its rows
-        mine = read_samples(uri).kept().read([3, 1])
-        assert {i: s.model_dump() for i, s in mine.items()} == {i: samples[i].model_dump() for i in (1, 3)}
     arch = registry.get("qwen2.5vl", "3B")
     from vray.data.check import check_dataset
 
     report = check_dataset("s3://vray-test/ds/data.jsonl", arch, None)
     assert not report.errors and report.rows == 4
+
+
+def test_packed_rows_come_back_typed_without_validation_and_only_those_asked(tmp_path, monkeypatch):
+    """What a worker receives of the checked data: the driver's Sample objects, unpickled one by one."""
+    samples = read_samples(str(synthetic.split_paths("synthetic:grounding?train=6&eval=2")[0])).samples
+    rows = SampleRows.in_folder("train.jsonl", samples, tmp_path / "rows")
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("a worker validated a sample again")
+
+    monkeypatch.setattr(Sample, "model_validate", classmethod(no_validation))
+    mine = rows.read([4, 1, 4])
+    assert sorted(mine) == [1, 4] and all(type(s) is Sample for s in mine.values())
+    assert {i: s.model_dump() for i, s in mine.items()} == {i: samples[i].model_dump() for i in (1, 4)}
+
+
+@pytest.mark.slow
+def test_rows_in_the_object_store_reach_a_worker_without_the_driver_files(ray_head, tmp_path):
+    """On a cluster a worker may run on a node without the driver's disk: it reads its rows from the object store."""
+    import shutil
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head, log_to_driver=False)
+    folder = synthetic.materialize("synthetic:vqa?train=8&eval=2&seed=11")
+    copy = tmp_path / "train.jsonl"
+    shutil.copy(folder / "train.jsonl", copy)
+    samples = read_samples(str(copy)).samples
+    rows = SampleRows.in_object_store(str(copy), samples)
+    copy.unlink()  # the worker must not need the driver's file
+
+    @ray.remote(num_cpus=0)
+    def worker_reads(config: dict) -> dict:
+        return {i: s.id for i, s in config["rows"].read([5, 2]).items()}
+
+    assert ray.get(worker_reads.remote({"rows": rows})) == {2: samples[2].id, 5: samples[5].id}

@@ -83,7 +83,7 @@ def trained(tmp_path_factory) -> dict[str, tuple[RunDir, RunOutcome]]:
         for cell in cells:
             prepared = prepare(validate_spec(_spec(cell, out)))
             write_run_files(prepared)
-            configs.append(worker_config(prepared))
+            configs.append(worker_config(prepared, rows_in=f"{out}/rows/{cell.id}"))
             dirs.append(prepared.run)
         outcomes = run_workers(configs, world, keep_going=True)
         runs.update({cell.id: (run, outcome) for cell, run, outcome in zip(cells, dirs, outcomes)})

@@ -1,11 +1,10 @@
-"""Read and write vray datasets: JSONL or Parquet, on a local disk or s3:// (fsspec / s3fs, pyarrow); the rows
-the driver's check kept, which each worker reads only the part of it trains on."""
+"""Read and write vray datasets: JSONL or Parquet, on a local disk or s3:// (fsspec / s3fs, pyarrow)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,36 +36,25 @@ def base_of(uri: str) -> str:
     return str(Path(uri).expanduser().resolve().parent)
 
 
-def iter_rows(uri: str) -> Iterator[tuple[str, int, Any]]:
-    """(`file:line` or `file:row N`, where the row starts, parsed row) for every row; undecodable JSON lines yield
-    a DataError. A JSONL row starts at its line's byte offset, a Parquet row at its 0-based index."""
+def iter_rows(uri: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line` or `file:row N`, parsed row) for every row; undecodable JSON lines yield a DataError."""
     fs, path = filesystem(uri)
     if uri.endswith(".parquet"):
-        for i, row in enumerate(_parquet_rows(fs, path)):
-            yield f"{uri}:row {i + 1}", i, row
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield f"{uri}:row {i}", _drop_nulls(row)
         return
-    with fs.open(path, "rb") as fh:  # bytes, so that each line's offset is known
-        offset = 0
-        for lineno, raw in enumerate(fh, 1):
-            start, offset = offset, offset + len(raw)
-            line = raw.decode("utf-8")
+    with fs.open(path, "rt") as fh:
+        for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield f"{uri}:{lineno}", start, json.loads(line)
+                yield f"{uri}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
-                yield f"{uri}:{lineno}", start, DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})", kind="invalid JSON")
-
-
-def _parquet_rows(fs: Any, path: str, indexes: list[int] | None = None) -> list[dict[str, Any]]:
-    """The rows of a Parquet file (only those at `indexes`, in that order, when given)."""
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as fh:
-        table = pq.read_table(fh)
-    if indexes is not None:
-        table = table.take(indexes)
-    return [_drop_nulls(row) for row in table.to_pylist()]
+                yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})", kind="invalid JSON")
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -86,7 +74,6 @@ class ReadResult:
     source: str
     samples: list[Sample] = field(default_factory=list)
     wheres: list[str] = field(default_factory=list)  # the row of each sample (file:line)
-    starts: list[int] = field(default_factory=list)  # where each sample's row starts (see iter_rows)
     problems: list[DataError] = field(default_factory=list)
     rows: int = 0
 
@@ -103,39 +90,9 @@ class ReadResult:
             raise DataError(f"data: {self.source} holds no samples")
         return self.samples
 
-    def kept(self, exclude: Collection[str] = ()) -> DatasetRows:
-        """The rows of the samples whose id is not in `exclude` (the ids the driver's check refused)."""
-        return DatasetRows(self.source, tuple(start for sample, start in zip(self.samples, self.starts)
-                                              if sample.id not in exclude))
-
-
-@dataclass(frozen=True)
-class DatasetRows:
-    """The samples of a dataset the driver's check kept, as where each row starts in the file. Workers receive
-    this instead of the samples and parse only the rows they train on; the check is not repeated."""
-
-    source: str  # the data file (see dataset_file)
-    starts: tuple[int, ...]  # per sample, in file order: a JSONL line's byte offset or a Parquet row's index
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def read(self, indexes: Iterable[int]) -> dict[int, Sample]:
-        """The samples at these positions (0-based, among the kept rows), each row read once."""
-        wanted = sorted(set(indexes))
-        fs, path = filesystem(self.source)
-        base = base_of(self.source)
-        starts = [self.starts[i] for i in wanted]
-        if self.source.endswith(".parquet"):
-            rows = _parquet_rows(fs, path, starts)
-        else:
-            rows = []
-            with fs.open(path, "rb") as fh:  # in file order: the reads only move forward
-                for start in starts:
-                    fh.seek(start)
-                    rows.append(json.loads(fh.readline()))
-        return {i: parse_row(row, f"{self.source} (row {i + 1} of the checked rows)").resolved(base)
-                for i, row in zip(wanted, rows)}
+    def kept(self, exclude: Collection[str] = ()) -> list[Sample]:
+        """The samples whose id is not in `exclude` (the ids the driver's check refused)."""
+        return [s for s in self.samples if s.id not in exclude]
 
 
 def read_samples(uri: str, task: str | None = None) -> ReadResult:
@@ -144,7 +101,7 @@ def read_samples(uri: str, task: str | None = None) -> ReadResult:
     base = base_of(source)
     result = ReadResult(source)
     seen: dict[str, str] = {}
-    for where, start, row in iter_rows(source):
+    for where, row in iter_rows(source):
         result.rows += 1
         if isinstance(row, DataError):
             result.problems.append(row)
@@ -165,7 +122,6 @@ def read_samples(uri: str, task: str | None = None) -> ReadResult:
         seen[sample.id] = where
         result.samples.append(sample.resolved(base))
         result.wheres.append(where)
-        result.starts.append(start)
     return result
 
 

@@ -1,7 +1,8 @@
 """The data pipeline of a training worker: deterministic order, parallel preprocessing, a resumable position.
 
-The driver checks every row and hands each worker where the kept rows start in the files (`DatasetRows`);
-a worker reads only the rows it trains on (`WorkerData`). The order of every epoch is a permutation drawn
+The driver checks every row and packs the samples it keeps, each pickled once, into one shared buffer
+(`SampleRows`: Ray's object store, or a file for runs without Ray); a worker unpickles only the rows it trains
+on, an epoch at a time (`WorkerData`, `RankRows`), as typed samples that are never validated again. The order of every epoch is a permutation drawn
 from the seed and the epoch, padded by wrapping around to whole optimizer steps; each rank takes every
 world-size-th sample of a step. Decoding, resizing and tokenizing run ahead of the training
 loop in a Ray Data actor pool (in a thread pool without Ray) and stream back in order. The position
@@ -15,13 +16,67 @@ import math
 import pickle
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vray.data.io import DatasetRows
+import numpy as np
+
 from vray.data.sample import Sample
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """The samples the driver's check kept, each pickled once into one buffer every worker of the run can map:
+    an object in Ray's object store (read zero-copy, one copy per node) or two .npy files on the driver's machine
+    (memory-mapped: file-backed, shared by the local processes). A worker unpickles only the rows it asks for:
+    typed samples, not validated again, and never the whole dataset."""
+
+    source: str  # the dataset the rows came from (for messages)
+    count: int
+    where: Any  # a Ray ObjectRef of (offsets, data), or the folder holding offsets.npy and rows.npy
+
+    @staticmethod
+    def _pack(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        blobs = [pickle.dumps(s, protocol=pickle.HIGHEST_PROTOCOL) for s in samples]
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        return offsets, np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    @classmethod
+    def in_object_store(cls, source: str, samples: Sequence[Sample]) -> SampleRows:
+        """The rows in Ray's object store (workers on any node of the cluster read them)."""
+        import ray
+
+        return cls(source, len(samples), ray.put(cls._pack(samples)))
+
+    @classmethod
+    def in_folder(cls, source: str, samples: Sequence[Sample], folder: str | Path) -> SampleRows:
+        """The rows in `folder` on this machine (for workers that run on it: local processes, this process)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        offsets, data = cls._pack(samples)
+        np.save(folder / "offsets.npy", offsets)
+        np.save(folder / "rows.npy", data)
+        return cls(source, len(samples), str(folder))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(self.where, str):
+            folder = Path(self.where)
+            return np.load(folder / "offsets.npy", mmap_mode="r"), np.load(folder / "rows.npy", mmap_mode="r")
+        import ray
+
+        return ray.get(self.where)
+
+    def read(self, indexes: Iterable[int]) -> dict[int, Sample]:
+        """The samples at these positions (0-based, among the kept rows)."""
+        offsets, data = self._buffers()
+        return {i: pickle.loads(data[offsets[i]:offsets[i + 1]].tobytes()) for i in sorted(set(indexes))}
 
 
 @dataclass(frozen=True)
@@ -83,7 +138,7 @@ class RankRows:
     """One rank's training samples, read from the checked rows for a span of steps at a time: the stream asks
     for one epoch's share, so a worker never holds more than that."""
 
-    rows: DatasetRows
+    rows: SampleRows
     order: DataOrder
 
     def indexes(self, start: int, stop: int) -> set[int]:
@@ -107,7 +162,7 @@ class WorkerData:
     eval_filler: list[Sample]
 
     @classmethod
-    def read(cls, train: DatasetRows, eval_rows: DatasetRows | None, order: DataOrder, epochs: int) -> WorkerData:
+    def read(cls, train: SampleRows, eval_rows: SampleRows | None, order: DataOrder, epochs: int) -> WorkerData:
         """Read this rank's rows of the checked datasets: its positions in the seeded order of every epoch, and
         every world-size-th held-out sample from its rank on."""
         total = order.steps_per_epoch * epochs
@@ -146,6 +201,7 @@ class SampleStream:
         self.use_ray = use_ray
         self.prefetch = prefetch
         self.actors = actors
+        self._collator: Any = None  # built once, on first use, for the thread pool
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.step_wait = 0.0  # ... for the last step
 
@@ -171,7 +227,9 @@ class SampleStream:
                 yield _split(items, self.order.micro_batch)
 
     def _threads(self, plan: list[tuple[int, list[int]]], samples: Any) -> Iterator[tuple[int, Any]]:
-        collator = self.make_collator()
+        if self._collator is None:
+            self._collator = self.make_collator()
+        collator = self._collator
         work = [(step, i) for step, indexes in plan for i in indexes]
         with ThreadPoolExecutor(max_workers=max(1, self.actors)) as pool:
             window = max(1, self.prefetch * self.order.micro_batch)

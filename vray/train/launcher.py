@@ -6,6 +6,7 @@ write the run files -> TorchTrainer.fit() with a progress display read from metr
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
     sc = prepared.plan.scaling_config
     trainer = TorchTrainer(
         _ray_train_func,
-        # The typed config, pickled as it is; each worker reads its own rows of the checked data from it.
+        # The typed config, pickled as it is; the checked samples are in the object store, each worker reads its own.
         train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=sc["resources_per_worker"],
@@ -139,8 +140,9 @@ def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> R
     from vray.train.local import run_workers
 
     write_run_files(prepared)
-    run_workers(worker_config(prepared, resume_from), prepared.plan.num_workers,
-                backend="nccl" if prepared.plan.device == "gpu" else "gloo")
+    with tempfile.TemporaryDirectory(prefix="vray-rows-") as rows:  # the local processes map the rows from here
+        run_workers(worker_config(prepared, resume_from, rows_in=rows), prepared.plan.num_workers,
+                    backend="nccl" if prepared.plan.device == "gpu" else "gloo")
     draw_curves(prepared.run)
     return prepared.run
 
@@ -148,6 +150,7 @@ def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> R
 def train_local(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:
     """Run the same worker code in this process, without Ray (a single worker)."""
     write_run_files(prepared)
-    train_worker(worker_config(prepared, resume_from))
+    with tempfile.TemporaryDirectory(prefix="vray-rows-") as rows:
+        train_worker(worker_config(prepared, resume_from, rows_in=rows))
     draw_curves(prepared.run)
     return prepared.run

@@ -21,8 +21,7 @@ from vray.archs.registry import Architecture
 from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
 from vray.data.collate import Collator, Encoded
-from vray.data.io import DatasetRows
-from vray.data.pipeline import DataOrder, SampleStream, WorkerData
+from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
     load_processor,
@@ -79,8 +78,8 @@ class WorkerConfig:
     spec: RunSpec
     plan: Plan
     run_dir: str
-    train: DatasetRows
-    eval: DatasetRows | None
+    train: SampleRows
+    eval: SampleRows | None
     resume_from: str | None = None
 
     def data(self, rank: int, world: int) -> WorkerData:

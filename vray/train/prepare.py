@@ -14,7 +14,8 @@ from typing import Any
 
 from rich.console import Console
 
-from vray.data.io import DatasetRows
+from vray.data.pipeline import SampleRows
+from vray.data.sample import Sample
 from vray.errors import DataError, PlanError, VrayError
 from vray.plan.plan import Plan
 from vray.spec import RunSpec, require_for_training, token_budget
@@ -59,7 +60,7 @@ class DataCheck:
     reports: tuple[Any, ...]
     exclude_ids: tuple[str, ...]
     skipped_rows: int
-    rows: dict[str, DatasetRows]  # the rows each worker may read, by dataset path: every valid one
+    samples: dict[str, list[Sample]]  # the samples workers train and evaluate on, by dataset path: every valid one
 
 
 def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
@@ -97,8 +98,8 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
 
 def gpu_inventory(spec: RunSpec) -> Any:
     """The GPUs a run may use: the spec's cluster block, else the Ray cluster it will join, else this machine."""
-    from vray.cluster import cluster_gpu_inventory
-    from vray.plan.gpus import Inventory, local_gpu
+    from vray.cluster import cluster_gpu_inventory, local_gpu
+    from vray.plan.gpus import Inventory
 
     named = Inventory.for_spec(spec)
     if named is not None:
@@ -141,12 +142,19 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
     return PreparedRun(spec, plan, run, train, eval_path, data)
 
 
-def worker_config(prepared: PreparedRun, resume_from: Path | None = None) -> WorkerConfig:
-    """What every worker of the run receives: the spec and plan, and the checked rows of its datasets."""
-    rows = prepared.data.rows
+def worker_config(prepared: PreparedRun, resume_from: Path | None = None, rows_in: str | Path | None = None) -> WorkerConfig:
+    """What every worker of the run receives: the spec and plan, and the checked samples of its datasets, packed
+    once: into Ray's object store (workers anywhere on the cluster), or into the folder `rows_in` on this machine
+    (workers that run here)."""
+    def rows(split: str, uri: str) -> SampleRows:
+        samples = prepared.data.samples[uri]
+        if rows_in is None:
+            return SampleRows.in_object_store(uri, samples)
+        return SampleRows.in_folder(uri, samples, Path(rows_in) / split)
+
     return WorkerConfig(
-        spec=prepared.spec, plan=prepared.plan, run_dir=prepared.run.uri, train=rows[prepared.train_path],
-        eval=rows[prepared.eval_path] if prepared.eval_path else None,
+        spec=prepared.spec, plan=prepared.plan, run_dir=prepared.run.uri, train=rows("train", prepared.train_path),
+        eval=rows("eval", prepared.eval_path) if prepared.eval_path else None,
         resume_from=str(resume_from) if resume_from else None,
     )
 

@@ -27,11 +27,12 @@ from PIL import Image
 from results_io import write_result
 
 from vray.archs import registry
+from vray.cluster import local_gpu
 from vray.data.collate import Collator
 from vray.data.sample import Sample
 from vray.models.loader import load_processor, prepare_for_training
 from vray.models.tiny import tiny_checkpoint
-from vray.plan.gpus import Inventory, local_gpu
+from vray.plan.gpus import Inventory
 from vray.plan.planner import plan_run
 from vray.spec import LoraBlock, validate_spec
 from vray.testing.real_shaped import write_real_shaped_checkpoint

@@ -60,7 +60,8 @@ def dataset(folder: Path, processor_family: str, arch_key: str, count: int) -> s
 
 def measure(arch_key: str, mode: str, engine: str, steps: int, tiny: bool, workdir: Path) -> dict:
     from vray.archs import registry
-    from vray.plan.gpus import CATALOG, local_gpu
+    from vray.cluster import local_gpu
+    from vray.plan.gpus import CATALOG
     from vray.plan.planner import flops_per_sample, sample_of, workload_of
     from vray.plan.profile import arch_profile
     from vray.spec import validate_spec

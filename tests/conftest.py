@@ -25,6 +25,12 @@ def vray_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def agent_ports() -> list[str]:
+    """`ray start` flags giving a head's node agents ports of their own: the dashboard agent's default (52365) is
+    one port per machine, and the session head and a test's own head run side by side."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A `ray start --head` on 127.0.0.1 for the session; RAY_ADDRESS points every driver (and CLI) at it."""
@@ -39,7 +45,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     subprocess.run(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         f"--metrics-export-port={metrics_port}"],
+         f"--metrics-export-port={metrics_port}", *agent_ports()],
         check=True, capture_output=True, text=True,
     )
     address = f"127.0.0.1:{port}"

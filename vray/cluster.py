@@ -1,5 +1,5 @@
-"""The Ray cluster: every command joins RAY_ADDRESS or a running local cluster, else starts a local one; what GPUs
-the cluster has, and whether it can place a plan."""
+"""The machines a run may use: every command joins RAY_ADDRESS or a running local cluster, else starts a local
+one; what GPUs the cluster (or this machine) has, and whether the cluster can place a plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from vray.errors import VrayError
-from vray.plan.gpus import CATALOG, Inventory
+from vray.plan.gpus import CATALOG, GIB, GPU, Inventory
 from vray.plan.plan import Plan
 from vray.plan.planner import placement
 
@@ -129,3 +129,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def local_gpu() -> tuple[GPU, int] | None:
+    """(catalog entry, count) of this machine's CUDA GPUs, or None without any."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    props = torch.cuda.get_device_properties(0)
+    name = props.name.upper()
+    family = next((f for f in ("B200", "H200", "H100", "A100", "A10G", "L4", "T4") if f in name), None)
+    matches = [g for g in CATALOG.values() if family and g.name.startswith(family)]
+    if matches:  # the variant whose memory is closest to what the device reports
+        best = min(matches, key=lambda g: abs(g.memory_bytes - props.total_memory))
+        return best, torch.cuda.device_count()
+    bf16 = torch.cuda.is_bf16_supported()
+    return GPU(props.name, props.total_memory, bf16, 100.0, "pcie", 64 * GIB), torch.cuda.device_count()

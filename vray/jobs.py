@@ -39,11 +39,16 @@ def client(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_address(address)
+    # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given (a shell inside a
+    # cluster exports RAY_ADDRESS=<gcs>); vray has already chosen, with --address first, so hide them meanwhile.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # noqa: BLE001 - connection refused, wrong port, no dashboard
         raise VrayError(f"cannot reach the Ray job API at {url} ({type(exc).__name__}: {exc}); is the head's dashboard "
                         "running (ray start --head --dashboard-host 0.0.0.0) and the port 8265 reachable?") from None
+    finally:
+        os.environ.update(hidden)
 
 
 # paths and ports of this machine (meaningless on the cluster), and the serving key (a training job has no use for it)

@@ -350,9 +350,14 @@ class RunSpec(_Block):
             raise ValueError("run_dir needs a resolved spec (call .resolved() first)")
         return self.run_dir_of(self.name)
 
+    @property
+    def storage(self) -> str:
+        """Where this spec's runs go: output, else the default output ($VRAY_STORAGE, else ~/vray-runs)."""
+        return self.output or default_output()
+
     def run_dir_of(self, name: str) -> str:
-        """`<output>/<name>`: where a run of this spec named `name` lives (output, else the default output)."""
-        return (self.output or default_output()).rstrip("/") + "/" + name
+        """`<storage>/<name>`: where a run of this spec named `name` lives."""
+        return self.storage.rstrip("/") + "/" + name
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the spec's own keys (what `spec.yaml` in a run directory holds)."""

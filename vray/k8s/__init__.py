@@ -41,7 +41,7 @@ def render_spec(spec_file: str, gpu: str | None, gpus_per_node: int | None = Non
     opts = RenderOptions(name=name or spec.name or k8s_name(stem), spec_ref=spec_file, image=image or DEFAULT_IMAGE,
                          namespace=namespace, working_dir=working_dir, cluster_selector=cluster_selector)
     chosen = tuple(kinds or KINDS)
-    if kinds is None and "://" not in (spec.output or ""):
+    if kinds is None and "://" not in spec.storage:
         chosen = ("raycluster", "rayjob")  # a RayService needs the run in shared storage
     command = " ".join(["vray k8s render", spec_file] + ([f"--gpu {kind}"] if kind else [])
                        + ([f"--gpus-per-node {gpus_per_node}"] if gpus_per_node else [])

@@ -10,7 +10,6 @@ between `minReplicas` and `maxReplicas`. Every manifest is checked against the K
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +65,8 @@ def _env(spec: RunSpec, serve: bool = False) -> list[dict[str, Any]]:
     env = [{"name": "HF_HOME", "value": f"{CACHE}/huggingface"}, {"name": "VRAY_CACHE", "value": f"{CACHE}/vray"},
            secret("HF_TOKEN", "hf-token"), secret("AWS_ACCESS_KEY_ID", "aws-access-key-id"),
            secret("AWS_SECRET_ACCESS_KEY", "aws-secret-access-key")]
-    output = spec.output or os.environ.get("VRAY_STORAGE")  # the rule of RunSpec.run_dir_of, carried to the pods
-    if output:
-        env.insert(0, {"name": "VRAY_STORAGE", "value": output})
+    if spec.output or "://" in spec.storage:  # the pods write the run where vray train here would (RunSpec.storage)
+        env.insert(0, {"name": "VRAY_STORAGE", "value": spec.storage})
     if serve:
         env.append(secret("VRAY_API_KEY", "api-key", optional=False))
     return env

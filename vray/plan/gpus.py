@@ -64,23 +64,6 @@ def from_ray_accelerator_type(accelerator_type: str) -> GPU | None:
     return None
 
 
-def local_gpu() -> tuple[GPU, int] | None:
-    """(catalog entry, count) of this machine's CUDA GPUs, or None without any."""
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return None
-    props = torch.cuda.get_device_properties(0)
-    name = props.name.upper()
-    family = next((f for f in ("B200", "H200", "H100", "A100", "A10G", "L4", "T4") if f in name), None)
-    matches = [g for g in CATALOG.values() if family and g.name.startswith(family)]
-    if matches:  # the variant whose memory is closest to what the device reports
-        best = min(matches, key=lambda g: abs(g.memory_bytes - props.total_memory))
-        return best, torch.cuda.device_count()
-    bf16 = torch.cuda.is_bf16_supported()
-    return GPU(props.name, props.total_memory, bf16, 100.0, "pcie", 64 * GIB), torch.cuda.device_count()
-
-
 MAX_NODES = 64
 
 

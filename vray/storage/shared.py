@@ -30,7 +30,13 @@ def require_shared_storage(uri: str, nodes: int, mounts_of_this_machine: bool = 
     machine mounts (`mounts_of_this_machine`; not for pods rendered here, which mount nothing of it)."""
     if nodes <= 1 or "://" in uri or os.environ.get("VRAY_SHARED_STORAGE") == "1":
         return
-    kind = (mount_type(uri) if mounts_of_this_machine else None) or "unknown"
+    if not mounts_of_this_machine:
+        raise VrayError(
+            f"the plan spans {nodes} nodes but the run directory {uri} is a local path, and the pods share no folder "
+            "with this machine; set output (or VRAY_STORAGE) to s3://BUCKET/runs so every node writes to the same "
+            "run directory"
+        )
+    kind = mount_type(uri) or "unknown"
     if kind.startswith(NETWORK_FILESYSTEMS):
         return
     raise VrayError(

@@ -12,6 +12,7 @@ continues from it.
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 import random
@@ -90,6 +91,15 @@ class DataPosition:
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed}
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_samples: int, need: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """One epoch's seeded order, shuffled once: every step of the epoch slices it (a stream walks an epoch step by
+    step, and shuffling the whole dataset for each step made an epoch quadratic in its size)."""
+    order = list(range(num_samples))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return tuple((order * math.ceil(need / len(order)))[:need])
+
+
 @dataclass(frozen=True)
 class DataOrder:
     """The deterministic order of a run's samples over epochs and ranks."""
@@ -107,17 +117,14 @@ class DataOrder:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Every sample once in a seeded order, wrapped around to fill the last step (nothing dropped)."""
-        order = list(range(self.num_samples))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
-        need = self.steps_per_epoch * self.effective_batch
-        return (order * math.ceil(need / len(order)))[:need]
+        return list(_epoch_order(self.num_samples, self.steps_per_epoch * self.effective_batch, self.seed, epoch))
 
     def step_indexes(self, step: int) -> list[int]:
         """This rank's sample indexes of global optimizer step `step` (0-based)."""
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
         e = self.effective_batch
-        chunk = self.epoch_order(epoch)[in_epoch * e:(in_epoch + 1) * e]
-        return chunk[self.rank::self.world]
+        order = _epoch_order(self.num_samples, self.steps_per_epoch * e, self.seed, epoch)
+        return list(order[in_epoch * e:(in_epoch + 1) * e][self.rank::self.world])
 
     def position(self, step: int) -> DataPosition:
         """The data position after `step` optimizer steps."""

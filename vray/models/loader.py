@@ -138,9 +138,21 @@ def check_device_precision(precision: str, device: torch.device) -> None:
         raise VrayError("compute.precisionType: this GPU has no bfloat16 support (pre-Ampere); use Float16")
 
 
+def model_kwargs(arch: Architecture, device: torch.device) -> dict[str, Any]:
+    """Loading options that depend on the device: on a GPU, the fused experts of sparse-MoE families run
+    transformers' grouped GEMM (`experts_implementation="grouped_mm"`) instead of a Python loop over experts."""
+    if device.type == "cuda" and arch.model_type.endswith("_moe"):
+        return {"experts_implementation": "grouped_mm"}
+    return {}
+
+
 def load_model(path: Path, arch: Architecture, precision: str, quantization: QuantizationBlock | None = None,
                device: torch.device | None = None) -> nn.Module:
-    """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked)."""
+    """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked).
+
+    Each tensor goes from the memory-mapped safetensors file straight to `device` in `precision`: no rank holds a
+    CPU copy of the model on the way. (Sharded plans build the model with `vray.models.sharded` instead.)
+    """
     from transformers import AutoModelForImageTextToText
 
     if not arch.native:
@@ -150,7 +162,7 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: Qua
         )
     device = device or torch.device("cpu")
     check_device_precision(precision, device)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[precision]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[precision], **model_kwargs(arch, device)}
     if quantization is not None and quantization.enabled:
         from transformers import BitsAndBytesConfig
 
@@ -162,10 +174,7 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: Qua
             # Keep the vision tower, projector and LM head in the compute dtype (matched from the module name's start).
             llm_int8_skip_modules=list(arch.vision_modules + arch.projector_modules) + ["lm_head"],
         )
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    if "device_map" not in kwargs:
-        model.to(device)
+    model = AutoModelForImageTextToText.from_pretrained(path, device_map={"": device}, **kwargs)
     keep_4bit_layout(model)  # evaluation must never repack 4-bit weights (vray.models.quantized)
     return model
 
@@ -246,17 +255,49 @@ def apply_full(model: nn.Module, arch: Architecture, train_vision: bool = False)
     return model
 
 
+def load_precision(mode: str, precision: str, strategy: str) -> str:
+    """The precision the weights are loaded in. LoRA: the run's. Full fine-tuning: fp32 where the engine steps the
+    weights themselves as the master copy (ddp's torch optimizer, FSDP2's fp32 shards); the run's precision under
+    DeepSpeed, which keeps its own fp32 master partitions."""
+    if mode != "Full" or strategy.startswith("zero"):
+        return precision
+    return "Float32"
+
+
 def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: QuantizationBlock | None,
                          lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
-                         train_vision: bool = False) -> tuple[nn.Module, torch.dtype | None]:
+                         train_vision: bool = False, strategy: str = "ddp",
+                         deepspeed_config: dict[str, Any] | None = None) -> tuple[nn.Module, torch.dtype | None]:
     """The model ready to train, and the autocast dtype its forward runs under (None: no autocast).
 
+    How it is built follows the plan's engine, so that no rank ever holds the whole model when the plan shards it:
+    - ddp, zero1, zero2: loaded straight onto the device (`load_model`);
+    - zero3, zero3-offload: built partitioned under `zero.Init`, then each rank reads its partitions
+      (`vray.models.sharded.build_partitioned`, `materialize_partitioned`);
+    - fsdp2, fsdp2-hybrid: built on the meta device (`vray.models.sharded.build_empty`); the engine shards it and
+      then reads each rank's rows of the weights (`vray.models.sharded.materialize_sharded`).
+
     LoRA / QLoRA: the base at the run's precision (4-bit Linear weights under QLoRA), fp32 adapters.
-    Full: trainable weights in fp32 (the master copy) with the forward in the run's precision under autocast;
-    frozen weights (the vision tower) stored at the run's precision.
+    Full: trainable weights in fp32 where the engine keeps them as the master copy (`load_precision`), with the
+    forward in the run's precision under autocast; frozen weights (the vision tower) stored at the run's precision.
     """
     full = mode == "Full"
-    model = load_model(path, arch, "Float32" if full else precision, quantization, device)
+    loaded = load_precision(mode, precision, strategy)
+    if strategy.startswith(("fsdp2", "zero3")):
+        check_device_precision(precision, device)
+        if not arch.native:
+            load_model(path, arch, precision)  # refuses it, with the reason
+        from vray.models import sharded
+
+        if strategy.startswith("fsdp2"):
+            model = sharded.build_empty(path, DTYPES[loaded], **model_kwargs(arch, device))
+        else:
+            if deepspeed_config is None:
+                raise VrayError(f"plan.strategy {strategy} needs the plan's DeepSpeed config")
+            model = sharded.build_partitioned(path, DTYPES[loaded], deepspeed_config, **model_kwargs(arch, device))
+            sharded.materialize_partitioned(model, path)
+    else:
+        model = load_model(path, arch, loaded, quantization, device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -265,7 +306,7 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
     model = apply_full(model, arch, train_vision)
     dtype = DTYPES[precision]
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return model, (dtype if precision != "Float32" else None)
 

@@ -11,6 +11,7 @@ Every engine runs in a plain torch.distributed process group as well as under Ra
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,8 @@ class DeepSpeedEngine(Engine):
         config.setdefault("zero_allow_untested_optimizer", True)
         if strategy == "zero3-offload":
             config["zero_force_ds_cpu_optimizer"] = False  # the spec's torch optimizer, stepped on the CPU
+        if self.lockstep_generation:
+            mark_moe_leaves(model)
         super().__init__(model, make_optimizer, max_grad_norm, device, precision)
         # DeepSpeed wraps the torch optimizer and keeps its parameter groups: the schedule stays on the torch one.
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config,
@@ -224,6 +227,17 @@ class DeepSpeedEngine(Engine):
                                 load_lr_scheduler_states=False)
 
 
+def mark_moe_leaves(model: nn.Module) -> list[nn.Module]:
+    """Under ZeRO-3, each sparse-MoE block is gathered and released as one leaf: its router picks different experts
+    on every rank and every pass, so hooks on the experts inside it would fetch in an order no two ranks share."""
+    classes = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")})
+    if not classes:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    return set_z3_leaf_modules(model, classes)
+
+
 class FSDP2Engine(Engine):
     """torch FSDP2: `fully_shard` on every decoder layer, every vision block and the root; bf16 (or fp16 / fp32)
     compute over fp32 shards, fp32 gradient reduction. Hybrid: a (nodes, GPUs per node) mesh that shards within
@@ -232,9 +246,12 @@ class FSDP2Engine(Engine):
     lockstep_generation = True
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, max_grad_norm: float, device: torch.device,
-                 precision: str, units: list[nn.Module], mesh_shape: list[int], strategy: str):
+                 precision: str, units: list[nn.Module | list[nn.Module]], mesh_shape: list[int], strategy: str,
+                 materialize: Callable[[nn.Module], Any] | None = None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from vray.models.sharded import is_on_meta
 
         self.name = strategy
         if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
@@ -242,12 +259,20 @@ class FSDP2Engine(Engine):
         if precision == "Float16":
             raise VrayError("compute.precisionType: Float16 needs loss scaling, which vray runs with ddp and DeepSpeed; "
                             "use BFloat16 with fsdp2")
+        world_size = world()[1]
+        if math.prod(mesh_shape) != world_size:
+            raise VrayError(f"plan.fsdp.mesh {list(mesh_shape)} does not cover the {world_size} workers; re-plan the run "
+                            "(fsdp2-hybrid needs a whole number of nodes' worth of workers)")
         names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
         mesh = init_device_mesh(device.type, tuple(mesh_shape), mesh_dim_names=names)
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        if is_on_meta(model):  # built without weights: each rank now reads the rows it owns
+            if materialize is None:
+                raise VrayError("fsdp2: the model was built without weights and nothing loads them")
+            materialize(model)
         super().__init__(model, make_optimizer, max_grad_norm, device, precision)  # the optimizer sees the shards
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
@@ -286,10 +311,11 @@ class FSDP2Engine(Engine):
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
 
 
-def shard_units(model: nn.Module, lm_prefix: str, vision_modules: tuple[str, ...]) -> list[nn.Module]:
-    """The modules FSDP2 shards one by one: the language model's decoder layers and the vision blocks."""
+def shard_units(model: nn.Module, lm_prefix: str, vision_modules: tuple[str, ...]) -> list[nn.Module | list[nn.Module]]:
+    """The modules FSDP2 shards one by one: the language model's decoder layers, the vision blocks, and the input
+    embedding and LM head (one unit together when they share their weight), so the root keeps only small modules."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    units: list[nn.Module] = list(base.get_submodule(f"{lm_prefix}.layers"))
+    units: list[nn.Module | list[nn.Module]] = list(base.get_submodule(f"{lm_prefix}.layers"))
     for prefix in vision_modules:
         try:
             tower = base.get_submodule(prefix)
@@ -298,12 +324,19 @@ def shard_units(model: nn.Module, lm_prefix: str, vision_modules: tuple[str, ...
         lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
         if lists:
             units += list(max(lists, key=len))  # the blocks (the deepest repeated stack)
+    embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if embed is not None and head is not None and head.weight is embed.weight:
+        units.append([embed, head])
+    else:
+        units += [m for m in (embed, head) if m is not None]
     return units
 
 
 def build_engine(strategy: str, model: nn.Module, make_optimizer: OptimizerFactory, max_grad_norm: float,
                  device: torch.device, precision: str, *, deepspeed_config: dict[str, Any] | None = None,
-                 fsdp: dict[str, Any] | None = None, units: list[nn.Module] | None = None) -> Engine:
+                 fsdp: dict[str, Any] | None = None, units: list[nn.Module | list[nn.Module]] | None = None,
+                 materialize: Callable[[nn.Module], Any] | None = None) -> Engine:
     """The engine for a plan's strategy."""
     if strategy == "ddp":
         return DDPEngine(model, make_optimizer, max_grad_norm, device, precision)
@@ -313,7 +346,8 @@ def build_engine(strategy: str, model: nn.Module, make_optimizer: OptimizerFacto
         return DeepSpeedEngine(model, make_optimizer, max_grad_norm, device, precision, deepspeed_config, strategy)
     if strategy in FSDP2_STRATEGIES:
         shape = (fsdp or {}).get("mesh") or [world()[1]]
-        return FSDP2Engine(model, make_optimizer, max_grad_norm, device, precision, units or [], list(shape), strategy)
+        return FSDP2Engine(model, make_optimizer, max_grad_norm, device, precision, units or [], list(shape), strategy,
+                           materialize)
     raise VrayError(f"plan.strategy: '{strategy}' is not an engine; engines: {', '.join(STRATEGIES)}")
 
 

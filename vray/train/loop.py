@@ -30,6 +30,7 @@ from vray.models.loader import (
     resolve_source,
     trainable_parameters,
 )
+from vray.models.sharded import materialize_sharded
 from vray.plan.plan import Plan
 from vray.spec import MediaBlock, RunSpec, token_budget
 from vray.storage.checkpoint import CheckpointWriter
@@ -180,6 +181,7 @@ class Recipe:
             self.spec.compute.precisionType, deepspeed_config=self.plan.deepspeed, fsdp=self.plan.fsdp,
             units=shard_units(self.model, self.arch.language_model_prefix, self.arch.vision_modules)
             if self.plan.strategy.startswith("fsdp2") else None,
+            materialize=lambda model: materialize_sharded(model, self.weights_path, self.device, self.spec.seed),
         )
         self._setup_lr_scheduler()
         if local_restore is not None:
@@ -190,11 +192,12 @@ class Recipe:
         self.processor = load_processor(self.model_path, self.spec.media)
         full = self.spec.trainingMode.type == "Full"
         # Full fine-tuning resumes from the checkpoint's own weights; LoRA loads its adapter onto the base later.
-        weights = restore if (full and restore is not None) else self.model_path
+        self.weights_path = restore if (full and restore is not None) else self.model_path
         model, self.autocast_dtype = prepare_for_training(
-            weights, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
+            self.weights_path, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
             self.spec.quantization, self.spec.lora, self.device, self.plan.gradient_checkpointing,
-            train_vision=self.spec.full.trainVision,
+            train_vision=self.spec.full.trainVision, strategy=self.plan.strategy,
+            deepspeed_config=self.plan.deepspeed,
         )
         model.train()
         self.model = model

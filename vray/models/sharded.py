@@ -1,0 +1,279 @@
+"""Building a model without its weights, and filling sharded parameters from the checkpoint slice by slice.
+
+FSDP2 runs build the model on the meta device, shard it with `fully_shard`, and only then read the weights: each
+rank reads the rows of each tensor it owns straight out of the memory-mapped safetensors files (file-backed pages,
+not anonymous memory), in chunks of at most `LOAD_CHUNK_BYTES`, and casts them into its local shard. No rank holds
+the whole model at any point, and the planner's load-time peak (`vray.plan.memory`) counts exactly this.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vray.errors import VrayError
+
+LOAD_CHUNK_BYTES = 64 * 2**20  # the most a rank reads of one tensor at a time (source dtype)
+PEFT_PREFIX = "base_model.model."
+
+
+def build_empty(path: Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+    """The checkpoint's model class built from its config.json with every parameter on the meta device (no memory),
+    and its buffers (rotary frequencies and the like, computed at construction) real, on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def build_partitioned(path: Path, dtype: torch.dtype, deepspeed_config: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """The checkpoint's model class built under DeepSpeed's `zero.Init` while a `HfDeepSpeedConfig` is alive (as
+    transformers does for ZeRO-3): each parameter is partitioned over the ranks as its module is created, without
+    initial values (every weight is read from the checkpoint next, by `materialize_partitioned`). The returned model
+    holds the live config, which must outlive the DeepSpeed engine's creation."""
+    import deepspeed
+    import transformers.integrations.deepspeed as hf_deepspeed
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)  # on the existing process group
+    live = HfDeepSpeedConfig(deepspeed_config)  # transformers reads it through a weak reference
+    config = AutoConfig.from_pretrained(path)
+    # transformers would initialise every partitioned weight after construction by gathering each module in turn;
+    # they are all overwritten from the checkpoint right after, so that pass is skipped.
+    initialise = hf_deepspeed.initialize_weights_zero3
+    hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = initialise
+    model._vray_zero3_config = live
+    return model
+
+
+def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
+    """Fill the ZeRO-3 partition every rank holds of each parameter from the checkpoint: a parameter's partition is
+    a contiguous range of its flattened elements, read as the rows of the stored tensor that cover it, a chunk at a
+    time."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    reader = CheckpointReader(folder)
+    tied = _tied_names(model)
+    counts = {"read": 0}
+    try:
+        seen: set[int] = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen or not hasattr(p, "ds_tensor"):
+                continue
+            seen.add(id(p))
+            key = checkpoint_key(name, reader, tied)
+            if key is None:
+                raise VrayError(f"model.source: {folder} has no tensor for parameter {name}")
+            part = p.ds_tensor.ds_numel
+            start = rank * part
+            stop = min(start + part, p.ds_numel)
+            with torch.no_grad():
+                _fill_flat(p.ds_tensor.data.view(-1), reader, key, start, stop, list(p.ds_shape))
+            counts["read"] += 1
+    finally:
+        reader.close()
+    return counts
+
+
+def _fill_flat(dst: torch.Tensor, reader: CheckpointReader, key: str, start: int, stop: int,
+               full_shape: list[int]) -> None:
+    """Copy flattened elements [start, stop) of checkpoint tensor `key` (in the model's layout) into dst[0:...]."""
+    if stop <= start:
+        return
+    stored, transposed = _layout(reader, key, full_shape)
+    row = max(1, math.prod(stored[1:]))
+    step = max(1, LOAD_CHUNK_BYTES // (row * 4))
+    first, last = start // row, -(-stop // row)
+    for a in range(first, last, step):
+        b = min(last, a + step)
+        piece = reader.rows(key, a, b) if stored else reader.rows(key, 0, 1)
+        if transposed:
+            piece = piece.transpose(1, 2)
+        flat = piece.reshape(-1)
+        lo, hi = max(start, a * row), min(stop, b * row)
+        dst[lo - start:hi - start].copy_(flat[lo - a * row:hi - a * row])
+        del piece, flat
+
+
+def _layout(reader: CheckpointReader, key: str, full_shape: list[int]) -> tuple[list[int], bool]:
+    """The stored shape of `key`, and whether it is a fused expert tensor stored as [experts, out, in] (the hub's
+    layout) for a model that holds [experts, in, out]."""
+    stored = reader.shape(key)
+    if stored == full_shape:
+        return stored, False
+    if len(stored) == 3 and [stored[0], stored[2], stored[1]] == full_shape:
+        return stored, True
+    raise VrayError(f"model.source: {key} has shape {stored} in {reader.folder}, the model expects {full_shape}")
+
+
+def is_on_meta(model: nn.Module) -> bool:
+    """True while any parameter of the model has no storage yet."""
+    return any(_local(p).device.type == "meta" for p in model.parameters())
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+class CheckpointReader:
+    """Lazy, sliceable access to a checkpoint folder's safetensors tensors by name (one file or an index of shards)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        if not all((folder / f).exists() for f in files):
+            raise VrayError(f"model.source: {folder} has no safetensors weights ({', '.join(files)}); sharded loading "
+                            "reads safetensors only (re-save the checkpoint with save_pretrained(safe_serialization=True))")
+        self._stack = ExitStack()
+        self._where: dict[str, Any] = {}
+        for f in files:
+            handle = self._stack.enter_context(safe_open(str(folder / f), framework="pt"))
+            for key in handle.keys():
+                self._where[key] = handle
+        self.folder = folder
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._where[key].get_slice(key).get_shape())
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dimension 0 of a tensor, read from the file."""
+        return self._where[key].get_slice(key)[start:stop]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+
+def checkpoint_key(name: str, reader: CheckpointReader, tied: dict[str, str]) -> str | None:
+    """The checkpoint tensor behind a (possibly peft-wrapped) model parameter name, or None."""
+    bare = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+    for candidate in (bare, tied.get(bare)):
+        if candidate is not None and candidate in reader:
+            return candidate
+    return None
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """Parameter names that share a tensor, each mapped to the other (a tied embedding and LM head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    by_id: dict[int, list[str]] = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    out: dict[str, str] = {}
+    for names in by_id.values():
+        for a in names:
+            for b in names:
+                if a != b:
+                    out[a] = b
+    return out
+
+
+def _local_rows(p: torch.Tensor) -> tuple[int, int]:
+    """(first global row, rows) of dimension 0 that this rank holds of parameter `p` (all of it when unsharded)."""
+    if not hasattr(p, "device_mesh"):
+        return 0, p.shape[0] if p.dim() else 1
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if any(offset[d] != 0 or shape[d] != p.shape[d] for d in range(1, p.dim())):
+        raise VrayError(f"sharded loading reads dimension-0 shards only; {tuple(p.placements)} is not one")
+    return offset[0], shape[0]
+
+
+def _fill(local: torch.Tensor, reader: CheckpointReader, key: str, start: int, rows: int, full_shape: list[int]) -> None:
+    """Copy rows [start, start + rows) of checkpoint tensor `key` into `local`, at most LOAD_CHUNK_BYTES at a time."""
+    if rows == 0:
+        return
+    stored, transposed = _layout(reader, key, full_shape)
+    row_bytes = max(1, math.prod(stored[1:]) * 4)
+    step = max(1, LOAD_CHUNK_BYTES // row_bytes)
+    flat = local.view(rows, -1) if local.dim() > 1 else local.view(rows, 1 if local.dim() else 1)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        piece = reader.rows(key, start + a, start + b)
+        if transposed:  # a fused expert tensor stored as [experts, out, in]
+            piece = piece.transpose(1, 2)
+        flat[a:b].copy_(piece.reshape(b - a, -1))
+        del piece
+
+
+def init_lora_(name: str, p: torch.Tensor, start: int, rows: int, seed: int) -> None:
+    """peft's default LoRA initialisation for an adapter parameter this rank holds rows of: A Kaiming-uniform
+    (a = sqrt(5)), B zero. The full matrix comes from a generator seeded by the run's seed and the parameter's name,
+    so every rank computes the same matrix and keeps its rows."""
+    local = _local(p)
+    if "lora_B" in name:
+        local.data.zero_()
+        return
+    import zlib
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    full = torch.empty(p.shape, dtype=torch.float32)
+    fan_in = full.shape[1] if full.dim() > 1 else full.shape[0]
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a = sqrt(5): sqrt(6 / ((1 + 5) * fan_in))
+    full.uniform_(-bound, bound, generator=generator)
+    local.data.copy_(full[start:start + rows])
+
+
+def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, seed: int) -> dict[str, int]:
+    """Give every meta parameter of a sharded (or plain) model its storage on `device` and fill it: base weights from
+    the checkpoint's rows this rank owns, LoRA adapters with peft's initialisation. Buffers keep their values.
+    Returns counts of what was read and initialised."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    reader = CheckpointReader(folder)
+    tied = _tied_names(model)
+    counts = {"read": 0, "adapters": 0}
+    try:
+        seen: set[int] = set()
+        for name, p in model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            start, rows = _local_rows(p)
+            if "lora_A" in name or "lora_B" in name:
+                init_lora_(name, p, start, rows, seed)
+                counts["adapters"] += 1
+                continue
+            key = checkpoint_key(name, reader, tied)
+            if key is None:
+                raise VrayError(f"model.source: {folder} has no tensor for parameter {name}; sharded loading (fsdp2) "
+                                "reads checkpoints in transformers' own layout: re-save it with save_pretrained, or "
+                                "train it with a zero3 plan (cluster.strategy: zero3)")
+            with torch.no_grad():
+                _fill(_local(p).data, reader, key, start, rows, list(p.shape))
+            counts["read"] += 1
+    finally:
+        reader.close()
+    return counts

@@ -157,15 +157,16 @@ def test_cpu_plans_carry_a_per_worker_memory_model_of_the_checkpoint_they_load()
     ddp = plan_for("ddp")
     assert ddp.fits and ddp.per_gpu_bytes.weights == pytest.approx(_weight_bytes(model), rel=0.01)
     assert ddp.per_gpu_bytes.other == 0  # no GPU framework overhead, no margin
-    assert ddp.load_peak_bytes.per_gpu == pytest.approx(base + 4 * largest, rel=0.01)
+    # The cast reads each mmap'd tensor straight into its bf16 copy: the base at bf16, no fp32 transient on CPU.
+    assert ddp.load_peak_bytes.per_gpu == pytest.approx(base, rel=0.01)
     assert ddp.load_peak_bytes.per_host == 2 * ddp.load_peak_bytes.per_gpu
     assert Plan.from_dict(ddp.to_dict()) == ddp
     zero3 = plan_for("zero3")
-    assert zero3.load_peak_bytes.per_gpu == pytest.approx(base / 2 + 2 * max(owners.values()) + 4 * largest, rel=0.01)
+    assert zero3.load_peak_bytes.per_gpu == pytest.approx(base / 2 + 2 * max(owners.values()), rel=0.01)
     assert zero3.per_gpu_bytes.weights < ddp.per_gpu_bytes.weights
     fsdp2 = plan_for("fsdp2")
     adapters = sum(_tensor_bytes(p) for p in params.values() if p.requires_grad)  # fp32, sharded with the base
-    assert fsdp2.load_peak_bytes.per_gpu == pytest.approx((base + adapters) / 2 + 4 * largest, rel=0.01)
+    assert fsdp2.load_peak_bytes.per_gpu == pytest.approx((base + adapters) / 2 + 4 * largest, rel=0.01)  # one chunk
     # The activations follow the micro-batch a caller names: 32 text tokens are far fewer than the default 512.
     short = plan_for("ddp", sample=sample_shape(profile_of(folder, arch), max_pixels=56 * 56, text_tokens=32))
     assert 0 < short.per_gpu_bytes.activations < ddp.per_gpu_bytes.activations / 8

@@ -420,7 +420,10 @@ def cpu_profile(spec: RunSpec) -> ArchProfile:
             return checkpoint_profile(tiny_checkpoint(source.split(":", 1)[1]), spec.arch)
         folder = Path(source).expanduser()
         if "://" not in source and (folder / "config.json").is_file():
-            return checkpoint_profile(folder, spec.arch)
+            try:
+                return checkpoint_profile(folder, spec.arch)
+            except (ValueError, KeyError, TypeError):  # a config transformers cannot build: plan the registry's
+                pass
     return arch_profile(spec.arch)
 
 

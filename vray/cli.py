@@ -167,6 +167,11 @@ def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inv
                          ("headroom", result.capacity_bytes - result.margin_bytes - m.total)):
         rows.add_row(label, f"{value / gib:.2f}")
     out.print(rows)
+    if result.load_peak_bytes:
+        load = result.load_peak_bytes
+        out.print(f"load peak (while the model loads): {load.per_gpu / gib:.2f} GiB per GPU, "
+                  f"{load.per_host / gib:.1f} GiB of host memory per node "
+                  f"(node: {inventory.host_memory_per_gpu * inventory.gpus_per_node / gib:.0f} GiB)")
     gc = "on" if result.gradient_checkpointing else "off"
     out.print(f"plan: [bold]{result.strategy}[/bold] on {result.num_workers} GPU(s) over {result.nodes} node(s); "
               f"micro-batch {result.micro_batch} x accumulation {result.grad_accum} x {result.num_workers} worker(s) "

@@ -126,3 +126,54 @@ def test_the_plan_counts_the_adapters_the_loader_creates(scope):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
     created = lora_target_modules(model, arch, lora)
     assert param_split(profile, w).lora_targets == len(created) > 0
+
+
+def test_cpu_plans_carry_a_per_worker_memory_model_of_the_checkpoint_they_load():
+    """A CPU plan sizes the checkpoint `model.source` names (here the tiny one, not the 3B it is shaped like): one
+    worker's step and load peaks, against the tensors the loader really creates, and all workers' per host."""
+    from vray.plan.plan import Plan
+    from vray.plan.planner import cpu_plan
+    from vray.spec import validate_spec
+
+    folder = tiny_checkpoint("qwen2_5_vl")
+    arch = registry.get(*REFERENCE["qwen2_5_vl"])
+    lora = LoraBlock()
+    model, _ = prepare_for_training(folder, arch, "LoRA", "BFloat16", QuantizationBlock(), lora, torch.device("cpu"))
+    params = {n: p for n, p in model.named_parameters()}
+    base = sum(_tensor_bytes(p) for p in params.values() if not p.requires_grad)
+    largest = max(p.numel() for p in params.values())
+    owners: dict[str, int] = {}
+    for n, p in params.items():
+        if not p.requires_grad:
+            owner = n.replace("base_model.model.", "").replace(".base_layer", "").rsplit(".", 1)[0]
+            owners[owner] = owners.get(owner, 0) + p.numel()
+
+    def plan_for(strategy, **sample):
+        spec = validate_spec({"architecture": {"name": "qwen2.5vl", "size": "3B"}, "model": {"source": "tiny:qwen2_5_vl"},
+                              "compute": {"precisionType": "BFloat16"}, "hyperparameters": {"batchSize": 2},
+                              "media": {"maxPixels": 56 * 56}, "cluster": {"workers": 2, "strategy": strategy}})
+        return cpu_plan(spec, **sample)
+
+    ddp = plan_for("ddp")
+    assert ddp.fits and ddp.per_gpu_bytes.weights == pytest.approx(_weight_bytes(model), rel=0.01)
+    assert ddp.per_gpu_bytes.other == 0  # no GPU framework overhead, no margin
+    # The cast reads each mmap'd tensor straight into its bf16 copy: the base at bf16, no fp32 transient on CPU.
+    assert ddp.load_peak_bytes.per_gpu == pytest.approx(base, rel=0.01)
+    assert ddp.load_peak_bytes.per_host == 2 * ddp.load_peak_bytes.per_gpu
+    assert Plan.from_dict(ddp.to_dict()) == ddp
+    zero3 = plan_for("zero3")
+    assert zero3.load_peak_bytes.per_gpu == pytest.approx(base / 2 + 2 * max(owners.values()), rel=0.01)
+    assert zero3.per_gpu_bytes.weights < ddp.per_gpu_bytes.weights
+    fsdp2 = plan_for("fsdp2")
+    adapters = sum(_tensor_bytes(p) for p in params.values() if p.requires_grad)  # fp32, sharded with the base
+    assert fsdp2.load_peak_bytes.per_gpu == pytest.approx((base + adapters) / 2 + 4 * largest, rel=0.01)  # one chunk
+    # The activations follow the micro-batch a caller names: 32 text tokens are far fewer than the default 512.
+    short = plan_for("ddp", sample=sample_shape(profile_of(folder, arch), max_pixels=56 * 56, text_tokens=32))
+    assert 0 < short.per_gpu_bytes.activations < ddp.per_gpu_bytes.activations / 8
+    assert short.assumptions["text_tokens"] == 32
+
+
+def profile_of(folder, arch):
+    from vray.plan.profile import checkpoint_profile
+
+    return checkpoint_profile(folder, arch)

@@ -30,6 +30,8 @@ def _spec(name, size, mode="LoRA", batch=8, **extra):
 def _check_invariants(spec, plan, inventory):
     assert plan.fits
     assert plan.per_gpu_bytes.total + plan.margin_bytes <= plan.capacity_bytes == inventory.gpu.memory_bytes
+    assert plan.load_peak_bytes.per_gpu + plan.margin_bytes <= plan.capacity_bytes
+    assert plan.load_peak_bytes.per_host <= inventory.host_memory_per_gpu * inventory.gpus_per_node
     assert plan.micro_batch * plan.grad_accum * plan.num_workers == spec.hyperparameters.effective_batch
     assert plan.nodes == math.ceil(plan.num_workers / inventory.gpus_per_node)
     assert plan.margin_bytes == int(0.05 * plan.capacity_bytes + GIB)
@@ -172,6 +174,8 @@ def test_cli_plan_human_and_json(tmp_path):
                 "scaling_config"):
         assert key in d
     assert set(d["per_gpu_bytes"]) == {"weights", "gradients", "optimizer", "activations", "other", "total"}
+    assert set(d["load_peak_bytes"]) == {"per_gpu", "per_host"}
+    assert 0 < d["load_peak_bytes"]["per_gpu"] + d["margin_bytes"] <= d["capacity_bytes"]
     assert d["nodes"] >= 2 and d["assumptions"]["sequence"] == 512 + d["assumptions"]["visual_tokens"]
     assert {"step_seconds", "hours", "gpu_hours"} <= set(d["estimate"])
 
@@ -188,6 +192,7 @@ def test_cli_plan_exit_codes_and_human_output(tmp_path):
     human = runner.invoke(app, ["plan", str(spec), "--gpu", "A100-40GB", "--nodes", "1", "--set", "trainingMode.type=LoRA"])
     assert human.exit_code == 0, human.output
     assert "per GPU (A100-40GB)" in human.output and "headroom" in human.output and "plan: " in human.output
+    assert "load peak (while the model loads)" in human.output and "GiB of host memory per node" in human.output
     nofit = runner.invoke(app, ["plan", str(spec), "--gpu", "T4-16GB", "--nodes", "1", "--json"])
     assert nofit.exit_code == 2 and json.loads(nofit.output)["fits"] is False
     nvila = tmp_path / "nvila.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vray.errors import VrayError
 from vray.plan.memory import Layout, Workload
 from vray.plan.profile import ArchProfile
 from vray.spec import RunSpec
@@ -37,15 +38,27 @@ def deepspeed_config(layout: Layout, spec: RunSpec, profile: ArchProfile, w: Wor
     }
 
 
+def hybrid_mesh(workers: int, gpus_per_node: int) -> list[int]:
+    """The fsdp2-hybrid mesh [replicas, shard]: whole nodes of `gpus_per_node`, so the product is the world size.
+    A VrayError when the workers do not fill whole nodes (the planner never offers such a layout)."""
+    if workers < 1 or gpus_per_node < 1 or workers % gpus_per_node:
+        raise VrayError(f"fsdp2-hybrid shards within a node and replicates across nodes, so it needs whole nodes: "
+                        f"{workers} workers do not fill nodes of {gpus_per_node}; use a multiple of {gpus_per_node} "
+                        "workers (cluster.workers), or cluster.strategy: fsdp2")
+    return [workers // gpus_per_node, gpus_per_node]
+
+
 def fsdp_settings(layout: Layout, w: Workload) -> dict[str, Any]:
     """The FSDP2 settings of an fsdp2 / fsdp2-hybrid plan."""
-    mesh = [layout.nodes, layout.gpus_per_node] if layout.strategy == "fsdp2-hybrid" else [layout.workers]
+    hybrid = layout.strategy == "fsdp2-hybrid"
+    mesh = hybrid_mesh(layout.workers, layout.gpus_per_node) if hybrid else [layout.workers]
     return {
         "mesh": mesh,
         "mesh_dims": ["replicate", "shard"] if layout.strategy == "fsdp2-hybrid" else ["shard"],
         "reshard_after_forward": True,
         "param_dtype": {"BFloat16": "bfloat16", "Float16": "float16", "Float32": "float32"}[w.precision],
         "reduce_dtype": "float32",
-        "shard_units": ["decoder layers", "vision blocks", "root (embeddings, LM head, projector)"],
+        "shard_units": ["decoder layers", "vision blocks", "embed_tokens", "lm_head (with embed_tokens when tied)",
+                        "root (vision patch embedding, projector, norms)"],
         "cpu_offload": False,
     }

@@ -21,16 +21,23 @@ the GPUs of a node for fsdp2-hybrid), with p the bytes of the run's precision (2
   forward peak counts when it exceeds the language model's.
 - other: a stated framework overhead (256 MiB of allocator slack and workspaces) plus each engine's
   buffers: DeepSpeed communication buckets, ZeRO-3 live and prefetched parameters, FSDP2's unsharded
-  working set of the largest unit.
+  working set (see fsdp2_buffer_bytes).
 
-The fit test adds a margin of 5% of the GPU's memory plus 1 GiB (CUDA context, NCCL, fragmentation).
+FSDP2 gradients stay sharded: the engine reduce-scatters on every micro-batch (for fsdp2-hybrid only the
+cross-node all-reduce waits for the last one), so accumulation adds no unsharded gradient; only the unit
+being reduced holds its full gradient for a moment, counted in the buffers.
+
+The load-time peak (load_peak) is a second figure, per GPU and per host: what the loader holds while it
+builds the model, before the first step. The fit test adds a margin of 5% of the GPU's memory plus 1 GiB
+(CUDA context, NCCL, fragmentation) to the step peak and to the load peak per GPU; the load peak per host
+must be within the node's CPU memory.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from vray.archs.registry import LoraSelection, lora_selection
@@ -47,6 +54,7 @@ QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
 QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
 DS_BUCKET = 200_000_000  # DeepSpeed reduce / all-gather bucket (elements) vray configures
+LOAD_CHUNK_BYTES = 256 * MIB  # the most the FSDP2 loader reads from a checkpoint at once (one slice of one tensor)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,17 @@ class MemoryBreakdown:
     def to_dict(self) -> dict[str, int]:
         """The parts and their total."""
         return {**asdict(self), "total": self.total}
+
+
+@dataclass(frozen=True)
+class LoadPeak:
+    """Predicted load-time peak: bytes on one GPU, and anonymous host memory of one node (all its ranks)."""
+
+    per_gpu: int
+    per_host: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"per_gpu": self.per_gpu, "per_host": self.per_host}
 
 
 @dataclass(frozen=True)
@@ -360,6 +379,23 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
 # ---- everything --------------------------------------------------------------------------------------
 
 
+def fsdp2_buffer_bytes(profile: ArchProfile, w: Workload) -> int:
+    """FSDP2's unsharded working set. The units are the decoder layers, the vision blocks, `embed_tokens` and
+    `lm_head` (one unit when tied); the root owns the rest (patch embedding, merger, norms) and is not resharded
+    after forward, so it stays gathered for the whole step. With unit = the largest of them, at the compute dtype p:
+    root x p, plus 2 x unit x p (the unit computing and the one prefetched), plus the unit's unsharded gradient at
+    p and its fp32 copy for the reduce-scatter, and the root's fp32 gradient, both scaled by the trainable share of
+    the parameters (all of them under full fine-tuning, the adapters' share under LoRA)."""
+    units = profile.fsdp_units
+    unit = max(units["decoder_layer"], units["embed"], units["lm_head"], units["vision_block"])
+    root = units["root"]
+    p = w.p
+    split = param_split(profile, w)
+    share = 1.0 if split.base_trainable else min(1.0, split.trainable / max(profile.total_params, 1))
+    grads = (unit * (p + 4) + root * 4) * share
+    return int(root * p + 2 * unit * p + grads)
+
+
 def buffers_bytes(profile: ArchProfile, w: Workload, layout: Layout) -> int:
     """Engine buffers and the stated framework overhead."""
     p = w.p
@@ -372,15 +408,61 @@ def buffers_bytes(profile: ArchProfile, w: Workload, layout: Layout) -> int:
         bucket = min(DS_BUCKET, max(split_trainable, 1))
         extra = 3 * unit * p + bucket * p  # live + prefetched parameters, reduce bucket
     elif layout.strategy in ("fsdp2", "fsdp2-hybrid"):
-        extra = 2 * unit * 2 + unit * 4  # unsharded bf16 unit and its prefetch, its fp32 gradient before reduce-scatter
+        extra = fsdp2_buffer_bytes(profile, w)
     else:
         extra = 0
     return int(FRAMEWORK_OVERHEAD + extra)
 
 
+def load_peak(profile: ArchProfile, w: Workload, layout: Layout, device: str = "gpu") -> LoadPeak:
+    """The load-time peak of the loader each strategy runs (vray.models.loader), before the first step.
+
+    P parameters, b bytes per parameter at the load dtype, W = layout.shard, R = ranks on one node, L = the largest
+    tensor's elements (4L: it in fp32, the cast's transient), M = the largest module's own parameters.
+    The checkpoint is read through a mmap (file-backed pages, not counted).
+
+    - ddp / zero1 / zero2 (`from_pretrained` straight onto the device): per GPU the model at the load dtype + 4L;
+      per host R x 4L. The load dtype is the run's precision, except that ddp full fine-tuning loads what trains in
+      fp32 (its optimizer steps fp32 master weights); DeepSpeed makes its fp32 master partitions at initialise,
+      which the step counts. Adapters are created after the load (the step counts them).
+    - zero3 (built under zero.Init): per GPU P x b / W + M x b (gathered to load it) + 4L; per host R x 4L.
+    - zero3-offload: per GPU M x b; per host R x (P x b / W + 4L): the partitions live in host memory. The step's
+      offloaded state (cpu_bytes_per_rank) holds those partitions too and is checked on its own.
+    - fsdp2 / fsdp2-hybrid (built on meta, sharded, then each rank reads its slices in chunks of LOAD_CHUNK_BYTES):
+      per GPU the sharded weights (fp32 for what trains, the run's precision for the rest) / W + C; per host R x C,
+      with C = min(LOAD_CHUNK_BYTES, 4L).
+
+    On a CPU worker (`device="cpu"`) the host is the device: `per_gpu` is one worker's peak and `per_host` every
+    worker of the plan. There the cast reads each mmap'd tensor straight into its copy at the load dtype, so no fp32
+    transient is counted (measured: loading a 0.54B-parameter fp32 checkpoint as bf16 peaks at the bf16 model plus
+    6%); FSDP2's chunk is a real copy and stays; zero3-offload's partitions are in the worker's memory.
+    """
+    split = param_split(profile, w)
+    s, p = layout.shard, w.p
+    full = split.trainable if split.base_trainable else 0  # base weights that train (adapters come after the load)
+    chunk = min(LOAD_CHUNK_BYTES, 4 * profile.largest_tensor)  # never more than one tensor (in fp32) at once
+    transient = 0 if device == "cpu" else 4 * profile.largest_tensor
+    gathered = profile.largest_module * p
+    ranks = layout.workers if device == "cpu" else min(layout.workers, layout.gpus_per_node)
+    strategy = layout.strategy
+    if strategy in ("ddp", "zero1", "zero2"):
+        model = split.frozen_bytes + (4 if strategy == "ddp" else p) * full
+        gpu, host = model + transient, transient
+    elif strategy == "zero3":
+        gpu, host = (split.frozen_bytes + p * full) / s + gathered + transient, transient
+    elif strategy == "zero3-offload":
+        gpu, host = gathered, (split.frozen_bytes + p * full) / s + transient
+    else:  # fsdp2 / fsdp2-hybrid
+        gpu, host = (split.frozen_bytes + 4 * split.trainable) / s + chunk, chunk
+    if device == "cpu":
+        worker = gpu + host if strategy == "zero3-offload" else gpu
+        return LoadPeak(int(worker), int(ranks * worker))
+    return LoadPeak(int(gpu), int(ranks * host))
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted bytes per GPU of one layout."""
+    """Predicted bytes per GPU of one layout: the step peak and the load peak."""
 
     memory: MemoryBreakdown
     capacity: int
@@ -388,15 +470,49 @@ class Estimate:
     activation_parts: dict[str, int]
     cpu: dict[str, int]
     host_limit: int | None = None  # CPU memory one rank may use for offloaded state
+    load: LoadPeak = LoadPeak(0, 0)
+    node_host_memory: int | None = None  # CPU memory of one node, for the load peak per host
 
     @property
-    def fits(self) -> bool:
+    def step_fits(self) -> bool:
         cpu = self.cpu.get("cpu_bytes_per_rank", 0)
         return self.memory.total + self.margin <= self.capacity and (self.host_limit is None or cpu <= self.host_limit)
 
     @property
+    def load_fits_gpu(self) -> bool:
+        return self.load.per_gpu + self.margin <= self.capacity
+
+    @property
+    def load_fits_host(self) -> bool:
+        return self.node_host_memory is None or self.load.per_host <= self.node_host_memory
+
+    @property
+    def fits(self) -> bool:
+        return self.step_fits and self.load_fits_gpu and self.load_fits_host
+
+    @property
     def headroom(self) -> int:
-        return self.capacity - self.margin - self.memory.total
+        return self.capacity - self.margin - max(self.memory.total, self.load.per_gpu)
+
+    def failures(self) -> list[str]:
+        """What does not fit, in words (empty when it fits)."""
+        gib = GIB
+        out: list[str] = []
+        cap = f"{self.capacity / gib:.1f} GiB"
+        if self.memory.total + self.margin > self.capacity:
+            out.append(f"step peak {self.memory.total / gib:.1f} GiB per GPU + margin {self.margin / gib:.1f} GiB "
+                       f"exceeds {cap}")
+        cpu = self.cpu.get("cpu_bytes_per_rank", 0)
+        if self.host_limit is not None and cpu > self.host_limit:
+            out.append(f"offloaded state {cpu / gib:.1f} GiB per rank exceeds its {self.host_limit / gib:.1f} GiB of "
+                       "host memory")
+        if not self.load_fits_gpu:
+            out.append(f"load peak {self.load.per_gpu / gib:.1f} GiB per GPU (while loading the model) + margin "
+                       f"exceeds {cap}")
+        if not self.load_fits_host:
+            out.append(f"load peak {self.load.per_host / gib:.1f} GiB of host memory per node (while loading the "
+                       f"model) exceeds the node's {self.node_host_memory / gib:.0f} GiB")
+        return out
 
 
 def margin_bytes(capacity: int) -> int:
@@ -409,10 +525,24 @@ HOST_SHARE = 0.8  # of a rank's share of host memory that offloaded state may ta
 
 def estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, capacity: int,
              host_memory_per_gpu: int | None = None) -> Estimate:
-    """Predicted peak bytes per GPU of `w` laid out as `layout` (and, for offload, CPU bytes per rank)."""
+    """Predicted peak bytes per GPU of `w` laid out as `layout` (and, for offload, CPU bytes per rank), with the
+    load-time peak per GPU and per node (the node's CPU memory is host_memory_per_gpu x GPUs per node)."""
     weights, grads, optim, cpu = static_bytes(profile, w, layout)
     acts, parts = activation_bytes(profile, w, layout, sample)
     memory = MemoryBreakdown(weights=weights, gradients=grads, optimizer=optim, activations=acts,
                              other=buffers_bytes(profile, w, layout))
     limit = int(HOST_SHARE * host_memory_per_gpu) if host_memory_per_gpu else None
-    return Estimate(memory, capacity, margin_bytes(capacity), parts, cpu, limit)
+    node = host_memory_per_gpu * layout.gpus_per_node if host_memory_per_gpu else None
+    return Estimate(memory, capacity, margin_bytes(capacity), parts, cpu, limit, load_peak(profile, w, layout), node)
+
+
+def cpu_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape) -> tuple[MemoryBreakdown, LoadPeak, dict[str, int]]:
+    """One CPU worker's memory (gloo ranks, the host is the device): the step's parts without the GPU's framework
+    overhead or margin (a process's fixed cost is not the model's), zero3-offload's partitions counted where they
+    are (in the worker's memory), and the load peak per worker and for all workers of the plan."""
+    step = replace(layout, strategy="zero3") if layout.strategy == "zero3-offload" else layout
+    weights, grads, optim, _ = static_bytes(profile, w, step)
+    acts, parts = activation_bytes(profile, w, step, sample)
+    memory = MemoryBreakdown(weights=weights, gradients=grads, optimizer=optim, activations=acts,
+                             other=buffers_bytes(profile, w, step) - FRAMEWORK_OVERHEAD)
+    return memory, load_peak(profile, w, layout, device="cpu"), parts

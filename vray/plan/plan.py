@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vray.plan.memory import MemoryBreakdown
+from vray.plan.memory import LoadPeak, MemoryBreakdown
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Plan:
     fsdp: dict[str, Any] | None = None
     reason: str | None = None
     suggestions: tuple[str, ...] = ()
+    load_peak_bytes: LoadPeak | None = None  # while loading the model: per GPU (per worker on CPU) and per node
 
     @property
     def effective_batch(self) -> int:
@@ -71,6 +72,7 @@ class Plan:
             "effective_batch": self.effective_batch,
             "gradient_checkpointing": self.gradient_checkpointing,
             "per_gpu_bytes": self.per_gpu_bytes.to_dict() if self.per_gpu_bytes else None,
+            "load_peak_bytes": self.load_peak_bytes.to_dict() if self.load_peak_bytes else None,
             "capacity_bytes": self.capacity_bytes,
             "margin_bytes": self.margin_bytes,
             "assumptions": self.assumptions,
@@ -94,6 +96,7 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Read back what `to_dict()` wrote (plan.json of a run directory)."""
         mem = d.get("per_gpu_bytes")
+        load = d.get("load_peak_bytes")
         return cls(
             fits=d["fits"], strategy=d["strategy"], device=d.get("device", "gpu"), num_workers=d["num_workers"],
             nodes=d["nodes"], gpus_per_node=d["gpus_per_node"], micro_batch=d["micro_batch"],
@@ -103,4 +106,5 @@ class Plan:
             capacity_bytes=d.get("capacity_bytes"), margin_bytes=d.get("margin_bytes"),
             assumptions=d.get("assumptions") or {}, estimate=d.get("estimate"), deepspeed=d.get("deepspeed"),
             fsdp=d.get("fsdp"), reason=d.get("reason"), suggestions=tuple(d.get("suggestions") or ()),
+            load_peak_bytes=LoadPeak(load["per_gpu"], load["per_host"]) if load else None,
         )

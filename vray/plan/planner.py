@@ -1,7 +1,8 @@
 """The planner: choose GPUs, strategy, batch split and placement for a run, or say what would fit.
 
-A plan fits when the predicted peak per GPU plus the margin (5% of memory + 1 GiB) is within the GPU's
-memory. Among plans that fit without CPU offload vray takes the fewest GPUs, then the fewest nodes, then
+A plan fits when the predicted step peak per GPU and the load-time peak per GPU, each plus the margin
+(5% of memory + 1 GiB), are within the GPU's memory, and the load-time peak of a node's ranks is within
+the node's CPU memory. Among plans that fit without CPU offload vray takes the fewest GPUs, then the fewest nodes, then
 the fastest estimated step; ZeRO-3 with CPU offload only when nothing else fits. The effective batch
 (batchSize x gradientAccumulation) is preserved as micro-batch x accumulation x workers; gradient
 checkpointing is switched on only when it is needed to fit (or is faster at the larger micro-batch it allows).
@@ -12,21 +13,35 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from vray.archs import registry
 from vray.errors import VrayError
 from vray.plan.engine_config import deepspeed_config, fsdp_settings
 from vray.plan.gpus import CATALOG, GPU, Inventory
-from vray.plan.memory import Estimate, Layout, SampleShape, Workload, estimate, sample_shape
+from vray.plan.memory import Estimate, Layout, SampleShape, Workload, cpu_estimate, estimate, sample_shape
 from vray.plan.plan import Plan
-from vray.plan.profile import ArchProfile, arch_profile
+from vray.plan.profile import ArchProfile, arch_profile, checkpoint_profile
 from vray.spec import RunSpec
 
 DEFAULT_DATASET_SAMPLES = 1000
 # Assumed model-FLOPs utilisation per strategy (share of the GPU's dense bf16 TFLOP/s a step achieves).
 MFU = {"ddp": 0.40, "zero1": 0.38, "zero2": 0.36, "fsdp2-hybrid": 0.34, "fsdp2": 0.33, "zero3": 0.30,
        "zero3-offload": 0.08}
+# Sparse MoE language models (routed experts: Qwen3-VL-30B-A3B, Qwen3.5-35B-A3B, ...), counted on the active
+# parameters. Far below dense: the expert GEMMs are small and grouped, the router adds host syncs, and a sharded
+# engine all-gathers every expert of a layer (8 of 256 used per token: 32x the weights a token computes with) on
+# the forward, the recompute and the backward. Conservative figures, to be replaced by measurements
+# (benchmarks/gpu_check.py): zero3 0.10 (about a third of dense; the field report of 166 s per step for
+# Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3, hiyouga/LlamaFactory#9374, is far lower still, with the eager expert
+# loop vray replaces by grouped_mm); half of dense for the engines that keep the experts whole on each GPU
+# (Qwen supports its MoE fine-tuning on ZeRO-2, QwenLM/Qwen3-VL#1619).
+MOE_MFU = {"ddp": 0.20, "zero1": 0.19, "zero2": 0.18, "fsdp2-hybrid": 0.14, "fsdp2": 0.13, "zero3": 0.10,
+           "zero3-offload": 0.03}
+MOE_MFU_SOURCE = ("sparse MoE: conservative MFU on active parameters, far below dense (experts gathered whole by "
+                  "sharded engines, grouped expert GEMMs); zero3 0.10 against a field report of 166 s/step for "
+                  "Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3 (hiyouga/LlamaFactory#9374); to be calibrated on GPU")
 CROSS_NODE_FACTOR = 0.85  # sharded all-gathers across nodes (not for fsdp2-hybrid, whose gathers stay in a node)
 PCIE_SHARDED_FACTOR = 0.7  # sharded strategies over PCIe-only GPUs
 STRATEGIES_BY_MODE = {
@@ -75,7 +90,7 @@ def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gra
 def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, gpu: GPU,
                   effective_batch: int, samples: int, epochs: int) -> dict[str, float]:
     """Step time, total hours and GPU-hours at the assumed MFU of the strategy."""
-    mfu = MFU[layout.strategy]
+    mfu = mfu_table(profile)[layout.strategy]
     if layout.nodes > 1 and layout.strategy not in ("ddp", "zero1", "zero2", "fsdp2-hybrid"):
         mfu *= CROSS_NODE_FACTOR
     if gpu.interconnect == "pcie" and layout.strategy != "ddp":
@@ -88,8 +103,54 @@ def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: Sam
             "gpu_hours": round(hours * layout.workers, 4), "mfu": round(mfu, 3)}
 
 
+def mfu_table(profile: ArchProfile) -> dict[str, float]:
+    """The assumed MFU per strategy: MOE_MFU for sparse MoE language models, else MFU."""
+    return MOE_MFU if profile.text.moe else MFU
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _not_offered(strategy: str, workers: int, gpus_per_node: int, w: Workload) -> str | None:
+    """Why a strategy is not a layout for this many workers (None: it is)."""
+    if strategy == "fsdp2-hybrid" and (workers < 2 * gpus_per_node or workers % gpus_per_node):
+        # Within one node it is fsdp2; its [nodes, GPUs per node] mesh needs whole nodes to match the world size.
+        return (f"fsdp2-hybrid needs whole nodes: {workers} worker(s) are not a multiple (two or more) of "
+                f"{gpus_per_node} GPUs per node")
+    if strategy.startswith("fsdp2") and w.precision == "Float16":
+        return "fsdp2 does not run Float16 (it needs loss scaling, which vray does with DDP and DeepSpeed)"
+    if strategy != "ddp" and workers == 1 and strategy != "zero3-offload":
+        return f"{strategy} has nothing to shard over on one worker"
+    return None
+
+
+def _why_not(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, effective: int,
+             workers: int | None, only: str | None) -> str:
+    """What stops the closest layout: the strategy with the smallest overshoot at micro-batch 1 with gradient
+    checkpointing, on the forced worker count or the most workers the batch and inventory allow."""
+    counts = [n for n in _divisors(effective) if n <= inv.max_gpus]
+    n = workers or (max(counts) if counts else 1)
+    strategies = [s for s in STRATEGIES_BY_MODE[w.mode] + OFFLOAD[w.mode] if only is None or s == only]
+    closest: tuple[int, str, Estimate] | None = None
+    refused: list[str] = []
+    for strategy in strategies:
+        why = _not_offered(strategy, n, inv.gpus_per_node, w)
+        if why:
+            refused.append(why)
+            continue
+        est = estimate(profile, w, Layout(strategy, n, inv.gpus_per_node, 1, True), sample, inv.gpu.memory_bytes,
+                       inv.host_memory_per_gpu)
+        over = max(est.memory.total, est.load.per_gpu) + est.margin - est.capacity
+        if closest is None or over < closest[0]:
+            closest = (over, strategy, est)
+    if closest is None:
+        return "; " + "; ".join(refused) if refused else ""
+    _, strategy, est = closest
+    failures = est.failures()
+    if not failures:
+        return ""
+    return (f"; closest: {strategy} on {n} GPU(s), micro-batch 1, gradient checkpointing on: " + "; ".join(failures))
 
 
 @dataclass(frozen=True)
@@ -102,15 +163,10 @@ class _Candidate:
 def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, workers: int,
                       per_worker: int, strategies: tuple[str, ...], effective: int, samples: int,
                       epochs: int) -> _Candidate | None:
-    nodes = math.ceil(workers / inv.gpus_per_node)
     found: list[_Candidate] = []
     for strategy in strategies:
-        if strategy == "fsdp2-hybrid" and nodes < 2:
-            continue  # within one node it is fsdp2
-        if strategy.startswith("fsdp2") and w.precision == "Float16":
-            continue  # fp16 needs loss scaling, which vray does with DDP and DeepSpeed
-        if strategy != "ddp" and workers == 1 and strategy != "zero3-offload":
-            continue  # nothing to shard over
+        if _not_offered(strategy, workers, inv.gpus_per_node, w):
+            continue
         for gc in (False, True):
             for micro in sorted(_divisors(per_worker), reverse=True):
                 layout = Layout(strategy, workers, inv.gpus_per_node, micro, gc)
@@ -168,8 +224,14 @@ def _assumptions(spec: RunSpec, profile: ArchProfile, sample: SampleShape, sampl
         "margin": "5% of GPU memory + 1 GiB (CUDA context, NCCL, fragmentation)",
         "offload_host_memory": "80% of the node's CPU memory per GPU (catalog: a usual 8-GPU cloud node)",
         "framework_overhead": "256 MiB per GPU, plus the engine's buffers, counted in 'other'",
-        "mfu": MFU, "logits": "tokens x vocabulary x 12 bytes",
+        "mfu": mfu_table(profile), "logits": "tokens x vocabulary x 12 bytes",
+        "load": "load peak per GPU (+ the margin) and per node (ranks x per-rank host bytes, within the node's CPU "
+                "memory) while the model loads: the whole model at the load dtype + its largest tensor in fp32 for "
+                "ddp / zero1 / zero2; the ZeRO-3 partition + the largest module gathered; FSDP2 shards + one "
+                "256 MiB read chunk",
     }
+    if profile.text.moe:
+        out["mfu_source"] = MOE_MFU_SOURCE
     if arch.assumed:
         out["assumed_config_fields"] = sorted(arch.assumed)
     if est is not None:
@@ -252,6 +314,7 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
     if best is None:
         where = inventory.describe()
         reason = f"no layout of {arch.display} ({w.mode}, {w.precision}) fits {where} with the effective batch {effective}"
+        reason += _why_not(profile, w, sample, inventory, effective, workers, spec.cluster.strategy)
         return _not_fitting(spec, inventory, profile, sample, samples, reason,
                             _suggestions(spec, profile, w, sample, inventory))
     layout, est = best.layout, best.est
@@ -265,6 +328,7 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
         assumptions=_assumptions(spec, profile, sample, samples, est), estimate=timing,
         deepspeed=deepspeed_config(layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
         fsdp=fsdp_settings(layout, w) if layout.strategy.startswith("fsdp2") else None,
+        load_peak_bytes=est.load,
     )
 
 
@@ -313,9 +377,12 @@ def split_batch(effective: int, workers: int, max_micro: int | None = None) -> t
     return micro, per_worker // micro
 
 
-def cpu_plan(spec: RunSpec, cpus_available: int | None = None) -> Plan:
+def cpu_plan(spec: RunSpec, cpus_available: int | None = None, sample: SampleShape | None = None,
+             profile: ArchProfile | None = None) -> Plan:
     """A plan over CPU workers (gloo), for machines and clusters without GPUs: DDP, or the engine
-    `cluster.strategy` names (ZeRO and FSDP2 run on CPU too; fsdp2-hybrid over `cluster.nodes` groups)."""
+    `cluster.strategy` names (ZeRO and FSDP2 run on CPU too; fsdp2-hybrid over `cluster.nodes` groups).
+    Its memory figures are per worker (with_cpu_memory): for `sample` (default: the spec's media limits) and
+    `profile` (default: the local checkpoint `model.source` names, else the registry checkpoint)."""
     cpus = cpus_available or os.cpu_count() or 1
     per_worker = spec.cluster.cpusPerWorker or 1
     workers = spec.cluster.workers or max(1, min(2, cpus // per_worker))
@@ -339,7 +406,42 @@ def cpu_plan(spec: RunSpec, cpus_available: int | None = None) -> Plan:
         micro_batch=micro, grad_accum=accum, gradient_checkpointing=False, cpus_per_worker=per_worker,
         assumptions={"device": f"{workers} CPU worker(s) x {per_worker} CPU, gloo process group; no GPU memory model"},
     )
-    return with_engine_settings(plan, spec, per_group)
+    return with_engine_settings(with_cpu_memory(plan, spec, per_group, sample, profile), spec, per_group)
+
+
+def cpu_profile(spec: RunSpec) -> ArchProfile:
+    """The profile a CPU plan sizes: the local checkpoint `model.source` names (tiny and real-shaped test checkpoints
+    keep the registry's architecture but not its widths), else the registry checkpoint."""
+    source = spec.model.source
+    if source and spec.arch.native:
+        if source.startswith("tiny:"):
+            from vray.models.tiny import tiny_checkpoint
+
+            return checkpoint_profile(tiny_checkpoint(source.split(":", 1)[1]), spec.arch)
+        folder = Path(source).expanduser()
+        if "://" not in source and (folder / "config.json").is_file():
+            try:
+                return checkpoint_profile(folder, spec.arch)
+            except (ValueError, KeyError, TypeError):  # a config transformers cannot build: plan the registry's
+                pass
+    return arch_profile(spec.arch)
+
+
+def with_cpu_memory(plan: Plan, spec: RunSpec, per_group: int, sample: SampleShape | None = None,
+                    profile: ArchProfile | None = None) -> Plan:
+    """A CPU plan with its memory model filled in: `per_gpu_bytes` is one worker's step peak and `load_peak_bytes`
+    one worker's load peak (per_gpu) and all workers' (per_host), as anonymous host memory, without margins
+    (vray.plan.memory.cpu_estimate). A CPU plan has no capacity to fit, so `fits` stays True."""
+    prof = profile or cpu_profile(spec)
+    shape = sample or sample_of(spec, prof)
+    layout = Layout(plan.strategy, plan.num_workers, per_group, plan.micro_batch, plan.gradient_checkpointing)
+    memory, load, parts = cpu_estimate(prof, workload_of(spec), layout, shape)
+    assumptions = {**plan.assumptions, **shape.describe(), "activation_parts": parts,
+                   "memory_model": "per CPU worker, anonymous memory beyond the process's fixed overhead: the step "
+                                   "peak (per_gpu_bytes) and the load peak (load_peak_bytes.per_gpu; per_host: all "
+                                   "workers), without margins",
+                   "params": {"total": prof.total_params}}
+    return replace(plan, per_gpu_bytes=memory, load_peak_bytes=load, assumptions=assumptions)
 
 
 def with_engine_settings(plan: Plan, spec: RunSpec, per_group: int) -> Plan:

@@ -6,9 +6,11 @@ Parameters and Linear shapes come from instantiating the checkpoint's real confi
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
+from pathlib import Path
 
 from torch import nn
 
@@ -125,6 +127,42 @@ class ArchProfile:
         head = max((t.numel for t in self.tensors if self.role(t.name) == "lm_head"), default=0)
         return max(max(self.layer_params, default=0), embed, head)
 
+    @cached_property
+    def largest_tensor(self) -> int:
+        """Elements of the largest parameter tensor (what a load holds in transit, one tensor at a time)."""
+        return max((t.numel for t in self.tensors), default=0)
+
+    @cached_property
+    def largest_module(self) -> int:
+        """The most parameters one module holds directly (its own tensors, not its children's): what ZeRO-3 gathers
+        in full while loading that module's weights."""
+        by_module: dict[str, int] = {}
+        for t in self.tensors:
+            owner = t.name.rsplit(".", 1)[0]
+            by_module[owner] = by_module.get(owner, 0) + t.numel
+        return max(by_module.values(), default=0)
+
+    @cached_property
+    def fsdp_units(self) -> dict[str, int]:
+        """Parameters of FSDP2's units: the largest decoder layer, the input embedding, the LM head (0 when tied to
+        the embedding, which is then one unit), the largest vision block (the tower's longest repeated stack), and the
+        root: what none of them owns (vision patch embedding, merger, final norms), gathered by the root unit."""
+        embed = sum(t.numel for t in self.tensors if ".embed_tokens." in f".{t.name}" and self.role(t.name) == "language")
+        head = self.params_of("lm_head")
+        blocks: dict[str, dict[int, int]] = {}
+        for prefix in self.vision_prefixes:
+            stack = re.compile(re.escape(prefix) + r"\.(.*?)\.(\d+)\.")
+            for t in self.tensors:
+                m = stack.match(t.name)
+                if m:
+                    per = blocks.setdefault(f"{prefix}.{m.group(1)}", {})
+                    per[int(m.group(2))] = per.get(int(m.group(2)), 0) + t.numel
+        longest = max(blocks.values(), key=len, default={})
+        vision_block = max(longest.values(), default=0)
+        root = self.total_params - sum(self.layer_params) - sum(longest.values()) - embed - head
+        return {"decoder_layer": max(self.layer_params, default=0), "embed": embed, "lm_head": head,
+                "vision_block": vision_block, "root": max(root, 0)}
+
 
 def _text_dims(cfg: dict) -> TextDims:
     t = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
@@ -170,3 +208,21 @@ def arch_profile(arch: Architecture) -> ArchProfile:
     from vray.archs.params import build_meta_model
 
     return profile_model(build_meta_model(arch), arch)
+
+
+def checkpoint_profile(folder: Path, arch: Architecture) -> ArchProfile:
+    """The profile of a checkpoint on disk (its config.json built on the meta device): what a CPU plan of a local
+    checkpoint holds, whose widths and depth may differ from the registry checkpoint `arch` it is shaped like."""
+    config = folder / "config.json"
+    return _checkpoint_profile(str(folder.resolve()), config.stat().st_mtime_ns, arch)
+
+
+@lru_cache(maxsize=16)
+def _checkpoint_profile(folder: str, mtime: int, arch: Architecture) -> ArchProfile:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    return profile_model(model, arch, raw)

@@ -39,7 +39,7 @@ def main() -> None:
         measured = measure_engines(checkpoint, tuple(args.strategies.split(",")), f"{tmp}/runs")
     engines = {}
     for strategy, m in measured.items():
-        plan = m["prepared"].plan
+        plan = m["plan"]
         ranks = []
         for r in m["ranks"]:
             load, step = r["load_peak_bytes"] - r["overhead_bytes"], r["step_peak_bytes"] - r["overhead_bytes"]
@@ -48,7 +48,8 @@ def main() -> None:
                           "step_share_of_model": round(step / model_bf16, 3)})
         engines[strategy] = {
             "ranks": ranks, "seconds": m["seconds"],
-            "predicted": {"load_peak_bytes": plan.load_peak_bytes, "step_peak_bytes": plan.per_gpu_bytes.total},
+            "predicted": {"load_peak_bytes": plan.load_peak_bytes.per_gpu, "step_peak_bytes": plan.per_gpu_bytes.total,
+                          "step_breakdown": plan.per_gpu_bytes.to_dict(), "assumptions": plan.assumptions},
         }
     result = {
         "benchmark": "sharded_load", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

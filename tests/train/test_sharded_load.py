@@ -64,8 +64,8 @@ def test_ddp_holds_the_whole_model(measured, checkpoint):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_rank_matches_the_plan(measured, strategy):
-    plan, ranks = measured[strategy]["prepared"].plan, measured[strategy]["ranks"]
-    predicted_load = plan.load_peak_bytes["per_gpu"]
+    plan, ranks = measured[strategy]["plan"], measured[strategy]["ranks"]
+    predicted_load = plan.load_peak_bytes.per_gpu
     predicted_step = plan.per_gpu_bytes.total
     for rank in ranks:
         load = rank["load_peak_bytes"] - rank["overhead_bytes"]

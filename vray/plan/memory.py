@@ -42,6 +42,7 @@ from functools import lru_cache
 
 from vray.archs.registry import LoraSelection, lora_selection
 from vray.archs.vision import visual_grid
+from vray.models.sharded import LOAD_CHUNK_BYTES
 from vray.plan.profile import ArchProfile
 
 MIB = 1024**2
@@ -54,7 +55,6 @@ QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
 QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
 DS_BUCKET = 200_000_000  # DeepSpeed reduce / all-gather bucket (elements) vray configures
-LOAD_CHUNK_BYTES = 256 * MIB  # the most the FSDP2 loader reads from a checkpoint at once (one slice of one tensor)
 
 
 @dataclass(frozen=True)

@@ -142,5 +142,23 @@ def measure_engines(checkpoint: Path, strategies: tuple[str, ...], out: str, wor
         started = time.time()
         run_workers([probe, config], workers, entry=measure)
         results[strategy] = {"prepared": prepared, "ranks": read_measurements(config.run_dir, probe, workers),
-                             "seconds": round(time.time() - started, 1)}
+                             "seconds": round(time.time() - started, 1),
+                             "plan": plan_for_the_batch(prepared.spec, config)}
     return results
+
+
+def plan_for_the_batch(spec: Any, config: Any) -> Any:
+    """The CPU plan sized for the sample the run trains on (its longest encoded row), not the default sample: the
+    prediction to compare a measurement with."""
+    from vray.plan.memory import sample_shape
+    from vray.plan.planner import cpu_plan, cpu_profile
+    from vray.train.loop import CollatorFactory
+
+    collator = CollatorFactory.of(spec)()
+    encoded = [collator.encode(s) for s in config.train.read(range(len(config.train))).values()]
+    longest = max(encoded, key=lambda e: e.length)
+    profile = cpu_profile(spec)
+    visual = sample_shape(profile, spec.media.minPixels, spec.media.maxPixels, text_tokens=0)
+    sample = sample_shape(profile, spec.media.minPixels, spec.media.maxPixels,
+                          text_tokens=max(1, longest.length - visual.visual_tokens))
+    return cpu_plan(spec, sample=sample, profile=profile)

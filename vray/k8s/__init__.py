@@ -34,6 +34,7 @@ def render_spec(spec_file: str, gpu: str | None, gpus_per_node: int | None = Non
     from vray.plan.planner import cpu_plan, plan_run
     from vray.spec import load_spec
 
+    devices = parse_rdma(rdma)  # a bad flag is refused before any planning
     spec = load_spec(Path(spec_file), overrides=overrides or [])
     inventory = Inventory.for_spec(spec, gpu, gpus_per_node, nodes)
     kind = gpu or spec.cluster.gpu  # as given: the command line written into the manifests
@@ -41,7 +42,7 @@ def render_spec(spec_file: str, gpu: str | None, gpus_per_node: int | None = Non
     stem = Path(spec_file).stem
     opts = RenderOptions(name=name or spec.name or k8s_name(stem), spec_ref=spec_file, image=image or DEFAULT_IMAGE,
                          namespace=namespace, working_dir=working_dir, cluster_selector=cluster_selector,
-                         efa=efa, rdma=parse_rdma(rdma))
+                         efa=efa, rdma=devices)
     chosen = tuple(kinds or KINDS)
     if kinds is None and "://" not in spec.storage:
         chosen = ("raycluster", "rayjob")  # a RayService needs the run in shared storage

@@ -508,6 +508,10 @@ def k8s_render(
     namespace: Optional[str] = typer.Option(None, "--namespace"),
     working_dir: Optional[str] = typer.Option(None, "--working-dir", help="RayJob runtime_env working_dir URL"),
     cluster_selector: Optional[str] = typer.Option(None, "--cluster", help="run the RayJob on this existing RayCluster"),
+    efa: int = typer.Option(0, "--efa", help="EFA interfaces per GPU pod (vpc.amazonaws.com/efa; the image needs "
+                                             "cluster/Dockerfile's EFA build)"),
+    rdma: list[str] = typer.Option([], "--rdma", help="RESOURCE=COUNT: an RDMA device plugin's resource per GPU pod, "
+                                                      "e.g. rdma/rdma_shared_device_a=1 (repeatable)"),
     set_: list[str] = typer.Option([], "--set", help="override a key of the spec"),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="re-render every entry of cluster/manifests.yaml"),
 ) -> None:
@@ -524,7 +528,7 @@ def k8s_render(
     if spec_file is None:
         raise VrayError("give a SPEC_FILE (or --catalog cluster/manifests.yaml)")
     manifests, command = render_spec(str(spec_file), gpu, gpus_per_node, nodes, tuple(kind) or None, image, name,
-                                     namespace, working_dir, cluster_selector, set_)
+                                     namespace, working_dir, cluster_selector, set_, efa, tuple(rdma))
     if out_dir is None:
         typer.echo("---\n".join(to_yaml(m, command) for m in manifests.values()))
         return

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
+from typing import Any
 
 from vray.errors import VrayError
 from vray.plan.gpus import CATALOG, GIB, GPU, Inventory
@@ -56,13 +58,25 @@ def start_persistent_head() -> str:
     return address
 
 
-# Settings a worker needs to reach storage and the hub, carried from the driver's environment.
-FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "HUGGING_FACE_", "VRAY_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+# Settings a worker needs to reach storage and the hub, carried from the driver's environment; and the GPU
+# settings a user tunes on the driver: NCCL (NCCL_*, TORCH_NCCL_*), libfabric for EFA (FI_*) and the CUDA allocator.
+FORWARDED_ENV_PREFIXES = ("AWS_", "HF_", "HUGGING_FACE_", "VRAY_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_",
+                          "NCCL_", "TORCH_NCCL_", "FI_", "PYTORCH_CUDA_ALLOC_CONF")
+
+# What GPU workers get unless the driver's environment sets it: expandable segments cut the allocator's
+# fragmentation (sharded engines allocate and free gathered parameters of varying sizes every step), and without
+# record_stream the NCCL process group frees a collective's buffers when it completes instead of when the caching
+# allocator next sees the stream idle.
+GPU_ENV_DEFAULTS = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
 
 
-def forwarded_env() -> dict[str, str]:
-    """The driver's storage / hub / vray environment variables, for the workers' runtime_env."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+def forwarded_env(gpu: bool = False) -> dict[str, str]:
+    """The driver's storage / hub / vray / NCCL / allocator environment variables, for the workers' runtime_env;
+    with `gpu`, also GPU_ENV_DEFAULTS for those the driver leaves unset."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    if gpu:
+        env = {**GPU_ENV_DEFAULTS, **env}
+    return env
 
 
 def inventory_from_cluster(address: str | None, gpu_name: str | None = None) -> Inventory:
@@ -85,7 +99,11 @@ def cluster_gpu_inventory(address: str | None, gpu_name: str | None = None) -> I
         ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
     gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
     if not gpu_nodes:
-        return None
+        # None alive (an autoscaling cluster at rest): the GPU node groups its autoscaler reported, if it did
+        gpu_nodes = [{"Resources": dict(g.resources)} for g in _gpu_node_group_configs()
+                     for _ in range(max(1, g.max_count))]
+        if not gpu_nodes:
+            return None
     counts = sorted({int(n["Resources"]["GPU"]) for n in gpu_nodes})
     kinds = sorted({k.split(":", 1)[1] for n in gpu_nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
     if gpu_name:
@@ -102,13 +120,158 @@ def cluster_gpu_inventory(address: str | None, gpu_name: str | None = None) -> I
     return Inventory(kind, gpus_per_node=max(counts), nodes=len(gpu_nodes), host_memory=per_gpu_memory or None)
 
 
-def check_cluster_capacity(plan: Plan) -> list[int]:
-    """Refuse, before anything starts, a GPU plan the connected Ray cluster cannot place; returns the
-    node index of each worker otherwise."""
+@dataclass(frozen=True)
+class Capacity:
+    """What the capacity check planned for: the GPUs it counted and where they come from."""
+
+    source: str  # "alive": the GPU nodes up now; "autoscaler": those plus what it can add; "nodes": cluster.nodes
+    alive_gpus: int
+    added_gpus: int = 0  # GPUs beyond the alive ones (the autoscaler's, or the ones cluster.nodes promises)
+    how: str = ""  # how the autoscaler's limit was read
+    placement: tuple[int, ...] | None = None  # node index of each worker, when the nodes are known up front
+
+    def describe(self) -> str:
+        if self.source == "alive":
+            return f"planned for the {self.alive_gpus} GPU(s) alive now"
+        if self.source == "autoscaler":
+            return (f"planned for {self.added_gpus} GPU(s) the autoscaler can add, beside the {self.alive_gpus} "
+                    f"alive now ({self.how})")
+        return (f"planned for --nodes (cluster.nodes): {self.alive_gpus} GPU(s) alive now, the autoscaler is trusted "
+                f"to add {self.added_gpus} more ({self.how})")
+
+
+# How long the capacity check waits for the autoscaler to judge the plan's placement group (it decides every
+# few seconds: AUTOSCALER_UPDATE_INTERVAL_S, 5 s by default).
+AUTOSCALER_ANSWER_S = 60.0
+
+
+def check_cluster_capacity(plan: Plan, nodes: int | None = None,
+                           answer_s: float = AUTOSCALER_ANSWER_S) -> Capacity:
+    """Refuse, before anything starts, a GPU plan the connected Ray cluster cannot place, now or once its
+    autoscaler has added nodes; otherwise say what it planned for.
+
+    In order: the GPU nodes alive now; the autoscaler's node groups as the GCS cluster config records them
+    (`ray._private.state.state.get_cluster_config()`, which Ray Train's own pre-start check reads); the verdict
+    of an autoscaler v2 on the plan's placement group (it lists the groups no node type can hold as infeasible);
+    and last `nodes` (cluster.nodes), trusted when the autoscaler's limits cannot be read."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return placement(plan, [int(n["Resources"].get("GPU", 0)) for n in nodes])
+    alive = [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    try:
+        return Capacity("alive", sum(alive), placement=tuple(placement(plan, alive)))
+    except VrayError as refusal:
+        refused_now = refusal
+    needed = max(0, plan.num_workers - sum(alive))
+    groups = autoscaler_gpu_groups()
+    if groups is not None:
+        addable = _addable(groups, alive, plan.num_workers)
+        try:
+            where = placement(plan, alive + addable)
+        except VrayError:
+            limits = ", ".join(f"{name}: up to {count if count >= 0 else 'any number of'} node(s) of {gpus} GPU(s)"
+                               for name, gpus, count in groups) or "no GPU node group"
+            raise VrayError(
+                f"the plan needs {plan.num_workers} GPU(s) on {plan.nodes} node(s) of {plan.gpus_per_node}; the "
+                f"cluster has {sum(alive)} GPU(s) alive and its autoscaler can add {sum(addable)} ({limits}); raise "
+                "the GPU worker group's maxReplicas, or plan for this cluster with --from-cluster") from None
+        return Capacity("autoscaler", sum(alive), sum(addable), "its node groups in the GCS cluster config",
+                        tuple(where))
+    verdict = ask_autoscaler(plan, answer_s)
+    if verdict is True:
+        return Capacity("autoscaler", sum(alive), needed, "it accepted the plan's placement group")
+    if verdict is False:
+        raise VrayError(
+            f"the plan needs {plan.num_workers} GPU(s) on {plan.nodes} node(s) of {plan.gpus_per_node}; the cluster "
+            f"has {sum(alive)} GPU(s) alive and its autoscaler reports the plan's placement group as infeasible (no "
+            "node type it may add holds it, or maxReplicas is reached); raise the GPU worker group's maxReplicas, "
+            "or plan for this cluster with --from-cluster")
+    if nodes is not None and plan.nodes <= nodes:
+        return Capacity("nodes", sum(alive), needed, "the autoscaler's limits could not be read")
+    raise refused_now
+
+
+def autoscaler_gpu_groups() -> list[tuple[str, int, int]] | None:
+    """(name, GPUs per node, max nodes; -1 for no bound) of each GPU node group the autoscaler may add, from the
+    cluster config an autoscaler reports to the GCS; None when none was reported (the open-source autoscalers of
+    Ray 2.60 do not report it), [] when the autoscaler may add no GPU node."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    return [(g.name, int(g.resources["GPU"]), int(g.max_count)) for g in _gpu_node_group_configs(config)]
+
+
+def _gpu_node_group_configs(config: Any = None) -> list[Any]:
+    """The NodeGroupConfig entries of the GCS cluster config that add GPU nodes."""
+    if config is None:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    if config is None:
+        return []
+    return [g for g in config.node_group_configs if g.resources.get("GPU", 0) > 0 and g.max_count != 0]
+
+
+def _addable(groups: list[tuple[str, int, int]], alive: list[int], workers: int) -> list[int]:
+    """GPU counts of the nodes the autoscaler may still add: each group's maximum less its nodes alive now (an
+    alive node with a group's GPU count is taken to be one of that group's)."""
+    taken = list(alive)
+    out: list[int] = []
+    for _name, gpus, count in groups:
+        mine = sum(1 for g in taken if g == gpus)
+        taken = [g for g in taken if g != gpus]
+        extra = -(-workers // gpus) if count < 0 else max(0, count - mine)
+        out += [gpus] * extra
+    return out
+
+
+def ask_autoscaler(plan: Plan, answer_s: float = AUTOSCALER_ANSWER_S) -> bool | None:
+    """The autoscaler's verdict on the plan's placement group: True when it can be placed (now, or on the nodes
+    the autoscaler then launches), False when the autoscaler reports it infeasible; None when no autoscaler v2
+    reports to this cluster's GCS, or it did not judge within `answer_s`.
+
+    The group is the one Ray Train reserves (plan.bundles(), the plan's strategy) and is removed before
+    returning; the nodes it made the autoscaler launch serve the run that follows. The verdict is read from the
+    GCS GetClusterStatus reply (`AutoscalingState.infeasible_gang_resource_requests`, each named by its placement
+    group id): `ray.autoscaler.v2.sdk.get_cluster_status` parses the same reply but leaves the infeasible requests
+    out."""
+    import time
+
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    gcs = GcsClient(ray.get_runtime_context().gcs_address)
+
+    def status() -> GetClusterStatusReply:
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(gcs.get_cluster_status(timeout_s=10))
+        return reply
+
+    if status().autoscaling_state.autoscaler_state_version == 0:
+        return None  # no autoscaler v2 has reported
+    pg = placement_group(plan.bundles(), strategy=plan.scaling_config["placement_strategy"])
+    pg_id = pg.id.hex()
+    try:
+        seen_in: int | None = None  # the cluster state version that first lists the group
+        deadline = time.monotonic() + answer_s
+        while time.monotonic() < deadline:
+            if placement_group_table(pg).get("state") == "CREATED":
+                return True
+            reply = status()
+            autoscaler, cluster = reply.autoscaling_state, reply.cluster_resource_state
+            if any(g.details.startswith(pg_id) for g in autoscaler.infeasible_gang_resource_requests):
+                return False
+            if seen_in is None and any(g.details.startswith(pg_id) for g in cluster.pending_gang_resource_requests):
+                seen_in = cluster.cluster_resource_state_version
+            if seen_in is not None and autoscaler.last_seen_cluster_resource_state_version >= seen_in:
+                return True  # the autoscaler has judged a state holding the group, and not found it infeasible
+            time.sleep(0.5)
+        return None
+    finally:
+        remove_placement_group(pg)
 
 
 def in_ray_train_worker() -> bool:

@@ -153,3 +153,48 @@ def test_k8s_render_cli_writes_files_and_refuses_node_local_multinode_runs(tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["raycluster.yaml", "rayjob.yaml", "rayservice.yaml"]
     proc = run_cli("k8s", "render", "jobs/qwen3-vl-32b-full.yaml", "--set", "output=/home/ray/runs")
     assert proc.returncode == 1 and "s3://BUCKET/runs" in proc.stderr
+
+
+def test_efa_and_rdma_devices_go_to_the_gpu_workers_and_validate(rendered, monkeypatch):
+    from vray.k8s import render_spec
+    from vray.k8s.render import to_yaml
+    from vray.k8s.validate import validate_manifest
+
+    monkeypatch.chdir(REPO)
+    spec, gpu = "jobs/qwen3-vl-32b-full.yaml", "A100-40GB"
+    manifests, command = render_spec(spec, gpu, 8, kinds=("raycluster", "rayjob"), efa=4,
+                                     rdma=("rdma/rdma_shared_device_a=1",))
+    assert "--efa 4 --rdma rdma/rdma_shared_device_a=1" in command
+    plain = next(r for r in rendered if r.folder.name == "qwen3-vl-32b-full-8xA100-40GB").manifests
+    for kind, m in manifests.items():
+        assert validate_manifest(m) == [], kind
+        cluster = m["spec"].get("rayClusterSpec") or m["spec"]
+        (group,) = cluster["workerGroupSpecs"]
+        (container,) = group["template"]["spec"]["containers"]
+        for side in ("requests", "limits"):
+            assert container["resources"][side]["vpc.amazonaws.com/efa"] == "4"
+            assert container["resources"][side]["rdma/rdma_shared_device_a"] == "1"
+            assert container["resources"][side]["nvidia.com/gpu"] == "8"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1" and env["NCCL_NET"] == "IB"
+        assert container["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+        # the head is as without devices: no device requests, no NCCL settings
+        plain_cluster = plain[kind]["spec"].get("rayClusterSpec") or plain[kind]["spec"]
+        assert cluster["headGroupSpec"] == plain_cluster["headGroupSpec"]
+        assert "FI_PROVIDER" not in to_yaml(cluster["headGroupSpec"], command)
+    # an EFA-only render asks for no RDMA device and needs no IPC_LOCK
+    only_efa, _ = render_spec(spec, gpu, 8, kinds=("raycluster",), efa=2)
+    (container,) = only_efa["raycluster"]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["vpc.amazonaws.com/efa"] == "2" and "securityContext" not in container
+    assert "NCCL_NET" not in {e["name"] for e in container["env"]}
+
+
+def test_bad_network_device_options_are_refused(monkeypatch):
+    from vray.k8s import render_spec
+
+    monkeypatch.chdir(REPO)
+    for bad in ("rdma_shared_device_a=1", "rdma/hca=0", "rdma/hca"):
+        with pytest.raises(VrayError, match="--rdma .*RESOURCE=COUNT"):
+            render_spec("jobs/qwen3-vl-32b-full.yaml", "A100-40GB", 8, rdma=(bad,))
+    with pytest.raises(VrayError, match="--efa .*GPU worker pods"):
+        render_spec("jobs/tiny-cpu.yaml", None, efa=1)

@@ -9,6 +9,7 @@ between `minReplicas` and `maxReplicas`. Every manifest is checked against the K
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -56,6 +57,46 @@ class RenderOptions:
     working_dir: str | None = None  # a runtime_env working_dir URL (zip on S3 / https); default: the image's
     cluster_selector: str | None = None  # run the RayJob on this existing RayCluster instead of its own
     ttl_seconds: int = 3600
+    efa: int = 0  # EFA interfaces per GPU pod (vpc.amazonaws.com/efa), for NCCL over aws-ofi-nccl
+    rdma: tuple[tuple[str, int], ...] = ()  # (device-plugin resource, count) per GPU pod, for NCCL over InfiniBand
+
+
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+# libfabric's EFA provider with GPUDirect RDMA (the aws-ofi-nccl plugin of cluster/Dockerfile's EFA build carries
+# NCCL over it); fork-safe, as data loaders and Ray's workers fork.
+EFA_ENV = (("FI_PROVIDER", "efa"), ("FI_EFA_USE_DEVICE_RDMA", "1"), ("FI_EFA_FORK_SAFE", "1"))
+# NCCL's InfiniBand transport, forced: a pod whose devices are missing fails at once instead of falling back to TCP.
+RDMA_ENV = (("NCCL_NET", "IB"), ("NCCL_IB_DISABLE", "0"))
+_RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def parse_rdma(items: list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """`--rdma RESOURCE=COUNT` values (e.g. rdma/rdma_shared_device_a=1) as (resource, count) pairs."""
+    out = []
+    for item in items:
+        name, sep, count = item.partition("=")
+        if not sep or not _RESOURCE_NAME.match(name) or not count.isdigit() or int(count) < 1:
+            raise VrayError(f"--rdma {item!r}: use RESOURCE=COUNT with the device plugin's resource name and a "
+                            "count of at least 1, e.g. --rdma rdma/rdma_shared_device_a=1")
+        out.append((name, int(count)))
+    return tuple(out)
+
+
+def network_devices(opts: RenderOptions) -> tuple[dict[str, str], list[dict[str, Any]], bool]:
+    """(extra container limits, extra env, whether the container needs IPC_LOCK) for the GPU pods' network
+    devices."""
+    if opts.efa < 0:
+        raise VrayError(f"--efa {opts.efa}: give the number of EFA interfaces per GPU pod (at least 1)")
+    limits: dict[str, str] = {}
+    env: list[dict[str, Any]] = []
+    if opts.efa:
+        limits[EFA_RESOURCE] = str(opts.efa)
+        env += [{"name": k, "value": v} for k, v in EFA_ENV]
+    for name, count in opts.rdma:
+        limits[name] = str(count)
+    if opts.rdma:
+        env += [{"name": k, "value": v} for k, v in RDMA_ENV]
+    return limits, env, bool(opts.rdma)
 
 
 def _env(spec: RunSpec, serve: bool = False) -> list[dict[str, Any]]:
@@ -96,22 +137,29 @@ def _head(image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _worker_group(gpu: GPU | None, gpus_per_pod: int, pods: int, min_pods: int, max_pods: int, image: str,
-                  env: list[dict[str, Any]], cpus_per_pod: int) -> dict[str, Any]:
+                  env: list[dict[str, Any]], cpus_per_pod: int,
+                  devices: tuple[dict[str, str], list[dict[str, Any]], bool] = ({}, [], False)) -> dict[str, Any]:
+    extra_limits, extra_env, ipc_lock = devices
     if gpu is not None:
         memory_gib = max(16, int(gpu.host_memory_per_gpu * gpus_per_pod * 0.85 / 2**30))
-        limits = {"cpu": str(cpus_per_pod), "memory": f"{memory_gib}Gi", "nvidia.com/gpu": str(gpus_per_pod)}
+        limits = {"cpu": str(cpus_per_pod), "memory": f"{memory_gib}Gi", "nvidia.com/gpu": str(gpus_per_pod),
+                  **extra_limits}
         group = f"gpu-{k8s_name(gpu.name)}"
     else:
         limits = {"cpu": str(cpus_per_pod), "memory": f"{max(4, 4 * cpus_per_pod)}Gi"}
         group = "cpu"
+    container: dict[str, Any] = {
+        "name": "ray-worker", "image": image,
+        "resources": {"requests": dict(limits), "limits": dict(limits)},
+        # the head's list as it is (one YAML anchor), or a copy with the network devices' settings
+        "env": copy.deepcopy(env) + extra_env if extra_env else env,
+        # one cache per pod (node): every worker process there reads the weights fetched once
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE}, {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if ipc_lock:  # RDMA registers (pins) memory
+        container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
     pod: dict[str, Any] = {
-        "containers": [{
-            "name": "ray-worker", "image": image,
-            "resources": {"requests": dict(limits), "limits": dict(limits)},
-            "env": env,
-            # one cache per pod (node): every worker process there reads the weights fetched once
-            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE}, {"name": "dshm", "mountPath": "/dev/shm"}],
-        }],
+        "containers": [container],
         "volumes": [{"name": "model-cache", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }
     if gpu is not None:
@@ -124,6 +172,12 @@ def cluster_spec(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None
                  pods: tuple[int, int, int] | None = None, gpus_per_pod: int | None = None) -> dict[str, Any]:
     """A RayCluster spec: head without work, one worker group sized from the plan (or for serving replicas)."""
     env = _env(spec, serve)
+    devices: tuple[dict[str, str], list[dict[str, Any]], bool] = ({}, [], False)
+    if not serve:  # serving replicas run no collectives across pods
+        devices = network_devices(opts)
+        if devices[0] and gpu is None:
+            raise VrayError("--efa / --rdma: network devices go to GPU worker pods; this plan runs CPU workers "
+                            "(name the GPU with --gpu)")
     if gpu is not None:
         per_pod = gpus_per_pod or min(plan.gpus_per_node, plan.num_workers)
         count = math.ceil(plan.num_workers / per_pod)
@@ -138,7 +192,7 @@ def cluster_spec(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"version": "v2", "upscalingMode": "Default", "idleTimeoutSeconds": 300},
         "headGroupSpec": _head(opts.image, env),
-        "workerGroupSpecs": [_worker_group(gpu, per_pod, replicas, low, high, opts.image, env, cpus)],
+        "workerGroupSpecs": [_worker_group(gpu, per_pod, replicas, low, high, opts.image, env, cpus, devices)],
     }
 
 

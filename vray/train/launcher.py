@@ -97,35 +97,66 @@ def _vray_error_in(exc: BaseException) -> VrayError | None:
     return None
 
 
-def run_training(prepared: PreparedRun, console: Console, resume_from: Path | None = None, verbose: bool = False,
-                 max_failures: int = 0) -> RunDir:
-    """Run the prepared training on Ray Train and finish the run directory."""
+# The collective timeout of the workers' process group. A collective waits for its slowest rank, and between two
+# steps a rank may be busy for long: writing a checkpoint (every rank writes its shard, rank 0 the final weights too)
+# or evaluating (generation on sharded engines gathers layers for every token). NCCL's watchdog kills the run when a
+# collective outlasts it; Ray Train's default is 30 minutes.
+COLLECTIVE_TIMEOUT_FLOOR_S = 2 * 3600
+# A pessimistic write rate of one node to the run directory (all of its ranks together, to an object store).
+NODE_WRITE_BYTES_PER_S = 100 * 2**20
+
+
+def collective_timeout_s(plan: Any, spec: Any) -> int:
+    """Seconds a collective may wait: at least 2 hours, and 4x the time one node takes to write its ranks' share of a
+    checkpoint at NODE_WRITE_BYTES_PER_S (room for an evaluation and for storage slower than that). A rank's share is
+    its optimizer states, in GPU memory or offloaded, plus its weights for full fine-tuning; a LoRA checkpoint holds
+    only the adapters and their states."""
+    m = plan.per_gpu_bytes
+    if m is None:
+        return COLLECTIVE_TIMEOUT_FLOOR_S
+    offloaded = int(plan.assumptions.get("cpu_bytes_per_rank") or 0)
+    per_rank = m.optimizer + offloaded + (m.weights if spec.trainingMode.type == "Full" else 0)
+    per_node = per_rank * max(1, min(plan.gpus_per_node or 1, plan.num_workers))
+    return max(COLLECTIVE_TIMEOUT_FLOOR_S, int(4 * per_node / NODE_WRITE_BYTES_PER_S))
+
+
+def trainer(prepared: PreparedRun, config: WorkerConfig, max_failures: int = 0) -> Any:
+    """The TorchTrainer of a prepared run (not started)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray(verbose)
-    if prepared.plan.device == "gpu":
-        from vray.cluster import check_cluster_capacity
-
-        check_cluster_capacity(prepared.plan)  # refuse what the cluster cannot place, before anything starts
-    write_run_files(prepared)
-    config = worker_config(prepared, resume_from)
     sc = prepared.plan.scaling_config
-    trainer = TorchTrainer(
+    gpu = prepared.plan.device == "gpu"
+    return TorchTrainer(
         _ray_train_func,
         # The typed config, pickled as it is; the checked samples are in the object store, each worker reads its own.
         train_loop_config={"config": config},
+        torch_config=TorchConfig(timeout_s=collective_timeout_s(prepared.plan, prepared.spec)),
         scaling_config=ScalingConfig(num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
                                      resources_per_worker=sc["resources_per_worker"],
                                      placement_strategy=sc["placement_strategy"]),
         run_config=RunConfig(name=prepared.run.name, storage_path=ray_storage_path(prepared.run),
                              storage_filesystem=ray_storage_filesystem(prepared.run),
-                             worker_runtime_env={"env_vars": forwarded_env()},
+                             worker_runtime_env={"env_vars": forwarded_env(gpu=gpu)},
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
+
+
+def run_training(prepared: PreparedRun, console: Console, resume_from: Path | None = None, verbose: bool = False,
+                 max_failures: int = 0) -> RunDir:
+    """Run the prepared training on Ray Train and finish the run directory."""
+    ensure_ray(verbose)
+    if prepared.plan.device == "gpu":
+        from vray.cluster import check_cluster_capacity
+
+        # refuse what the cluster cannot place, before anything starts
+        capacity = check_cluster_capacity(prepared.plan, nodes=prepared.spec.cluster.nodes)
+        console.print(f"cluster: {capacity.describe()}")
+    write_run_files(prepared)
+    trainer_ = trainer(prepared, worker_config(prepared, resume_from), max_failures)
     try:
         with ProgressView(prepared.run, console):
-            trainer.fit()
+            trainer_.fit()
     except Exception as exc:  # noqa: BLE001 - surface a worker's VrayError as itself
         user_error = _vray_error_in(exc)
         if user_error is not None:

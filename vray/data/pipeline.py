@@ -291,3 +291,61 @@ class SampleStream:
         for batch in ds.iter_batches(batch_size=None, prefetch_batches=self.prefetch, batch_format="numpy"):
             for step, payload in zip(batch["step"], batch["payload"]):
                 yield int(step), pickle.loads(payload)
+
+
+# ---- Ray tasks over batches (the data check) -----------------------------------------------------------------
+_SHARED: dict[str, Any] = {}  # per worker process: the last shared object a task unpickled, by object id
+
+
+def _run_batch(fn: Any, shared: list[Any], batch: Any) -> Any:
+    import ray
+
+    ref = shared[0]  # inside a list: Ray hands the reference over, not its value, so each process reads it once
+    key = ref.hex()
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = ray.get(ref)
+    return fn(_SHARED[key], batch)
+
+
+def ray_map(fn: Any, shared: Any, batches: Sequence[Any], local: bool = False, finished: Any = None,
+            sizes: Sequence[int] | None = None, in_flight: int | None = None) -> Iterator[Any]:
+    """`fn(shared, batch)` for every batch, as Ray tasks of one CPU each on the cluster, yielded in batch order.
+    `shared` is put in the object store once (and unpickled once per worker process). At most `in_flight` tasks
+    (default: twice the cluster's CPUs) are out at a time. `finished(n)` is called as tasks complete, with the
+    total of `sizes` (default: 1 a batch) of the batches done so far, in whatever order they finish. With `local`,
+    the tasks prefer this machine, where a local path names what the driver sees; a node that cannot run them
+    (no CPUs, like a KubeRay head) hands them to the rest of the cluster; otherwise they spread over its nodes.
+    Ray must be initialised."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2, "scheduling_strategy": "SPREAD"}
+    if local:
+        try:
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        except Exception:  # noqa: BLE001 - a driver outside the cluster (Ray Client) has no node
+            pass
+    task = ray.remote(_run_batch).options(**options)
+    holder = [ray.put(shared)]
+    sizes = list(sizes) if sizes is not None else [1] * len(batches)
+    limit = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, int] = {}
+    ready: dict[int, Any] = {}
+    submitted, emitted, done = 0, 0, 0
+    while emitted < len(batches):
+        while submitted < len(batches) and len(pending) + len(ready) < limit:
+            pending[task.remote(fn, holder, batches[submitted])] = submitted
+            submitted += 1
+        if emitted not in ready:
+            finished_refs, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished_refs:
+                i = pending.pop(ref)
+                ready[i] = ray.get(ref)
+                done += sizes[i]
+                if finished is not None:
+                    finished(done)
+        while emitted in ready:
+            yield ready.pop(emitted)
+            emitted += 1

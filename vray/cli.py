@@ -71,6 +71,7 @@ def train(
 ) -> None:
     """Fine-tune on Ray Train; prints the run directory as the last line."""
     _quiet_libraries()
+    from vray.cluster import ensure_ray
     from vray.spec import load_spec
     from vray.train.launcher import run_training
     from vray.train.prepare import prepare
@@ -84,11 +85,13 @@ def train(
             raise VrayError(f"--resume {resume}: not a run directory (no spec.yaml)")
         spec = load_spec(run.spec, overrides=set_)
         resume_from = run.latest_checkpoint()
-        prepared = prepare(spec, resume=True, skip_invalid=skip_invalid, console=err)
+        ensure_ray(verbose)  # the run is on Ray: the data check runs on its CPUs too
+        prepared = prepare(spec, resume=True, skip_invalid=skip_invalid, console=err, use_ray=True)
     else:
         spec = load_spec(spec_file, run_json=run_json, overrides=set_, task=task, data=data, eval_data=eval_data,
                          output=output)
-        prepared = prepare(spec, skip_invalid=skip_invalid, console=err)
+        ensure_ray(verbose)
+        prepared = prepare(spec, skip_invalid=skip_invalid, console=err, use_ray=True)
     err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
               f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
               f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}")
@@ -312,14 +315,15 @@ def data_check(
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="frames a video is sampled down to"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     show: int = typer.Option(50, "--show", help="problems to list (all are in --json)"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="check in this process, without Ray"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="check again even if the file's report is cached"),
 ) -> None:
     """Report every problem of every row (missing or corrupt media, bad boxes, empty answers, token budget,
-    duplicate ids); exit 1 when there are errors."""
+    duplicate ids); exit 1 when there are errors. Rows are checked as Ray tasks on the cluster's CPUs (RAY_ADDRESS,
+    a running local cluster, else one started here) when there are more than a batch of them."""
     _quiet_libraries()
-    from rich.progress import Progress
-
     from vray.archs import registry
-    from vray.data.check import check_dataset, counting_processor
+    from vray.data.check import check_dataset, counting_processor, shown_progress
 
     name, _, size = arch.partition(":")
     if not size and name in registry.FAMILIES:
@@ -329,10 +333,14 @@ def data_check(
     if unreachable:
         err.print(f"[yellow]token counts are estimated: {unreachable}[/yellow]")
     budget = max_tokens or architecture.context_length
-    with Progress(console=err, transient=True) as progress:
-        bar = progress.add_task("checking", total=None)
+    from vray.cluster import ensure_ray
+
+    with shown_progress(err, "checking") as progress:
         report = check_dataset(dataset, architecture, processor, task=task, max_tokens=budget, max_frames=max_frames,
-                               progress=lambda: progress.advance(bar))
+                               progress=progress, use_ray=not no_ray, start_ray=ensure_ray, cache=not no_cache)
+    if report.cached:
+        err.print(f"unchanged since it was last checked: the cached report ({report.cached}); --no-cache checks again",
+                  highlight=False)
     if as_json:
         typer.echo(report.to_json())
     else:

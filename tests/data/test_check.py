@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from tests.conftest import run_cli
 from vray.archs import registry
@@ -112,3 +114,92 @@ def test_training_refuses_bad_rows_unless_skipping_them(messy, tmp_path):
     assert listed == {str(n) for n in range(2, 11)}  # every skipped row, by its line
     start = next(r for r in run.read_metrics() if r.get("event") == "start")
     assert start["total_steps"] == 1  # one valid sample, batch 2: one step
+
+    # A second run on the same file and settings reads the check's report from the cache, and says so.
+    from vray.train.prepare import check_data
+
+    text = io.StringIO()
+    again = check_data(prepared.spec, prepared.train_path, None, True, Console(file=text, width=400))
+    assert "report is cached" in text.getvalue() and again.reports[0].cached
+    assert again.skipped_rows == 9 and [s.id for s in again.samples[prepared.train_path]] == ["good"]
+    assert again.reports[0].issues == prepared.data.reports[0].issues
+
+
+def _mixed(tmp_path: Path, copies: int) -> Path:
+    """Good rows, rows with a missing or a corrupt image, an over-budget row and a broken line, `copies` times."""
+    Image.new("RGB", (100, 80), (255, 0, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not the rest of a png")
+    lines = []
+    for k in range(copies):
+        lines += [json.dumps(_row(f"good{k}", ["ok.png"], "red")), json.dumps(_row(f"missing{k}", ["nope.png"], "red")),
+                  "{broken json", json.dumps(_row(f"corrupt{k}", ["corrupt.png"], "red")),
+                  json.dumps(_row(f"long{k}", ["ok.png"], " ".join(["red"] * 300)))]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_ray_tasks_report_what_the_check_in_this_process_reports(tmp_path, ray_head):
+    import ray
+
+    from vray.data.check import shown_progress
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head, log_to_driver=False)
+    data = _mixed(tmp_path, 3)
+    arch, processor = registry.get("qwen2.5vl", "3B"), load_processor(tiny_checkpoint("qwen2_5_vl"))
+    here = check_dataset(str(data), arch, processor, max_tokens=200, cache=False)
+    calls, text = [], io.StringIO()
+    with shown_progress(Console(file=text, width=200), "checking") as shown:
+        def progress(done, total):
+            calls.append((done, total))
+            shown(done, total)
+
+        tasks = check_dataset(str(data), arch, processor, max_tokens=200, cache=False, use_ray=True, batch_rows=5,
+                              progress=progress)
+    assert tasks.issues == here.issues and tasks.tokens == here.tokens  # every problem, in row order
+    assert tasks.summary() == here.summary() and here.summary()["valid_rows"] == 3 and tasks.rows == 15
+    assert {i.kind for i in tasks.errors} == {"missing image", "unreadable image", "invalid JSON", "over token budget"}
+    assert [i.where.rsplit(":", 1)[-1] for i in tasks.errors if i.kind == "missing image"] == \
+        [str(5 * k + 2) for k in range(3)]
+    # Progress as the tasks finish (a batch of 5 rows each), up to every row, and on a console that is no terminal
+    # a line at every tenth.
+    assert calls[0] == (0, 12) and calls[-1] == (12, 12) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert len(calls) == 1 + 3 and "checking: 12/12 rows" in text.getvalue()
+
+
+def test_the_report_of_an_unchanged_file_is_cached_and_any_change_misses(tmp_path):
+    data = _mixed(tmp_path, 1)
+    arch = registry.get("qwen2.5vl", "3B")
+    check = lambda **kw: check_dataset(str(data), arch, None, **{"max_tokens": 200, **kw})  # noqa: E731
+    first = check()
+    assert first.cached is None and len(first.errors) == 4
+    second = check()
+    assert second.cached and second.issues == first.issues and second.tokens == first.tokens
+    assert second.summary() == {**first.summary(), "cached": second.cached}
+    # Other settings miss: the budget, the system prompt, the task, the architecture; so does --no-cache.
+    assert check(max_tokens=300).cached is None and check(system_prompt="Be brief.").cached is None
+    assert check(task="vqa").cached is None and check(cache=False).cached is None
+    assert check_dataset(str(data), registry.get("qwen3vl", "4B"), None, max_tokens=200).cached is None
+    # One byte of the file.
+    data.write_bytes(data.read_bytes().replace(b"broken json", b"broken jsoN"))
+    assert check().cached is None and check().cached
+    # An image replaced under the same name (its size and time change), or one that appears.
+    Image.new("RGB", (120, 80), (0, 255, 0)).save(tmp_path / "ok.png")
+    assert check().cached is None
+    Image.new("RGB", (100, 80)).save(tmp_path / "nope.png")
+    fixed = check()
+    assert fixed.cached is None and len(fixed.errors) == 3
+
+
+def test_the_processor_and_the_media_limits_are_part_of_the_key(tmp_path):
+    data = _mixed(tmp_path, 1)
+    arch = registry.get("qwen2.5vl", "3B")
+    processor = load_processor(tiny_checkpoint("qwen2_5_vl"))
+    check = lambda p, **kw: check_dataset(str(data), arch, p, max_tokens=200, **kw)  # noqa: E731
+    assert check(processor).cached is None and check(processor).cached
+    assert check(None).cached is None  # estimated token counts are not the processor's
+    assert check(processor, media_limits={"maxPixels": 200_000}).cached is None
+    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 200_000}  # other resizing
+    assert check(processor).cached is None

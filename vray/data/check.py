@@ -8,18 +8,23 @@ template rewrites (only the last one is then learned).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vray.archs.registry import Architecture
 from vray.data.io import ReadResult, read_samples
-from vray.data.sample import Sample
+from vray.data.sample import Sample, is_remote
 from vray.errors import DataError, VrayError
 
 BOX_TOLERANCE = 0.5  # pixels a box may overhang its image (rounding in exporters)
+MEDIA_READ = ("unreadable image", "unreadable video", "missing image")
+BATCH_ROWS = 64  # rows a Ray task checks (decoding their media and encoding them takes a few seconds)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Report:
     tokens: list[int] = field(default_factory=list)
     budget: int | None = None
     token_counts: str = "processor"  # "processor" (exact) or "estimated"
+    cached: str | None = None  # the cache entry this report was read from (None: checked now)
 
     @property
     def errors(self) -> list[Issue]:
@@ -70,6 +76,7 @@ class Report:
         return {
             "source": self.source, "rows": self.rows, "valid_rows": self.rows - self.invalid_rows,
             "errors": len(self.errors), "warnings": len(self.warnings), "by_kind": self.counts(),
+            "cached": self.cached,
             "tokens": {"max": toks[-1], "median": toks[len(toks) // 2], "budget": self.budget,
                        "counted_with": self.token_counts} if toks else None,
         }
@@ -151,14 +158,81 @@ def counting_processor(source: str, revision: str | None = None, media: Any = No
         return None, str(exc)
 
 
+@dataclass(frozen=True)
+class RowChecker:
+    """What checking a row needs besides the row: pickled once and shared by every Ray task of a check."""
+
+    arch: Architecture
+    collator: Any  # the run's Collator (exact token counts), or None (estimated)
+    max_tokens: int | None
+    max_frames: int | None
+
+    def check(self, rows: list[tuple[Sample, str]]) -> list[tuple[list[Issue], int | None]]:
+        """(issues, tokens) of each (sample, where), in order."""
+        return [_check_sample(sample, where, self.arch, self.collator, self.max_tokens, self.max_frames)
+                for sample, where in rows]
+
+
+def check_rows(checker: RowChecker, rows: list[tuple[Sample, str]]) -> list[tuple[list[Issue], int | None]]:
+    """One Ray task's work: a batch of rows checked in order."""
+    return checker.check(rows)
+
+
+Progress = Callable[[int, int], None]  # (rows checked so far, rows to check)
+
+
+@contextmanager
+def shown_progress(console: Any, label: str) -> Iterator[Progress]:
+    """A `Progress` callback drawn on `console` (a rich Console, usually stderr): a bar on a terminal, else a
+    line at every tenth of the rows (the logs of `ray job submit`, CI)."""
+    if console is None:
+        yield lambda done, total: None
+        return
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bar
+
+        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 console=console, transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    shown = [-1]
+
+    def line(done: int, total: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if tenth > shown[0] and (done or not total):
+            shown[0] = tenth
+            console.print(f"{label}: {done}/{total} rows", highlight=False)
+
+    yield line
+
+
 def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str | None = None,
                   max_tokens: int | None = None, max_frames: int | None = None, system_prompt: str | None = None,
-                  threads: int = 8, progress: Any = None, parsed: ReadResult | None = None) -> Report:
+                  progress: Progress | None = None, parsed: ReadResult | None = None, use_ray: bool = False,
+                  start_ray: Callable[[], Any] | None = None, batch_rows: int = BATCH_ROWS, cache: bool = True,
+                  media_limits: dict[str, Any] | None = None) -> Report:
     """Check every row of a dataset for training `arch`; `processor` makes token counts exact. `parsed` is the
-    dataset already read with `read_samples(uri, task)` (the driver keeps it to hand the valid rows on)."""
+    dataset already read with `read_samples(uri, task)` (the driver keeps it to hand the valid rows on).
+
+    With `use_ray`, batches of `batch_rows` rows are checked as Ray tasks on the cluster's CPUs (`start_ray` joins
+    or starts Ray first, only when tasks are needed; without it Ray must be up); otherwise, or for a single batch,
+    in this process. The report is the same either way: every problem with its row, in row order. With `cache`, the
+    report of the same file bytes, media and settings is read back from vray's cache (`Report.cached` says so).
+    `progress(done, total)` is called as rows are checked. `media_limits` (the spec's media block, which the
+    processor was loaded with) is part of the cache key."""
     from vray.data.collate import Collator
 
     parsed = read_samples(uri, task=task) if parsed is None else parsed
+    refs = _media_refs(parsed.samples)
+    key = cache_key(parsed, refs, arch, processor, task, max_tokens, max_frames, system_prompt,
+                    media_limits) if cache else None
+    hit = load_cached(key) if key is not None else None
+    if hit is not None:
+        if progress is not None:
+            progress(hit.rows, hit.rows)
+        return hit
     report = Report(parsed.source, rows=parsed.rows, budget=max_tokens)
     for problem in parsed.problems:
         where, _, message = str(problem).partition(": ")
@@ -168,16 +242,153 @@ def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str
         collator = Collator(processor, arch, system_prompt, max_tokens=max_tokens, max_frames=max_frames)
     else:
         report.token_counts = "estimated"
-    wheres = {s.id: w for s, w in zip(parsed.samples, parsed.wheres)}
+    checker = RowChecker(arch, collator, max_tokens, max_frames)
+    rows = list(zip(parsed.samples, parsed.wheres))
+    batches = [rows[i:i + batch_rows] for i in range(0, len(rows), max(1, batch_rows))]
+    total, done = len(rows), 0
+    if progress is not None:
+        progress(0, total)
+    if use_ray and len(batches) > 1:
+        from vray.data.pipeline import ray_map
 
-    def one(sample: Sample) -> tuple[list[Issue], int | None]:
-        return _check_sample(sample, wheres[sample.id], arch, collator, max_tokens, max_frames)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for issues, tokens in pool.map(one, parsed.samples):
-            report.issues.extend(issues)
-            if tokens is not None:
-                report.tokens.append(tokens)
+        if start_ray is not None:
+            start_ray()
+        results = ray_map(check_rows, checker, batches, local=not is_remote(parsed.source),
+                          finished=lambda n: progress(n, total) if progress is not None else None,
+                          sizes=[len(b) for b in batches])
+        for batch in results:
+            _add(report, batch)
+    else:
+        for batch in batches:
+            _add(report, checker.check(batch))
+            done += len(batch)
             if progress is not None:
-                progress()
+                progress(done, total)
+    # Media an object store failed to hand over may be there next time: such a report is not kept.
+    passing = any(is_remote(r) for r in refs) and any(i.kind in MEDIA_READ for i in report.errors)
+    if key is not None and not passing:
+        store_cached(key, report)
     return report
+
+
+def _add(report: Report, results: list[tuple[list[Issue], int | None]]) -> None:
+    for issues, tokens in results:
+        report.issues.extend(issues)
+        if tokens is not None:
+            report.tokens.append(tokens)
+
+
+# ---- the cache of reports ------------------------------------------------------------------------------------
+# A dataset file's report is kept under vray's cache, keyed by everything that can change it: the file's path and
+# the sha256 of its bytes; each media file it references, by path, size and modification time (local) or ETag /
+# size (object stores), so a replaced image misses without every image being read again; the architecture; the
+# processor (its class, tokenizer, chat template and image/video settings) and the media limits it was loaded
+# with; the task, token budget, frame limit and system prompt; and this check's version.
+
+CHECK_VERSION = 1  # raise when a change to the check changes what it reports
+
+
+def _processor_fingerprint(processor: Any) -> str | None:
+    if processor is None:
+        return None
+    tok = getattr(processor, "tokenizer", None)
+    parts = [type(processor).__name__, getattr(tok, "name_or_path", ""), str(len(tok) if tok is not None else 0),
+             getattr(processor, "chat_template", None) or "", getattr(tok, "chat_template", None) or ""]
+    try:
+        parts.append(processor.to_json_string())  # image / video processor settings, the media limits included
+    except Exception:  # noqa: BLE001 - a processor without a JSON form: its sub-processors' settings
+        parts += [repr(getattr(getattr(processor, name, None), "__dict__", ""))
+                  for name in ("image_processor", "video_processor")]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _media_refs(samples: list[Sample]) -> list[str]:
+    refs: set[str] = set()
+    for sample in samples:
+        refs.update(sample.images)
+        for video in sample.videos:
+            if video.path:
+                refs.add(video.path)
+            refs.update(video.frames or ())
+    return sorted(r for r in refs if not r.startswith("data:"))  # embedded media are in the file's bytes
+
+
+def _media_fingerprint(refs: list[str]) -> str | None:
+    """A digest of every referenced media file's identity (path, size, mtime or ETag; "missing" when absent);
+    None when some cannot be listed cheaply (http(s) URLs): the report is then not cached."""
+    from vray.fs import filesystem
+
+    h = hashlib.sha256()
+    by_folder: dict[str, list[str]] = {}
+    for ref in refs:
+        if is_remote(ref):
+            if ref.split("://", 1)[0] in ("http", "https"):
+                return None
+            by_folder.setdefault(ref.rsplit("/", 1)[0], []).append(ref)
+            continue
+        try:
+            st = os.stat(ref)
+            h.update(f"{ref}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{ref}\0missing\n".encode())
+    for folder, members in sorted(by_folder.items()):  # one listing a folder, not one request a file
+        fs, path = filesystem(folder)
+        try:
+            listing = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in fs.ls(path, detail=True)}
+        except (FileNotFoundError, OSError):
+            listing = {}
+        for ref in members:
+            e = listing.get(ref.rsplit("/", 1)[-1])
+            ident = (f"{e.get('size')}\0{e.get('ETag') or e.get('etag') or e.get('LastModified') or e.get('mtime')}"
+                     if e else "missing")
+            h.update(f"{ref}\0{ident}\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(parsed: ReadResult, refs: list[str], arch: Architecture, processor: Any, task: str | None, max_tokens: int | None,
+              max_frames: int | None, system_prompt: str | None, media_limits: dict[str, Any] | None = None) -> str | None:
+    """The cache key of a dataset file's report, or None when it cannot be cached (its bytes were not hashed, or
+    it references media by http(s) URL)."""
+    if parsed.sha256 is None:
+        return None
+    media = _media_fingerprint(refs)
+    if media is None:
+        return None
+    settings = {"check": CHECK_VERSION, "source": parsed.source, "sha256": parsed.sha256, "media": media,
+                "arch": arch.key, "processor": _processor_fingerprint(processor), "task": task,
+                "max_tokens": max_tokens, "max_frames": max_frames, "system_prompt": system_prompt,
+                "media_limits": media_limits}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_file(key: str) -> Any:
+    from vray.models.cache import cache_root
+
+    return cache_root() / "data-check" / f"{key}.json"
+
+
+def load_cached(key: str) -> Report | None:
+    """The cached report under `key`, or None (absent or unreadable)."""
+    path = _cache_file(key)
+    try:
+        raw = json.loads(path.read_text())
+        report = Report(raw["source"], rows=raw["rows"], issues=[Issue(**i) for i in raw["issues"]],
+                        tokens=list(raw["tokens"]), budget=raw["budget"], token_counts=raw["token_counts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    report.cached = str(path)
+    return report
+
+
+def store_cached(key: str, report: Report) -> None:
+    """Keep `report` under `key` (written to a temporary name, then renamed: a reader never sees half a file)."""
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"source": report.source, "rows": report.rows, "budget": report.budget,
+                                   "token_counts": report.token_counts, "tokens": report.tokens,
+                                   "issues": [asdict(i) for i in report.issues]}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run a check

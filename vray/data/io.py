@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Collection, Iterator
@@ -36,25 +37,36 @@ def base_of(uri: str) -> str:
     return str(Path(uri).expanduser().resolve().parent)
 
 
-def iter_rows(uri: str) -> Iterator[tuple[str, Any]]:
-    """(`file:line` or `file:row N`, parsed row) for every row; undecodable JSON lines yield a DataError."""
+def iter_rows(uri: str, digest: Any = None) -> Iterator[tuple[str, Any]]:
+    """(`file:line` or `file:row N`, parsed row) for every row; undecodable JSON lines yield a DataError. `digest`
+    (a hashlib object) is fed the file's bytes as they are read, so hashing the file costs no second read."""
     fs, path = filesystem(uri)
     if uri.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh)
+            raw = fh.read()
+        if digest is not None:
+            digest.update(raw)
+        table = pq.read_table(pa.BufferReader(raw))
+        del raw
         for i, row in enumerate(table.to_pylist(), 1):
             yield f"{uri}:row {i}", _drop_nulls(row)
         return
-    with fs.open(path, "rt") as fh:
+    with fs.open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
+            if digest is not None:
+                digest.update(line)
             if not line.strip():
                 continue
             try:
                 yield f"{uri}:{lineno}", json.loads(line)
             except json.JSONDecodeError as exc:
                 yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON ({exc.msg})", kind="invalid JSON")
+            except UnicodeDecodeError:
+                yield f"{uri}:{lineno}", DataError(f"{uri}:{lineno}: not valid JSON (not UTF-8 text)",
+                                                   kind="invalid JSON")
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -76,6 +88,7 @@ class ReadResult:
     wheres: list[str] = field(default_factory=list)  # the row of each sample (file:line)
     problems: list[DataError] = field(default_factory=list)
     rows: int = 0
+    sha256: str | None = None  # of the file's bytes, read once with the rows
 
     def samples_or_raise(self) -> list[Sample]:
         """The samples, or a DataError listing the bad rows (the first 20) and how to proceed."""
@@ -101,7 +114,8 @@ def read_samples(uri: str, task: str | None = None) -> ReadResult:
     base = base_of(source)
     result = ReadResult(source)
     seen: dict[str, str] = {}
-    for where, row in iter_rows(source):
+    digest = hashlib.sha256()
+    for where, row in iter_rows(source, digest):
         result.rows += 1
         if isinstance(row, DataError):
             result.problems.append(row)
@@ -122,6 +136,7 @@ def read_samples(uri: str, task: str | None = None) -> ReadResult:
         seen[sample.id] = where
         result.samples.append(sample.resolved(base))
         result.wheres.append(where)
+    result.sha256 = digest.hexdigest()
     return result
 
 

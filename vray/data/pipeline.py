@@ -17,6 +17,7 @@ import math
 import pickle
 import random
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,18 +92,22 @@ class DataPosition:
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed}
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(num_samples: int, need: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """One epoch's seeded order, shuffled once: every step of the epoch slices it (a stream walks an epoch step by
-    step, and shuffling the whole dataset for each step made an epoch quadratic in its size)."""
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_samples: int, need: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's seeded order, shuffled once, as a read-only int64 array (8 bytes a sample): every step of the
+    epoch slices it. Only two epochs are kept (the one being walked and the next), so the memory a worker holds
+    for the order stays one dataset's worth of indexes, whatever the number of epochs."""
     order = list(range(num_samples))
     random.Random(seed * 1000003 + epoch).shuffle(order)
-    return tuple((order * math.ceil(need / len(order)))[:need])
+    array = np.resize(np.asarray(order, dtype=np.int64), need)  # wraps around to fill the last step
+    array.flags.writeable = False
+    return array
 
 
 @dataclass(frozen=True)
 class DataOrder:
-    """The deterministic order of a run's samples over epochs and ranks."""
+    """The deterministic order of a run's samples over epochs and ranks. Nothing is built for the whole run: each
+    epoch's order is drawn when a step of it is first asked for."""
 
     num_samples: int
     effective_batch: int
@@ -115,16 +120,25 @@ class DataOrder:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.num_samples / self.effective_batch))
 
+    def _order(self, epoch: int) -> np.ndarray:
+        return _epoch_order(self.num_samples, self.steps_per_epoch * self.effective_batch, self.seed, epoch)
+
     def epoch_order(self, epoch: int) -> list[int]:
         """Every sample once in a seeded order, wrapped around to fill the last step (nothing dropped)."""
-        return list(_epoch_order(self.num_samples, self.steps_per_epoch * self.effective_batch, self.seed, epoch))
+        return self._order(epoch).tolist()
+
+    def rank_indexes(self, start: int, stop: int) -> np.ndarray:
+        """This rank's sample indexes of the optimizer steps [start, stop) of one epoch, one row a step."""
+        epoch, first = divmod(start, self.steps_per_epoch)
+        last = stop - epoch * self.steps_per_epoch
+        if stop <= start or last > self.steps_per_epoch:
+            raise ValueError(f"steps [{start}, {stop}) are not inside one epoch of {self.steps_per_epoch} steps")
+        steps = self._order(epoch).reshape(self.steps_per_epoch, self.effective_batch)
+        return steps[first:last, self.rank::self.world]
 
     def step_indexes(self, step: int) -> list[int]:
         """This rank's sample indexes of global optimizer step `step` (0-based)."""
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        e = self.effective_batch
-        order = _epoch_order(self.num_samples, self.steps_per_epoch * e, self.seed, epoch)
-        return list(order[in_epoch * e:(in_epoch + 1) * e][self.rank::self.world])
+        return self.rank_indexes(step, step + 1)[0].tolist()
 
     def position(self, step: int) -> DataPosition:
         """The data position after `step` optimizer steps."""
@@ -150,7 +164,8 @@ class RankRows:
 
     def indexes(self, start: int, stop: int) -> set[int]:
         """The sample indexes this rank trains in the optimizer steps [start, stop)."""
-        return {i for step in range(start, stop) for i in self.order.step_indexes(step)}
+        parts = [self.order.rank_indexes(a, b).ravel() for a, b in self.order.epoch_spans(start, stop)]
+        return set(np.unique(np.concatenate(parts)).tolist()) if parts else set()
 
     def for_steps(self, start: int, stop: int) -> dict[int, Sample]:
         """The samples this rank trains in the steps [start, stop), by index."""
@@ -170,8 +185,8 @@ class WorkerData:
 
     @classmethod
     def read(cls, train: SampleRows, eval_rows: SampleRows | None, order: DataOrder, epochs: int) -> WorkerData:
-        """Read this rank's rows of the checked datasets: its positions in the seeded order of every epoch, and
-        every world-size-th held-out sample from its rank on."""
+        """Read this rank's held-out rows (every world-size-th from its rank on); its training rows are read an
+        epoch at a time, when the stream reaches the epoch (nothing of the order is built here)."""
         total = order.steps_per_epoch * epochs
         count = len(eval_rows) if eval_rows is not None else 0
         mine = range(order.rank, count, order.world)
@@ -213,16 +228,17 @@ class SampleStream:
         self.step_wait = 0.0  # ... for the last step
 
     def steps(self, start: int, stop: int) -> Iterator[list[list[Any]]]:
-        """For each optimizer step in [start, stop): this rank's micro-batches of Encoded samples."""
+        """For each optimizer step in [start, stop): this rank's micro-batches of Encoded samples. Each epoch's
+        share is read and its order drawn when the stream reaches it."""
         for a, b in self.order.epoch_spans(start, stop):
             t0 = time.perf_counter()
             samples = self.samples.for_steps(a, b) if isinstance(self.samples, RankRows) else self.samples
             read = time.perf_counter() - t0  # reading the epoch's rows is waiting for data too
-            plan = [(step, self.order.step_indexes(step)) for step in range(a, b)]
-            source = self._ray(plan, samples) if self.use_ray else self._threads(plan, samples)
+            indexes = self.order.rank_indexes(a, b)  # one row a step: this rank's share of the epoch's order
+            source = self._ray(a, indexes, samples) if self.use_ray else self._threads(a, indexes, samples)
             encoded_by_step: dict[int, list[Any]] = {}
-            for step, indexes in plan:
-                need = len(indexes)
+            for step in range(a, b):
+                need = indexes.shape[1]
                 self.step_wait, read = read, 0.0
                 while len(encoded_by_step.get(step, [])) < need:
                     t0 = time.perf_counter()
@@ -233,35 +249,40 @@ class SampleStream:
                 items = encoded_by_step.pop(step)
                 yield _split(items, self.order.micro_batch)
 
-    def _threads(self, plan: list[tuple[int, list[int]]], samples: Any) -> Iterator[tuple[int, Any]]:
+    @staticmethod
+    def _work(first: int, indexes: np.ndarray) -> Iterator[tuple[int, int]]:
+        """(step, sample index) of an epoch's span, generated as it is consumed."""
+        for row, step_indexes in enumerate(indexes.tolist()):
+            for i in step_indexes:
+                yield first + row, i
+
+    def _threads(self, first: int, indexes: np.ndarray, samples: Any) -> Iterator[tuple[int, Any]]:
         if self._collator is None:
             self._collator = self.make_collator()
         collator = self._collator
-        work = [(step, i) for step, indexes in plan for i in indexes]
         with ThreadPoolExecutor(max_workers=max(1, self.actors)) as pool:
             window = max(1, self.prefetch * self.order.micro_batch)
-            futures: list[tuple[int, Any]] = []
-            it = iter(work)
+            futures: deque[tuple[int, Any]] = deque()
+            it = self._work(first, indexes)
             for step, i in it:
                 futures.append((step, pool.submit(collator.encode, samples[i])))
                 if len(futures) >= window:
                     break
             for step, i in it:
-                s, f = futures.pop(0)
+                s, f = futures.popleft()
                 yield s, f.result()
                 futures.append((step, pool.submit(collator.encode, samples[i])))
             for s, f in futures:
                 yield s, f.result()
 
-    def _ray(self, plan: list[tuple[int, list[int]]], samples: Any) -> Iterator[tuple[int, Any]]:
+    def _ray(self, first: int, indexes: np.ndarray, samples: Any) -> Iterator[tuple[int, Any]]:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         # The Sample objects themselves, pickled: the actors encode them without parsing them again.
-        rows = [{"step": step, "row": pickle.dumps(samples[i])}
-                for step, indexes in plan for i in indexes]
+        rows = [{"step": step, "row": pickle.dumps(samples[i])} for step, i in self._work(first, indexes)]
         if not rows:
             return
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / max(1, self.order.micro_batch))))
@@ -270,3 +291,61 @@ class SampleStream:
         for batch in ds.iter_batches(batch_size=None, prefetch_batches=self.prefetch, batch_format="numpy"):
             for step, payload in zip(batch["step"], batch["payload"]):
                 yield int(step), pickle.loads(payload)
+
+
+# ---- Ray tasks over batches (the data check) -----------------------------------------------------------------
+_SHARED: dict[str, Any] = {}  # per worker process: the last shared object a task unpickled, by object id
+
+
+def _run_batch(fn: Any, shared: list[Any], batch: Any) -> Any:
+    import ray
+
+    ref = shared[0]  # inside a list: Ray hands the reference over, not its value, so each process reads it once
+    key = ref.hex()
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = ray.get(ref)
+    return fn(_SHARED[key], batch)
+
+
+def ray_map(fn: Any, shared: Any, batches: Sequence[Any], local: bool = False, finished: Any = None,
+            sizes: Sequence[int] | None = None, in_flight: int | None = None) -> Iterator[Any]:
+    """`fn(shared, batch)` for every batch, as Ray tasks of one CPU each on the cluster, yielded in batch order.
+    `shared` is put in the object store once (and unpickled once per worker process). At most `in_flight` tasks
+    (default: twice the cluster's CPUs) are out at a time. `finished(n)` is called as tasks complete, with the
+    total of `sizes` (default: 1 a batch) of the batches done so far, in whatever order they finish. With `local`,
+    the tasks prefer this machine, where a local path names what the driver sees; a node that cannot run them
+    (no CPUs, like a KubeRay head) hands them to the rest of the cluster; otherwise they spread over its nodes.
+    Ray must be initialised."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2, "scheduling_strategy": "SPREAD"}
+    if local:
+        try:
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        except Exception:  # noqa: BLE001 - a driver outside the cluster (Ray Client) has no node
+            pass
+    task = ray.remote(_run_batch).options(**options)
+    holder = [ray.put(shared)]
+    sizes = list(sizes) if sizes is not None else [1] * len(batches)
+    limit = in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, int] = {}
+    ready: dict[int, Any] = {}
+    submitted, emitted, done = 0, 0, 0
+    while emitted < len(batches):
+        while submitted < len(batches) and len(pending) + len(ready) < limit:
+            pending[task.remote(fn, holder, batches[submitted])] = submitted
+            submitted += 1
+        if emitted not in ready:
+            finished_refs, _ = ray.wait(list(pending), num_returns=1)
+            for ref in finished_refs:
+                i = pending.pop(ref)
+                ready[i] = ray.get(ref)
+                done += sizes[i]
+                if finished is not None:
+                    finished(done)
+        while emitted in ready:
+            yield ready.pop(emitted)
+            emitted += 1

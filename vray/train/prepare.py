@@ -1,7 +1,8 @@
 """The driver's decisions before any work starts: the spec resolved, every data row checked, the plan, the run
 directory's files (spec.yaml, plan.json, data_check.json) and what each worker receives.
 
-Nothing here starts Ray or a worker; `vray.train.launcher` runs what this module decided.
+Nothing here starts Ray or a worker (the data check uses Ray's CPUs when the caller has joined or started it);
+`vray.train.launcher` runs what this module decided.
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ class DataCheck:
     samples: dict[str, list[Sample]]  # the samples workers train and evaluate on, by dataset path: every valid one
 
 
-def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None) -> DataCheck:
+def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: bool, console: Console | None,
+               use_ray: bool = False) -> DataCheck:
     """Check every row of the training and held-out data before anything starts; refuse errors unless told to
-    skip them, and then count and report every skipped row."""
-    from vray.data.check import check_dataset, counting_processor
+    skip them, and then count and report every skipped row. With `use_ray` (Ray is up), the rows are checked as
+    Ray tasks on the cluster's CPUs; a file whose report is in vray's cache (same bytes, media and settings) is
+    not checked again."""
+    from vray.data.check import check_dataset, counting_processor, shown_progress
     from vray.data.io import read_samples
     processor, _ = counting_processor(spec.model.source or spec.arch.repo_id, spec.model.revision, spec.media)
     budget = token_budget(spec)
@@ -74,10 +78,16 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
     for uri in (train, eval_path):
         if not uri:
             continue
-        parsed[uri] = read_samples(uri, task=spec.effective_task)  # the one time the rows are parsed on the driver
-        reports.append(check_dataset(uri, spec.arch, processor, task=spec.effective_task, max_tokens=budget,
-                                     max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt,
-                                     parsed=parsed[uri]))
+        parsed[uri] = read_samples(uri, task=spec.effective_task)  # the one time the rows are read on the driver
+        with shown_progress(console, f"checking {Path(parsed[uri].source).name}") as progress:
+            report = check_dataset(uri, spec.arch, processor, task=spec.effective_task, max_tokens=budget,
+                                   max_frames=spec.media.maxFrames, system_prompt=spec.systemPrompt,
+                                   parsed=parsed[uri], progress=progress, use_ray=use_ray,
+                                   media_limits=spec.media.model_dump(mode="json"))
+        if report.cached and console is not None:
+            console.print(f"data check of {report.source}: unchanged since it was last checked, its report is "
+                          f"cached ({report.cached})", highlight=False)
+        reports.append(report)
     errors = [i for r in reports for i in r.errors]
     skipped = sum(r.invalid_rows for r in reports)
     if errors and not skip_invalid:
@@ -112,31 +122,35 @@ def gpu_inventory(spec: RunSpec) -> Any:
     return None
 
 
-def plan_for(spec: RunSpec) -> Plan:
-    """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit."""
+def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None) -> Plan:
+    """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit.
+    `dataset` is (training samples, where the number comes from); without it the training file is counted."""
     from vray.data.io import count_rows
     from vray.plan.planner import cpu_plan, plan_run
 
     inventory = gpu_inventory(spec)
     if inventory is None:
         return cpu_plan(spec)
-    plan = plan_run(spec, inventory, count_rows(spec.data.train))
+    plan = plan_run(spec, inventory, dataset or count_rows(spec.data.train))
     if not plan.fits:
         lines = "\n".join(f"  - {s}" for s in plan.suggestions)
         raise PlanError(f"{plan.reason}" + (f"\nwhat would fit:\n{lines}" if lines else "") + "\n(`vray plan` shows the breakdown)")
     return plan
 
 
-def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, console: Console | None = None) -> PreparedRun:
-    """Everything checked and decided before any work starts: spec, data (every row), plan, run directory."""
+def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, console: Console | None = None,
+            use_ray: bool = False) -> PreparedRun:
+    """Everything checked and decided before any work starts: spec, data (every row), plan, run directory. With
+    `use_ray`, the caller has started or joined Ray, and the data check runs as Ray tasks on its CPUs."""
     require_for_training(spec)
     spec = spec.resolved()
     run = RunDir.of(spec.run_dir)
     if run.exists("spec.yaml") and not resume:
         raise VrayError(f"run directory {run.uri} already exists; set another name, or resume it with --resume {run.uri}")
     train, eval_path = data_paths(spec)
-    data = check_data(spec, train, eval_path, skip_invalid, console)
-    plan = plan_for(spec)
+    data = check_data(spec, train, eval_path, skip_invalid, console, use_ray)
+    kept = data.samples[train]
+    plan = plan_for(spec, (len(kept), f"rows of {Path(data.reports[0].source).name} the data check kept"))
     if plan.device == "gpu":  # a CPU plan's "nodes" are fsdp2-hybrid replica groups, packed wherever Ray puts them
         require_shared_storage(run.uri, plan.nodes)
     return PreparedRun(spec, plan, run, train, eval_path, data)

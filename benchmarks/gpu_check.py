@@ -58,7 +58,7 @@ NEEDED = {
     "pydantic": "pydantic", "pydantic_core": "pydantic_core", "annotated_types": "annotated_types",
     "typing_inspection": "typing_inspection", "hjson": "hjson", "peft": "peft", "accelerate": "accelerate",
     "cpuinfo": "py_cpuinfo", "msgpack": "msgpack", "ninja": "ninja", "einops": "einops", "psutil": "psutil",
-    "deepspeed": "deepspeed",
+    "deepspeed": "deepspeed", "PIL": "pillow",
 }
 OPTIONAL = {"bitsandbytes": "bitsandbytes"}  # only the QLoRA part needs it
 
@@ -78,7 +78,8 @@ def _missing(modules: dict[str, str]) -> dict[str, str]:
 
 
 def install_wheels(folder: Path | None) -> dict[str, Any]:
-    """pip-install, from `folder` only, the wheels of what is missing; returns what was missing and done."""
+    """Install, from `folder` only, the wheels of what is missing, into a folder of their own (no write access to
+    the machine's Python needed); this process and its parts import from there."""
     wanted = {**_missing(NEEDED), **_missing(OPTIONAL)}
     record: dict[str, Any] = {"missing_before": sorted(wanted.values()), "installed": [], "folder": str(folder)}
     if not wanted:
@@ -93,12 +94,18 @@ def install_wheels(folder: Path | None) -> dict[str, Any]:
             files.append(str(found[-1]))
         else:
             record.setdefault("no_wheel", []).append(dist)
+    target = Path(tempfile.gettempdir()) / "vray-gpu-check-site"  # not in the carried folder
     if files:
         done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                               "--find-links", str(folder), *files], capture_output=True, text=True, timeout=120)
+                               "--upgrade", "--target", str(target), "--find-links", str(folder), *files],
+                              capture_output=True, text=True, timeout=150)
         record["installed"] = [Path(f).name for f in files] if done.returncode == 0 else []
         if done.returncode != 0:
             record["error"] = done.stderr[-2000:]
+    if target.is_dir():
+        sys.path.insert(0, str(target))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH")) if p)
+        record["site"] = str(target)
     importlib.invalidate_caches()
     record["still_missing"] = sorted({**_missing(NEEDED), **_missing(OPTIONAL)}.values())
     return record
@@ -114,6 +121,7 @@ def environment(smoke: bool) -> dict[str, Any]:
         "gpu_memory_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
         "cuda": torch.version.cuda, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "ray_importable": _findable("ray"),
+        "torchvision_importable": _findable("torchvision"),
     }
 
 

@@ -4,8 +4,8 @@
 # manylinux x86_64, into benchmarks/wheels/ (ignored by git; carry it to the machine). Everything that travels to
 # it, the working tree included, must stay under 64 MiB: the folder's size is printed at the end.
 #
-#   benchmarks/gpu_wheels.sh            # without bitsandbytes (about 43 MB more): the QLoRA check is then skipped
-#   benchmarks/gpu_wheels.sh --qlora    # with it, if the total still fits
+#   benchmarks/gpu_wheels.sh            # about 14 MiB, without bitsandbytes: the QLoRA part is then skipped
+#   benchmarks/gpu_wheels.sh --qlora    # with bitsandbytes (41 MiB more): about 55 MiB
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,7 @@ TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp31
 DEEPSPEED=0.19.8
 BITSANDBYTES=0.50.2
 pins=(pydantic==2.14.4 hjson==3.1.0 peft==0.21.2 accelerate==1.15.0 py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2
-      einops==0.8.2 psutil==7.2.2)
+      einops==0.8.2 psutil==7.2.2 pillow==13.0.0)
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 # DeepSpeed publishes only an sdist: build a pure-Python wheel (no compiled ops; its JIT ops are not used here).
@@ -25,7 +25,8 @@ DS_BUILD_OPS=0 DS_BUILD_AIO=0 DS_BUILD_GDS=0 "$PY" -m pip wheel --quiet --no-dep
     "deepspeed==$DEEPSPEED" -w "$OUT"
 # pydantic with its binary core and small dependencies, resolved for the target interpreter.
 "$PY" -m pip download --quiet "${TARGET[@]}" -d "$OUT" pydantic==2.14.4
-# The rest without their dependencies (torch, transformers, numpy and the hub client are on the machine).
+# The rest without their dependencies (torch, transformers, numpy and the hub client are on the machine;
+# Pillow comes with torchvision, which may be missing: the processors then take their PIL path).
 "$PY" -m pip download --quiet "${TARGET[@]}" --no-deps -d "$OUT" "${pins[@]:1}"
 if [[ "${1:-}" == "--qlora" ]]; then
     "$PY" -m pip download --quiet "${TARGET[@]}" --no-deps -d "$OUT" "bitsandbytes==$BITSANDBYTES"

@@ -131,6 +131,8 @@ class EvaluationBlock(_Block):
     topP: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
     temperature: float = Field(1.0, ge=0, description="0 means greedy decoding")
     repetitionPenalty: float = Field(1.05, gt=0, description="must be > 0; 1.0 is off, 1.1-1.3 discourages repeats")
+    maxSamples: int | None = Field(256, ge=1, description="held-out samples scored at each evaluation during training "
+                                   "(the first N of the eval set; null: all of them)")
 
 
 class LoraBlock(_Block):

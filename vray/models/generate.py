@@ -39,9 +39,10 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for transformers' `generate`."""
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.synced:
-            kwargs["synced_gpus"] = True
+        # Said either way: transformers turns synced_gpus on by itself for FSDP and ZeRO-3 models, which would make
+        # every rank wait on the others even when the whole model is gathered for generation.
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                                  "synced_gpus": self.synced}
         if self.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest `value` over all ranks."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_gather_names(names: list[str]) -> list[list[str]]:
+    """Every rank's list of names (a rank's own only, in a single process)."""
+    if world()[1] == 1:
+        return [list(names)]
+    out: list[Any] = [None] * world()[1]
+    dist.all_gather_object(out, list(names))
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world()[1] > 1:
@@ -56,6 +74,22 @@ def barrier() -> None:
 
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Generating:
+    """What evaluation runs on: the model, whether its forwards are collective (sharded weights gathered layer by
+    layer: every rank must run the same forwards, `synced_gpus`), and how many whole-model gathers it took."""
+
+    model: nn.Module
+    synced: bool = False
+    gathers: int = 0
+
+
+def gather_fits(model_bytes: int, free_bytes: int) -> bool:
+    """Whether a whole model of `model_bytes` (at the compute dtype) can be gathered on a GPU with `free_bytes` free,
+    leaving room for generation's activations and cache (2 GiB or a tenth of the free memory, the larger)."""
+    return model_bytes + max(2 << 30, free_bytes // 10) <= free_bytes
 
 
 class Engine:
@@ -103,9 +137,12 @@ class Engine:
         return norm
 
     @contextlib.contextmanager
-    def generation(self) -> Iterator[nn.Module]:
-        """The model to call `generate` on."""
-        yield self.model
+    def generation(self, gather: bool = True) -> Iterator[Generating]:
+        """The model evaluation runs its forwards and `generate` on (never a DDP wrapper, whose forward takes part in
+        collectives), and whether the ranks must run every forward together. Sharded engines gather the whole model
+        once for the duration when `gather` (no forward then takes part in a collective); otherwise every forward
+        gathers each layer, and ranks that run out of work keep stepping with the others (`synced`)."""
+        yield Generating(self.model)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, folder: Path, processor: Any) -> None:
@@ -226,6 +263,24 @@ class DeepSpeedEngine(Engine):
         self.ds.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
                                 load_lr_scheduler_states=False)
 
+    @contextlib.contextmanager
+    def generation(self, gather: bool = True) -> Iterator[Generating]:
+        sharded = self.lockstep_generation and world()[1] > 1
+        offload = getattr(getattr(self.ds, "optimizer", None), "parameter_offload", None)
+        if not sharded or not gather or not _zero3_hooks_replaceable(offload):
+            yield Generating(self.model, synced=sharded)
+            return
+        import deepspeed
+
+        # Gathered once; ZeRO-3's module hooks would release (and gather again) every layer after its forward, and
+        # its start-of-forward hook compares traces across ranks: both are off while the whole model is here.
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            _remove_zero3_hooks(offload)
+            try:
+                yield Generating(self.model, synced=False, gathers=1)
+            finally:
+                _restore_zero3_hooks(offload)
+
 
 def mark_moe_leaves(model: nn.Module) -> list[nn.Module]:
     """Under ZeRO-3, each sparse-MoE block is gathered and released as one leaf: its router picks different experts
@@ -309,6 +364,72 @@ class FSDP2Engine(Engine):
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+
+    @contextlib.contextmanager
+    def generation(self, gather: bool = True) -> Iterator[Generating]:
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = world()[1] > 1
+        units = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        settings = _fsdp2_reshard_settings(self.model, units) if sharded and gather else None
+        if settings is None:
+            yield Generating(self.model, synced=sharded)
+            return
+        # Every unit all-gathered once, and kept through every forward until the end (no reshard after forward).
+        self.model.set_reshard_after_forward(False)
+        for unit in units:
+            unit.unshard()
+        try:
+            yield Generating(self.model, synced=False, gathers=1)
+        finally:
+            for unit in units:
+                unit.reshard()
+            _restore_fsdp2_reshard_settings(settings)
+
+
+def _zero3_hooks_replaceable(offload: Any) -> bool:
+    return all(hasattr(offload, a) for a in ("_remove_module_hooks", "setup_zero_stage3_hooks", "forward_hooks",
+                                             "backward_hooks", "module"))
+
+
+def _remove_zero3_hooks(offload: Any) -> None:
+    """Take ZeRO-3's parameter hooks off the model (DeepSpeed's own teardown of them)."""
+    offload._remove_module_hooks()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    for p in offload.module.parameters():
+        if hasattr(p, "ds_active_sub_modules"):
+            p.ds_active_sub_modules.clear()
+
+
+def _restore_zero3_hooks(offload: Any) -> None:
+    """Put ZeRO-3's hooks back as DeepSpeed sets them up; the next forward records its trace again."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    offload.setup_zero_stage3_hooks()
+    stack = parameter_offload.FWD_MODULE_STACK
+    if len(stack) >= 2 and stack[-1] is offload.module and stack[-2] is offload.module:
+        stack.pop()  # the set-up pushes the root again
+
+
+def _fsdp2_reshard_settings(root: nn.Module, units: list[nn.Module]) -> list[tuple[Any, Any, list[Any]]] | None:
+    """Each FSDP2 state's reshard-after-forward settings (to put back after evaluation), the root initialised first
+    so that its own setting is the one training uses; None when this torch keeps them elsewhere."""
+    states = [unit._get_fsdp_state() for unit in units]
+    root_state = root._get_fsdp_state()
+    if not hasattr(root_state, "_lazy_init") or not all(
+            hasattr(s, "_auto_reshard_after_forward") and all(hasattr(g, "post_forward_mesh_info")
+                                                              for g in s._fsdp_param_groups) for s in states):
+        return None
+    root_state._lazy_init()  # what the first forward does: the root keeps its weights after forward
+    return [(s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+            for s in states]
+
+
+def _restore_fsdp2_reshard_settings(settings: list[tuple[Any, Any, list[Any]]]) -> None:
+    for state, auto, infos in settings:
+        state._auto_reshard_after_forward = auto
+        for group, info in zip(state._fsdp_param_groups, infos):
+            group.post_forward_mesh_info = info
 
 
 def shard_units(model: nn.Module, lm_prefix: str, vision_modules: tuple[str, ...]) -> list[nn.Module | list[nn.Module]]:

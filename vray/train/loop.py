@@ -22,8 +22,10 @@ from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
 from vray.data.collate import Collator, Encoded
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
+from vray.errors import VrayError
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
+    DTYPES,
     load_processor,
     parameter_groups,
     prepare_for_training,
@@ -37,11 +39,14 @@ from vray.storage.checkpoint import CheckpointWriter
 from vray.storage.rundir import RunDir, fetch_checkpoint, read_checkpoint_info
 from vray.train.engines import (
     Engine,
+    all_gather_names,
     all_reduce_max,
+    all_reduce_min,
     all_reduce_sum,
     barrier,
     build_engine,
     evaluating,
+    gather_fits,
     shard_units,
     world,
 )
@@ -308,34 +313,39 @@ class Recipe:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Held-out loss and the task's metrics, summed exactly over every rank's shard."""
-        mine = self.data.eval
-        lockstep = self.engine.lockstep_generation and self.world_size > 1
+        """Held-out loss and the task's metrics over the first `evaluation.maxSamples` held-out samples, summed
+        exactly over every rank's share.
+
+        Every forward runs on the unwrapped model (a DDP forward takes part in a collective, which a rank without
+        held-out samples would never join). Sharded engines gather the whole model once where it fits in memory
+        (every forward is then local: ranks may run different numbers of batches, with or without images);
+        otherwise every forward gathers each layer, so every rank runs as many batches as the others, padding with
+        a copy of a held-out sample that is never scored."""
+        mine = self.data.eval[:self._eval_share()]
         batch_size = max(1, self.plan.micro_batch)
         batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
-        if lockstep:  # sharded weights: every rank runs as many batches as the others (a padded copy is never scored)
-            rounds = all_reduce_max(len(batches), self.device)
-            filler = self.data.eval_filler
-            batches += [filler] * (rounds - len(batches))
-            scored = len(mine)
-        settings = self.generation
-        if lockstep:
-            from dataclasses import replace
-
-            settings = replace(settings, synced=True)
         sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
-        seen = 0
-        with evaluating(self.engine.model), self._autocast(), self.engine.generation() as model:
+        started = time.time()
+        with evaluating(self.engine.model), self._autocast(), self.engine.generation(self._gather_for_eval()) as run:
+            settings = self.generation
+            if run.synced:
+                from dataclasses import replace
+
+                settings = replace(settings, synced=True)
+                self._check_lockstep_media(batches)
+                rounds = all_reduce_max(len(batches), self.device)
+                batches += [self.data.eval_filler] * (rounds - len(batches))
+            seen = 0
             for samples in batches:
                 encoded = [self.collator.encode(s) for s in samples]
                 batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
-                loss = float(self.engine.module(**batch).loss)
+                loss = float(run.model(**batch).loss)
                 prompts = [self.collator.encode(s, with_answer=False) for s in samples]
-                texts, _ = generate_texts(model, self.processor.tokenizer,
+                texts, _ = generate_texts(run.model, self.processor.tokenizer,
                                           self.collator.batch(prompts, left_pad=True), settings)
                 for sample, enc, text in zip(samples, prompts, texts):
                     seen += 1
-                    if lockstep and seen > scored:
+                    if seen > len(mine):  # a filler copy
                         continue
                     sums["loss"][0] += loss
                     sums["loss"][1] += 1
@@ -344,12 +354,50 @@ class Recipe:
                         acc = sums.setdefault(name, [0.0, 0.0])
                         acc[0] += n
                         acc[1] += d
-        names = sorted(sums)
-        flat = all_reduce_sum([v for k in names for v in sums[k]], self.device)
+        names = sorted(set().union(*all_gather_names(sorted(sums))))
+        flat = all_reduce_sum([v for k in names for v in sums.get(k, [0.0, 0.0])], self.device)
         totals = {k: (flat[2 * i], flat[2 * i + 1]) for i, k in enumerate(names)}
         out = {f"eval/{k}": n / max(d, 1e-9) for k, (n, d) in totals.items()}
         out["eval/samples"] = totals["loss"][1]
+        # How the evaluation ran: its wall time, and whether the sharded weights were gathered once for it.
+        out.update(eval_seconds=time.time() - started, eval_gathers=run.gathers, eval_synced=int(run.synced))
         return out
+
+    def _eval_share(self) -> int:
+        """How many of this rank's held-out samples are among the first `evaluation.maxSamples` (rank r holds the
+        samples r, r + world, ...)."""
+        cap = self.spec.evaluation.maxSamples
+        if cap is None:
+            return len(self.data.eval)
+        return min(len(self.data.eval), len(range(self.rank, cap, self.world_size)))
+
+    def _gather_for_eval(self) -> bool:
+        """Whether a sharded engine gathers the whole model for evaluation: on CPU plans always; on a GPU when the
+        model at the compute dtype (the plan's parameter count) fits in the free memory with room to generate."""
+        if not self.engine.lockstep_generation or self.world_size == 1:
+            return False  # replicated weights: nothing to gather
+        if self.device.type != "cuda":
+            return True
+        params = (self.plan.assumptions.get("params") or {}).get("total")
+        if not params:
+            params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters())
+        itemsize = torch.empty((), dtype=DTYPES[self.spec.compute.precisionType]).element_size()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return all_reduce_min(int(gather_fits(int(params) * itemsize, free)), self.device) == 1
+
+    def _check_lockstep_media(self, batches: list[list[Any]]) -> None:
+        """Ranks that gather each layer in every forward must all run the vision tower or all skip it: refuse held-out
+        data that mixes samples with and without images (or videos) there, before any rank waits on a gather that
+        the others skip."""
+        samples = [s for b in batches for s in b] + list(self.data.eval_filler)
+        counts = [float(sum(bool(getattr(s, kind)) for s in samples)) for kind in ("images", "videos")]
+        totals = all_reduce_sum([*counts, float(len(samples))], self.device)
+        for kind, having in zip(("images", "videos"), totals[:2]):
+            if 0 < having < totals[2]:
+                raise VrayError(
+                    f"evaluation: the held-out data mixes samples with and without {kind}, and under "
+                    f"{self.engine.name} the whole model does not fit in GPU memory to evaluate them; give data.eval "
+                    f"samples that all have {kind} or none do, or a plan whose GPUs hold the model at the compute dtype")
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _info(self, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,52 @@ def build_partitioned(path: Path, dtype: torch.dtype, deepspeed_config: dict[str
     config = AutoConfig.from_pretrained(path)
     # transformers would initialise every partitioned weight after construction by gathering each module in turn;
     # they are all overwritten from the checkpoint right after, so that pass is skipped.
-    initialise = hf_deepspeed.initialize_weights_zero3
+    # zero.Init also broadcasts every new parameter from rank 0 before partitioning it, so that all ranks start from
+    # the same random values: a whole-model broadcast, and on every other rank a full copy of each tensor in turn.
+    # The values are read from the checkpoint instead, so each parameter is only partitioned.
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    initialise, init_param = hf_deepspeed.initialize_weights_zero3, Init._zero_init_param
     hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    Init._zero_init_param = _partition_only
     try:
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+        with _tied_head_without_storage(config):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
     finally:
-        hf_deepspeed.initialize_weights_zero3 = initialise
+        hf_deepspeed.initialize_weights_zero3, Init._zero_init_param = initialise, init_param
     model._vray_zero3_config = live
     return model
+
+
+@contextmanager
+def _tied_head_without_storage(config: Any) -> Iterator[None]:
+    """With tied embeddings, the LM head's weight is replaced by the input embedding's right after construction; under
+    zero.Init its own (vocabulary x hidden) partition would be allocated first and held until garbage collection.
+    While the model is built, that one Linear is created with a 1x1 weight instead (then tied)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        yield
+        return
+    shape = (text.hidden_size, text.vocab_size)
+    original = nn.Linear.__init__
+
+    def init(self: nn.Linear, in_features: int, out_features: int, *args: Any, **kwargs: Any) -> None:
+        if (in_features, out_features) != shape:
+            original(self, in_features, out_features, *args, **kwargs)
+            return
+        original(self, 1, 1, *args, **kwargs)
+        self.in_features, self.out_features = in_features, out_features
+
+    nn.Linear.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.__init__ = original  # type: ignore[method-assign]
+
+
+def _partition_only(init: Any, param: torch.Tensor) -> None:
+    init._convert_to_deepspeed_param(param)
+    param.partition()
 
 
 def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
@@ -86,6 +125,8 @@ def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
             stop = min(start + part, p.ds_numel)
             with torch.no_grad():
                 _fill_flat(p.ds_tensor.data.view(-1), reader, key, start, stop, list(p.ds_shape))
+                if p.data.numel() == p.ds_numel:  # a small parameter ZeRO-3 keeps whole on every rank
+                    _fill_flat(p.data.view(-1), reader, key, 0, p.ds_numel, list(p.ds_shape))
             counts["read"] += 1
     finally:
         reader.close()

@@ -433,25 +433,27 @@ def load_peak(profile: ArchProfile, w: Workload, layout: Layout, device: str = "
       with C = min(LOAD_CHUNK_BYTES, 4L).
 
     On a CPU worker (`device="cpu"`) the host is the device: `per_gpu` is one worker's peak and `per_host` every
-    worker of the plan. There the cast reads each mmap'd tensor straight into its copy at the load dtype, so no fp32
-    transient is counted (measured: loading a 0.54B-parameter fp32 checkpoint as bf16 peaks at the bf16 model plus
-    6%); FSDP2's chunk is a real copy and stays; zero3-offload's partitions are in the worker's memory.
+    worker of the plan. There zero.Init's whole-module allocations are never written (not resident), so ZeRO-3
+    counts its partitions and one read chunk; zero3-offload's partitions are in the worker's memory. Measured by
+    benchmarks/sharded_load.py (a 1.0B-parameter Qwen2.5-VL-3B-shaped fp32 checkpoint, 2 ranks).
     """
     split = param_split(profile, w)
     s, p = layout.shard, w.p
     full = split.trainable if split.base_trainable else 0  # base weights that train (adapters come after the load)
     chunk = min(LOAD_CHUNK_BYTES, 4 * profile.largest_tensor)  # never more than one tensor (in fp32) at once
-    transient = 0 if device == "cpu" else 4 * profile.largest_tensor
-    gathered = profile.largest_module * p
+    transient = 4 * profile.largest_tensor  # from_pretrained reads a tensor in the file's fp32, then casts it
+    # zero.Init allocates each module whole on the GPU before it partitions it; on a CPU worker those pages are
+    # never written (the weights are read into the partitions), so only the read chunk counts there.
+    gathered = profile.largest_module * p if device != "cpu" else chunk
     ranks = layout.workers if device == "cpu" else min(layout.workers, layout.gpus_per_node)
     strategy = layout.strategy
     if strategy in ("ddp", "zero1", "zero2"):
         model = split.frozen_bytes + (4 if strategy == "ddp" else p) * full
         gpu, host = model + transient, transient
     elif strategy == "zero3":
-        gpu, host = (split.frozen_bytes + p * full) / s + gathered + transient, transient
+        gpu, host = (split.frozen_bytes + p * full) / s + gathered + (transient if device != "cpu" else 0), transient
     elif strategy == "zero3-offload":
-        gpu, host = gathered, (split.frozen_bytes + p * full) / s + transient
+        gpu, host = gathered, (split.frozen_bytes + p * full) / s + (transient if device != "cpu" else chunk)
     else:  # fsdp2 / fsdp2-hybrid
         gpu, host = (split.frozen_bytes + 4 * split.trainable) / s + chunk, chunk
     if device == "cpu":

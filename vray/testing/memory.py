@@ -77,7 +77,8 @@ def overhead_probe(folder: str) -> None:
 
 def measured_train_worker(config: Any) -> None:
     """Set up and train as a worker does (vray.train.loop), sampling RssAnon: the high-water while the model is
-    built, loaded and wrapped (`load_peak_bytes`), and while it trains (`step_peak_bytes`), go to
+    built, loaded and wrapped (`load_peak_bytes`), while it trains up to its first checkpoint (`step_peak_bytes`)
+    and with the checkpoints written (`final_peak_bytes`), go to
     `<run dir>/memory/train-rank<r>.json` with the value just before loading."""
     from vray.train.loop import LocalReporter, Recipe
 
@@ -87,10 +88,21 @@ def measured_train_worker(config: Any) -> None:
     with AnonSampler() as load:
         recipe.setup()
     gc.collect()
+    stepped: dict[str, int] = {}
+
+    def stop_before(save: Any) -> Any:  # the step's high-water ends where the first checkpoint starts
+        def wrapped(*args: Any) -> Any:
+            stepped.setdefault("peak", step.peak)
+            return save(*args)
+        return wrapped
+
+    recipe.save_checkpoint = stop_before(recipe.save_checkpoint)  # type: ignore[method-assign]
+    recipe.save_final = stop_before(recipe.save_final)  # type: ignore[method-assign]
     with AnonSampler() as step:
         recipe.train()
     _write(f"{config.run_dir}/memory", "train", {"before_bytes": before, "load_peak_bytes": load.peak,
-                                                 "step_peak_bytes": step.peak})
+                                                 "step_peak_bytes": stepped.get("peak", step.peak),
+                                                 "final_peak_bytes": step.peak})
 
 
 def measure(item: Any) -> None:

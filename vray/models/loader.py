@@ -120,14 +120,21 @@ def load_processor(path: Path, media: MediaBlock | None = None) -> Any:
 
     processor = AutoProcessor.from_pretrained(path)
     ip = getattr(processor, "image_processor", None)
-    if media is not None and ip is not None and isinstance(getattr(ip, "size", None), dict) and "shortest_edge" in ip.size:
-        size = dict(ip.size)
+    size = getattr(ip, "size", None)
+    # transformers keeps the pixel budget as size.shortest_edge / size.longest_edge (a dict, or a SizeDict in 5.x).
+    if media is not None and size is not None and _size_get(size, "shortest_edge") is not None:
+        limits = {"shortest_edge": _size_get(size, "shortest_edge"), "longest_edge": _size_get(size, "longest_edge")}
         if media.minPixels:
-            size["shortest_edge"] = media.minPixels
+            limits["shortest_edge"] = media.minPixels
         if media.maxPixels:
-            size["longest_edge"] = media.maxPixels
-        ip.size = size
+            limits["longest_edge"] = media.maxPixels
+        ip.size = {**({k: v for k, v in dict(size).items() if v is not None} if isinstance(size, dict) else {}),
+                   **limits}
     return processor
+
+
+def _size_get(size: Any, key: str) -> Any:
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 def check_device_precision(precision: str, device: torch.device) -> None:

@@ -160,6 +160,9 @@ class FullBlock(_Block):
     trainVision: bool = False
     visionLearningRate: float | None = Field(None, gt=0)
     projectorLearningRate: float | None = Field(None, gt=0)
+    routerAuxLossCoef: float | None = Field(
+        None, ge=0, description="weight of the MoE router's load-balancing loss (sparse-MoE families; default: the "
+        "checkpoint's router_aux_loss_coef; 0 turns it off)")
 
 
 class CheckpointingBlock(_Block):
@@ -203,6 +206,9 @@ class ClusterBlock(_Block):
     cpusPerWorker: int | None = Field(None, ge=1)
     strategy: Strategy | None = Field(
         None, description="use this engine instead of the planner's choice")
+    gradientCheckpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="recompute activations in the backward pass (auto: the planner turns it on only when "
+        "memory needs it; off on CPU workers)")
 
 
 class ServingBlock(_Block):

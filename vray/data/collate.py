@@ -26,6 +26,8 @@ IGNORE_INDEX = -100
 # Every transformers-native family in the registry closes a turn with this token (Qwen chat layout).
 END_OF_TURN = "<|im_end|>"
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+_VISUAL = ("pixel_values", "pixel_values_videos")
+VISION_DUMMY_SIDE = 56  # pixels: the smallest image every family's processor takes as it is (a few visual tokens)
 NEAR_BUDGET = 0.9  # a sample above this share of the token budget is reported as a warning
 
 
@@ -105,6 +107,7 @@ class Collator:
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.video_token = getattr(processor, "video_token", "<|video_pad|>")
         self.qwen_video = "Qwen" in type(getattr(processor, "video_processor", None)).__name__
+        self._vision_dummy: Encoded | None = None
 
     # ---- media ---------------------------------------------------------------------------------
     def load_media(self, sample: Sample) -> Media:
@@ -238,6 +241,31 @@ class Collator:
                 kind="over token budget",
             )
         return encoded
+
+    def vision_dummy(self) -> Encoded:
+        """A user turn holding one small blank image, every label ignored (built once)."""
+        if self._vision_dummy is None:
+            image = Image.new("RGB", (VISION_DUMMY_SIDE, VISION_DUMMY_SIDE))
+            text = self._render([{"role": "user", "content": [{"type": "image"}]}], thinking=False)
+            tensors, _, _ = self._context(text, Media([image], []), 0, 0)
+            tensors["labels"] = torch.full_like(tensors["input_ids"], IGNORE_INDEX)
+            self._vision_dummy = Encoded(tensors, [ImageGeometry.unresized(VISION_DUMMY_SIDE, VISION_DUMMY_SIDE)], "")
+        return self._vision_dummy
+
+    def with_vision(self, encoded: list[Encoded]) -> list[Encoded]:
+        """A training micro-batch that runs the vision tower and projector even when none of its samples has an
+        image or video: a text-only micro-batch gets `vision_dummy` appended to its first row.
+
+        Sharded engines gather the vision blocks' weights inside their forward and DDP expects a gradient for
+        every trainable parameter, so every rank must run the same modules in every micro-batch. The dummy follows
+        every real token of its row and all its labels are ignored: under the causal mask no scored position sees
+        it, so the loss is unchanged and its gradients to the vision side are exactly zero."""
+        if any(key in e.tensors for e in encoded for key in _VISUAL):
+            return encoded
+        first = encoded[0]
+        joined = Encoded(_concat([first.tensors, self.vision_dummy().tensors]), first.geometries, first.reference,
+                         first.visual_tokens, first.notes)
+        return [joined, *encoded[1:]]
 
     def batch(self, encoded: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
         """Pad per-token tensors (right for training, left for generation) and concatenate visual ones."""

@@ -271,6 +271,68 @@ def load_precision(mode: str, precision: str, strategy: str) -> str:
     return "Float32"
 
 
+def enable_gradient_checkpointing(model: nn.Module, arch: Architecture, reentrant: bool = False) -> None:
+    """Recompute every decoder layer (and vision block) in the backward pass instead of keeping its activations.
+
+    Non-reentrant checkpointing (the default) needs no input that requires grad, so no input embedding is hooked.
+    transformers hooks the input embeddings of every sub-model when checkpointing is enabled, and peft again when
+    it wraps the model: the vision tower's patch embedding among them, which makes a frozen tower build an
+    autograd graph, be recomputed and run a whole backward. Here the hook goes, for good (peft's later call
+    included), on the language model's `embed_tokens` only and only for reentrant checkpointing, which needs it.
+    The parts of the vision tower that do not train run without grad (`_frozen_vision_without_grad`)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+
+    def hook_language_inputs_only() -> None:
+        model.disable_input_require_grads()
+        if reentrant:
+            try:
+                embed = model.get_submodule(f"{arch.language_model_prefix}.embed_tokens")
+            except AttributeError:
+                embed = model.get_input_embeddings()
+            model._require_grads_hooks = [embed.register_forward_hook(lambda m, i, out: out.requires_grad_(True))]
+
+    hook_language_inputs_only()
+    model.enable_input_require_grads = hook_language_inputs_only  # what peft calls when it wraps the model
+    _frozen_vision_without_grad(model, arch)
+
+
+def _needs_grad(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a call of `module` builds an autograd graph: a parameter of it trains, or an input requires grad."""
+    if any(p.requires_grad for p in module.parameters()):
+        return True
+    values = [*args, *kwargs.values()]
+    values += [v for x in list(values) if isinstance(x, (tuple, list)) for v in x]
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def _frozen_vision_without_grad(model: nn.Module, arch: Architecture) -> None:
+    """The vision tower, its direct children and its blocks run under `torch.no_grad()` whenever nothing in them
+    trains and no input requires grad (decided at each call: LoRA or freezing may come later). A frozen tower
+    then keeps no activations and runs no backward, while a projector inside it (Qwen's merger) still trains."""
+    named = dict(model.named_modules())
+    for prefix in arch.vision_modules:
+        tower = named.get(prefix)
+        if tower is None:
+            continue
+        lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        blocks = list(max(lists, key=len)) if lists else []
+        children = [m for m in tower.children() if not isinstance(m, nn.ModuleList)]
+        for module in dict.fromkeys([tower, *children, *blocks]):
+            _run_without_grad_when_frozen(module)
+
+
+def _run_without_grad_when_frozen(module: nn.Module) -> None:
+    forward = module.forward
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and not _needs_grad(module, args, kwargs):
+            with torch.no_grad():
+                return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = run
+
+
 def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: QuantizationBlock | None,
                          lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
                          train_vision: bool = False, strategy: str = "ddp",
@@ -306,8 +368,7 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
     else:
         model = load_model(path, arch, loaded, quantization, device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_gradient_checkpointing(model, arch)
     if not full:
         return apply_lora(model, arch, lora), None
     model = apply_full(model, arch, train_vision)

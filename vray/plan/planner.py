@@ -108,6 +108,10 @@ def mfu_table(profile: ArchProfile) -> dict[str, float]:
     return MOE_MFU if profile.text.moe else MFU
 
 
+# cluster.gradientCheckpointing -> the settings the search tries, in order (without it first: it costs a forward).
+CHECKPOINTING_CHOICES = {"auto": (False, True), "on": (True,), "off": (False,)}
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -162,12 +166,12 @@ class _Candidate:
 
 def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, workers: int,
                       per_worker: int, strategies: tuple[str, ...], effective: int, samples: int,
-                      epochs: int) -> _Candidate | None:
+                      epochs: int, checkpointing: str = "auto") -> _Candidate | None:
     found: list[_Candidate] = []
     for strategy in strategies:
         if _not_offered(strategy, workers, inv.gpus_per_node, w):
             continue
-        for gc in (False, True):
+        for gc in CHECKPOINTING_CHOICES[checkpointing]:
             for micro in sorted(_divisors(per_worker), reverse=True):
                 layout = Layout(strategy, workers, inv.gpus_per_node, micro, gc)
                 est = estimate(profile, w, layout, sample, inv.gpu.memory_bytes, inv.host_memory_per_gpu)
@@ -180,8 +184,9 @@ def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, in
 
 def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, effective: int,
            workers: int | None = None, samples: int = DEFAULT_DATASET_SAMPLES, epochs: int = 1,
-           allow_offload: bool = True, only: str | None = None) -> _Candidate | None:
-    """The cheapest layout that fits, or None: the fewest GPUs without offload; with offload, the fastest."""
+           allow_offload: bool = True, only: str | None = None, checkpointing: str = "auto") -> _Candidate | None:
+    """The cheapest layout that fits, or None: the fewest GPUs without offload; with offload, the fastest.
+    `checkpointing` is `cluster.gradientCheckpointing`: auto tries without it first, on / off force it."""
     if workers is not None:
         counts = [workers]
     else:
@@ -189,14 +194,15 @@ def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventor
     strategies = tuple(s for s in STRATEGIES_BY_MODE[w.mode] if only is None or s == only)
     offload = tuple(s for s in OFFLOAD[w.mode] if only is None or s == only)
     for n in counts:
-        best = _best_for_workers(profile, w, sample, inv, n, effective // n, strategies, effective, samples, epochs)
+        best = _best_for_workers(profile, w, sample, inv, n, effective // n, strategies, effective, samples, epochs,
+                                 checkpointing)
         if best is not None:
             return best
     if not (allow_offload and offload):
         return None
     # Offload is the last resort; every GPU it spreads over shortens the CPU round trips, so take the fastest.
-    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, offload, effective, samples, epochs)
-                 for n in counts]
+    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, offload, effective, samples, epochs,
+                                   checkpointing) for n in counts]
     found = [c for c in offloaded if c is not None]
     return min(found, key=lambda c: c.step_seconds) if found else None
 
@@ -310,7 +316,8 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
             return _not_fitting(spec, inventory, profile, sample, samples,
                                 f"cluster.workers asks for {workers} GPUs but the inventory has {inventory.max_gpus}",
                                 [f"at most {inventory.max_gpus} workers"])
-    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs, only=spec.cluster.strategy)
+    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs, only=spec.cluster.strategy,
+                  checkpointing=spec.cluster.gradientCheckpointing)
     if best is None:
         where = inventory.describe()
         reason = f"no layout of {arch.display} ({w.mode}, {w.precision}) fits {where} with the effective batch {effective}"
@@ -403,7 +410,8 @@ def cpu_plan(spec: RunSpec, cpus_available: int | None = None, sample: SampleSha
     per_group = workers // groups
     plan = Plan(
         fits=True, strategy=strategy, device="cpu", num_workers=workers, nodes=groups, gpus_per_node=0,
-        micro_batch=micro, grad_accum=accum, gradient_checkpointing=False, cpus_per_worker=per_worker,
+        micro_batch=micro, grad_accum=accum, gradient_checkpointing=spec.cluster.gradientCheckpointing == "on",
+        cpus_per_worker=per_worker,
         assumptions={"device": f"{workers} CPU worker(s) x {per_worker} CPU, gloo process group; no GPU memory model"},
     )
     return with_engine_settings(with_cpu_memory(plan, spec, per_group, sample, profile), spec, per_group)

@@ -1,6 +1,6 @@
 """Engines: what differs between distributed strategies, behind one interface the loop calls.
 
-The loop reads top to bottom: `engine.module(**batch)`, `engine.backward(loss, n)`, `engine.step()`;
+The loop reads top to bottom: `engine.module(**batch)`, `engine.backward(loss)`, `engine.step()`;
 wrapping, gradient synchronisation, loss scaling, clipping, generation under sharding and what a checkpoint
 holds live here. `ddp` is torch DistributedDataParallel; `zero1`, `zero2`, `zero3` and `zero3-offload` are
 DeepSpeed ZeRO; `fsdp2` and `fsdp2-hybrid` are torch FSDP2 (`fully_shard` per decoder layer and per vision
@@ -119,9 +119,11 @@ class Engine:
         """Skip gradient synchronisation on accumulation micro-batches that do not end a step."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
-        """Backpropagate one micro-batch's mean loss (averaged over the step's `micro_batches`)."""
-        (loss / micro_batches).backward()
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate this rank's share of the step's loss: the step's gradient is the sum over every rank and
+        micro-batch of the gradients of their shares (`vray.train.loss`). Engines whose gradient reduction
+        averages over ranks or accumulation steps scale the loss back up by as much."""
+        loss.backward()
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
@@ -192,8 +194,9 @@ class DDPEngine(Engine):
             return contextlib.nullcontext()
         return self.module.no_sync()
 
-    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
-        self.scaler.scale(loss / micro_batches).backward()
+    def backward(self, loss: torch.Tensor) -> None:
+        # DistributedDataParallel averages the gradients over the ranks; accumulation under no_sync sums them.
+        self.scaler.scale(loss * world()[1]).backward()
 
     def step(self) -> float:
         self.scaler.unscale_(self.optimizer)
@@ -227,10 +230,11 @@ class DeepSpeedEngine(Engine):
         self.module = self.ds
         self.model = self.ds.module
 
-    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
-        # DeepSpeed averages over its gradient_accumulation_steps itself, and steps the optimizer only at the end
-        # of an accumulation window (a micro-step otherwise).
-        self.ds.backward(loss)
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed would divide the loss by its gradient_accumulation_steps (not here: the loss is already this
+        # micro-batch's share of the step) and averages the gradients over the data-parallel ranks, which the
+        # factor undoes. It steps the optimizer only at the end of an accumulation window (a micro-step otherwise).
+        self.ds.backward(loss * world()[1], scale_wrt_gas=False)
         self.ds.step()
 
     def step(self) -> float:
@@ -331,15 +335,25 @@ class FSDP2Engine(Engine):
         super().__init__(model, make_optimizer, max_grad_norm, device, precision)  # the optimizer sees the shards
 
     def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Every micro-batch reduce-scatters its gradients (FSDP2's default), so they stay sharded between
+        micro-batches: skipping that sync would keep a whole unsharded gradient per rank until the step ends.
+        Hybrid skips only the all-reduce across the replicas (nodes) on micro-batches that do not end a step."""
+        if self.name != "fsdp2-hybrid" or last_micro_batch:
+            return contextlib.nullcontext()
+
         @contextlib.contextmanager
-        def sync_only_at_the_end() -> Iterator[None]:
-            self.model.set_requires_gradient_sync(last_micro_batch)
+        def all_reduce_only_at_the_end() -> Iterator[None]:
+            self.model.set_requires_all_reduce(False)
             try:
                 yield
             finally:
-                self.model.set_requires_gradient_sync(True)
+                self.model.set_requires_all_reduce(True)
 
-        return sync_only_at_the_end()
+        return all_reduce_only_at_the_end()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP2 divides the reduced gradients by the data-parallel size (shards x replicas): the factor undoes it.
+        loss.mul(world()[1]).backward()
 
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +55,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _worker(rank: int, world: int, port: int, configs: list[Any], backend: str, first: int,
-            outcomes: str, entry: Entry) -> None:
+            outcomes: str, entry: Entry, timeout_s: float | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     folder = Path(outcomes)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, **timeout)
     try:
         for index in range(first, len(configs)):  # one process group serves several runs in turn
             # Starting run i+1 means every rank passed run i's barrier: run i succeeded even if a rank is ended
@@ -118,10 +120,10 @@ def _read_outcome(folder: Path, index: int, world: int, exits: dict[int, int | N
     return RunOutcome(index, False, errors)
 
 
-def _start(world: int, configs: list[Any], backend: str, first: int, folder: str,
-           entry: Entry) -> tuple[dict[int, int | None], BaseException | None]:
+def _start(world: int, configs: list[Any], backend: str, first: int, folder: str, entry: Entry,
+           timeout_s: float | None) -> tuple[dict[int, int | None], BaseException | None]:
     """Run configs[first:] in one process group; the ranks' exit codes, and the failure the processes saw."""
-    context = mp.start_processes(_worker, args=(world, free_port(), configs, backend, first, folder, entry),
+    context = mp.start_processes(_worker, args=(world, free_port(), configs, backend, first, folder, entry, timeout_s),
                                  nprocs=world, join=False, start_method="spawn")
     failure: BaseException | None = None
     try:
@@ -132,20 +134,21 @@ def _start(world: int, configs: list[Any], backend: str, first: int, folder: str
     return {rank: p.exitcode for rank, p in enumerate(context.processes)}, failure
 
 
-def run_workers(config: Any, world: int, backend: str = "gloo",
-                keep_going: bool = False, entry: Entry = _train_worker) -> list[RunOutcome]:
+def run_workers(config: Any, world: int, backend: str = "gloo", keep_going: bool = False,
+                entry: Entry = _train_worker, timeout_s: float | None = None) -> list[RunOutcome]:
     """Train with `world` local processes (several runs one after the other when given a list).
 
     Without `keep_going`, the first failing run raises with the errors of its ranks, the rank that failed first
     first (not a peer that lost its connection to it). With it, every run is attempted and the outcome of each is
     returned in order; the processes are started again only after a failure. `entry` is what each rank runs for a
-    config (the training worker; a picklable module-level function)."""
+    config (the training worker; a picklable module-level function). `timeout_s` bounds every collective (the
+    process group's timeout): a rank left waiting for its peers fails instead of hanging."""
     configs = config if isinstance(config, list) else [config]
     outcomes: list[RunOutcome] = []
     with tempfile.TemporaryDirectory(prefix="vray-workers-") as folder:
         while len(outcomes) < len(configs):
             first = len(outcomes)
-            exits, failure = _start(world, configs, backend, first, folder, entry)
+            exits, failure = _start(world, configs, backend, first, folder, entry, timeout_s)
             for index in range(first, len(configs)):
                 outcome = _read_outcome(Path(folder), index, world, exits, failure)
                 outcomes.append(outcome)

@@ -8,6 +8,7 @@ scheduler, in that order, then restores a checkpoint; `train()` runs the epochs 
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -50,6 +51,7 @@ from vray.train.engines import (
     shard_units,
     world,
 )
+from vray.train.loss import answer_tokens, token_loss_sum
 from vray.train.tracking import MetricsLog
 
 TRAINING_STATE = "training_state.pt"
@@ -133,6 +135,18 @@ def _device(plan: Plan) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
+
+
+def router_aux_coef(spec: RunSpec, model_config: Any) -> float:
+    """Weight of the MoE router's load-balancing loss in the training objective: sparse-MoE families under full
+    fine-tuning only (LoRA leaves the router frozen); `full.routerAuxLossCoef`, else the checkpoint's
+    `router_aux_loss_coef`. 0 means no aux loss (and no router logits are returned)."""
+    if not (spec.arch.is_moe and spec.trainingMode.type == "Full"):
+        return 0.0
+    if spec.full.routerAuxLossCoef is not None:
+        return spec.full.routerAuxLossCoef
+    text = getattr(model_config, "text_config", None) or model_config
+    return float(getattr(text, "router_aux_loss_coef", None) or 0.0)
 
 
 def build_optimizer(name: str, params: list[Any], lr: float, weight_decay: float,
@@ -296,16 +310,34 @@ class Recipe:
         return at_interval or self.step == self.total_steps
 
     def _train_step(self, micro_batches: list[list[Encoded]]) -> float:
-        total = 0.0
-        for i, encoded in enumerate(micro_batches):
-            batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
-            with self.engine.no_sync(last_micro_batch=i == len(micro_batches) - 1):
+        """One optimizer step over this rank's micro-batches. Its gradient is that of the mean over every answer
+        token of the step, on every rank (`vray.train.loss`); the step's micro-batches are collated first so the
+        token count (one all-reduce) is known before the first backward. Returns that token mean (the logged loss).
+        A sparse-MoE model under full fine-tuning adds its router's load-balancing loss, averaged over the step's
+        micro-batches and ranks, times its coefficient."""
+        batches = [self.collator.batch(self.collator.with_vision(encoded)) for encoded in micro_batches]
+        tokens = max(all_reduce_sum([float(sum(answer_tokens(b["labels"]) for b in batches))], self.device)[0], 1.0)
+        coef = self._router_aux_coef
+        extra = {"output_router_logits": True} if coef else {}
+        summed = 0.0
+        for i, batch in enumerate(batches):
+            labels = batch.pop("labels").to(self.device)
+            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            with self.engine.no_sync(last_micro_batch=i == len(batches) - 1):
                 with self._autocast():
-                    loss = self.engine.module(**batch).loss
-                self.engine.backward(loss, len(micro_batches))
-            total += float(loss.detach()) / len(micro_batches)
+                    out = self.engine.module(**inputs, **extra)
+                    loss_sum = token_loss_sum(out.logits, labels)
+                loss = loss_sum / tokens
+                if coef:
+                    loss = loss + coef * out.aux_loss.float() / (len(batches) * self.world_size)
+                self.engine.backward(loss)
+            summed += float(loss_sum.detach())
         self.engine.step()
-        return all_reduce_sum([total], self.device)[0] / self.world_size
+        return all_reduce_sum([summed], self.device)[0] / tokens
+
+    @functools.cached_property
+    def _router_aux_coef(self) -> float:
+        return router_aux_coef(self.spec, self.model.config)
 
     def _autocast(self) -> Any:
         """bf16 / fp16 compute over fp32 master weights (full fine-tuning); nothing otherwise."""

@@ -406,7 +406,9 @@ def buffers_bytes(profile: ArchProfile, w: Workload, layout: Layout) -> int:
         extra = (3 if layout.strategy == "zero2" else 2) * bucket * p
     elif layout.strategy in ("zero3", "zero3-offload"):
         bucket = min(DS_BUCKET, max(split_trainable, 1))
-        extra = 3 * unit * p + bucket * p  # live + prefetched parameters, reduce bucket
+        # gathered parameters are capped at stage3_max_live_parameters = 2 units (prefetched ones included), plus the
+        # reduce bucket (measured on CPU: benchmarks/sharded_load.py)
+        extra = 2 * unit * p + bucket * p
     elif layout.strategy in ("fsdp2", "fsdp2-hybrid"):
         extra = fsdp2_buffer_bytes(profile, w)
     else:

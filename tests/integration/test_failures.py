@@ -49,10 +49,28 @@ def _assert_lean_lora(run: RunDir, folder: Path) -> None:
     files and a world-size-independent copy), plus the fixed overhead of small files."""
     start = next(r for r in run.read_metrics() if r.get("event") == "start")
     adapter = 4 * start["trainable_params"]
-    base = 2 * start["total_params"]  # the base in BFloat16
     assert 0 < _state_bytes(folder) <= 3 * (1 + 2) * adapter + 256 * 1024, (_state_bytes(folder), adapter)
-    assert _state_bytes(folder) < base / 4
     assert (folder / "adapter_model.safetensors").exists()
+    stored = _stored_weight_names(folder)
+    assert stored and all("lora_" in name for name in stored), [n for n in stored if "lora_" not in n][:3]
+
+
+def _stored_weight_names(folder: Path) -> list[str]:
+    """The weights an engine's own resume files hold: DeepSpeed's module states, or DCP's model entries."""
+    import torch
+
+    if (folder / "dcp").exists():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        entries = FileSystemReader(str(folder / "dcp")).read_metadata().state_dict_metadata
+        return [k for k in entries if k.startswith("model.")]
+    states = folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    if states.exists():
+        return list(torch.load(states, map_location="cpu", weights_only=False)["module"])
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return list(f.keys())
 
 
 def _resume_at(prepared: PreparedRun, source: Path, name: str, workers: int) -> RunDir:

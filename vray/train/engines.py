@@ -212,6 +212,12 @@ def write_hf_weights(model: nn.Module, folder: Path, tensors: Iterator[tuple[str
         model.generation_config.save_pretrained(folder)
 
 
+def _frozen_names(model: nn.Module) -> set[str]:
+    """Every state-dict name of a frozen parameter, aliases included: a tied output head that shares a frozen
+    embedding is the embedding, and a lean checkpoint holds neither."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def _tied_names(model: nn.Module) -> set[str]:
     """Names of weights that are another weight (tied embeddings): written once, under the first name."""
     seen: dict[int, str] = {}
@@ -305,10 +311,29 @@ class DeepSpeedEngine(Engine):
         elif final:
             self._save_full_weights(folder)
         if not final:
+            self._exclude_tied_frozen()
             self.ds.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state={}, save_latest=False,
                                     exclude_frozen_parameters=True)
         if rank == 0:
             processor.save_pretrained(folder)
+
+    def _exclude_tied_frozen(self) -> None:
+        """DeepSpeed's `exclude_frozen_parameters` drops each frozen parameter under one name; a tied alias (an
+        output head sharing the frozen embedding) would still be saved. Its module state leaves those out too."""
+        import deepspeed
+
+        if getattr(self.ds, "_vray_lean_states", False):
+            return
+        frozen = _frozen_names(self.model)
+
+        def module_state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            state = deepspeed.DeepSpeedEngine.module_state_dict(self.ds, *args, **kwargs)
+            if kwargs.get("exclude_frozen_parameters"):
+                state = type(state)((k, v) for k, v in state.items() if k not in frozen)
+            return state
+
+        self.ds.module_state_dict = module_state_dict
+        self.ds._vray_lean_states = True
 
     def _save_full_weights(self, folder: Path) -> None:
         """final/ of full fine-tuning: stages 1 and 2 replicate the 16-bit weights (rank 0 writes its own); stage 3
@@ -466,8 +491,9 @@ class FSDP2Engine(Engine):
         )
 
         trainable = StateDictOptions(ignore_frozen_params=True)
-        return {"model": get_model_state_dict(self.model, options=trainable),
-                "optim": get_optimizer_state_dict(self.model, self.optimizer, options=trainable)}
+        frozen = _frozen_names(self.model)  # tied aliases of frozen weights included
+        model = {k: v for k, v in get_model_state_dict(self.model, options=trainable).items() if k not in frozen}
+        return {"model": model, "optim": get_optimizer_state_dict(self.model, self.optimizer, options=trainable)}
 
     def _gathered(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
         """(name, full tensor on rank 0's CPU) for each weight, one at a time: every rank takes part in each gather."""

@@ -361,14 +361,22 @@ class DeepSpeedEngine(Engine):
     def _base_optimizer(self) -> torch.optim.Optimizer:
         return self.ds_optimizer.optimizer
 
+    def _flats(self) -> list[tuple[int, torch.Tensor]]:
+        """(parameter group, flat fp32 partition) pairs the torch optimizer steps: one per group under ZeRO-1/2;
+        under ZeRO-3 one per sub-group, put into its group only while it steps."""
+        zero3 = getattr(self.ds_optimizer, "fp32_partitioned_groups_flat", None)
+        if zero3 is not None:
+            return [(self.ds_optimizer.sub_group_to_group_id[i], flat) for i, flat in enumerate(zero3)]
+        return [(i, g["params"][0]) for i, g in enumerate(self._base_optimizer().param_groups) if g["params"]]
+
     def _lora_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The adapter's fp32 master weights, and the optimizer file (those weights and the full optimizer states by
         parameter name), assembled from every rank's partitions (collective; only rank 0 keeps them)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         base = self._base_optimizer()
-        flat = base.param_groups[0]["params"][0]
-        state = base.state.get(flat, {})
+        flat = next((f for _, f in self._flats() if f in base.state), None)
+        state = base.state[flat] if flat is not None else {}
         keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
         scalars = {k: v for k, v in state.items() if k not in keys}
         rank0 = world()[0] == 0
@@ -415,24 +423,22 @@ class DeepSpeedEngine(Engine):
         base = self._base_optimizer()
         # The optimizer's per-partition state is created by its first step: take one with zero gradients and a
         # zero learning rate (nothing moves), then overwrite every state with the saved one.
-        lrs = [g["lr"] for g in base.param_groups]
-        for g in base.param_groups:
-            g["lr"] = 0.0
-            for p in g["params"]:
-                p.grad = torch.zeros_like(p)
-        base.step()
-        for g, lr in zip(base.param_groups, lrs):
-            g["lr"] = lr
-            for p in g["params"]:
-                p.grad = None
-                for k, v in saved["scalars"].items():
-                    base.state[p][k] = v.clone() if torch.is_tensor(v) else v
+        for group_index, flat in self._flats():
+            group = base.param_groups[group_index]
+            params, lr = group["params"], group["lr"]
+            group["params"], group["lr"] = [flat], 0.0
+            flat.grad = torch.zeros_like(flat)
+            base.step()
+            flat.grad = None
+            group["params"], group["lr"] = params, lr
+            for k, v in saved["scalars"].items():
+                base.state[flat][k] = v.clone() if torch.is_tensor(v) else v
         if not self.name.startswith("zero3"):
             from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
             lp_groups = getattr(self.ds_optimizer, "bit16_groups", None) or self.ds_optimizer.bf16_groups
-            for i, g in enumerate(base.param_groups):
-                lazy_init_hp_params_optimizer_state(lp_groups[i], g["params"][0], base.state)
+            for group_index, flat in self._flats():
+                lazy_init_hp_params_optimizer_state(lp_groups[group_index], flat, base.state)
         for name, param in named.items():
             value = weights[name].to(torch.float32)
             safe_set_full_fp32_param(param, value.to(self.device))

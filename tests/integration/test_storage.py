@@ -60,3 +60,51 @@ def test_a_ray_run_writes_its_run_directory_to_s3(ray_head, s3_endpoint):
     result = ModelEngine(target, device="cpu").chat([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": sample["conversation"][0]["text"]}]}])
     assert result.completion_tokens >= 1
+
+
+def test_training_goes_on_while_a_checkpoint_uploads(s3_endpoint, monkeypatch):
+    """Each checkpoint's upload is held until the step after it has been logged: a training loop that waited for
+    an upload would never log that step. The run still ends with every checkpoint complete."""
+    import threading
+
+    from vray.storage.checkpoint import CheckpointWriter
+    from vray.train.launcher import train_local
+    from vray.train.tracking import MetricsLog
+
+    logged: list[int] = []
+    more = threading.Condition()
+    real_write, real_upload = MetricsLog.write, CheckpointWriter._upload
+
+    def write(self, record):
+        real_write(self, record)
+        if "loss" in record:
+            with more:
+                logged.append(record["step"])
+                more.notify_all()
+
+    held: list[tuple[int, int]] = []  # (checkpoint step, the last step logged when its upload went ahead)
+
+    def upload(self, staged, rel, marker):
+        if rel.startswith("checkpoints/step-"):
+            step = int(rel.rsplit("-", 1)[1])
+            if step < 4:
+                with more:
+                    assert more.wait_for(lambda: max(logged, default=0) > step, timeout=300), \
+                        f"step {step + 1} was not logged while step {step} uploaded"
+            held.append((step, max(logged)))
+        real_upload(self, staged, rel, marker)
+
+    monkeypatch.setattr(MetricsLog, "write", write)
+    monkeypatch.setattr(CheckpointWriter, "_upload", upload)
+    spec = validate_spec({
+        "architecture": {"name": "qwen2.5vl", "size": "3B"}, "model": {"source": "tiny:qwen2_5_vl"},
+        "compute": {"precisionType": "BFloat16"}, "task": "vqa", "data": {"train": "synthetic:vqa?train=16&eval=2"},
+        "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 4},
+        "evaluation": {"maxNewTokens": 2, "temperature": 0, "repetitionPenalty": 1.0},
+        "checkpointing": {"everySteps": 1, "keepBest": 10},
+        "cluster": {"workers": 1, "strategy": "ddp"}, "output": "s3://vray-test/runs", "name": "uploads-behind",
+    })
+    run = train_local(prepare(spec))
+    assert [s for s, _ in held] == [1, 2, 3, 4] and all(last > step for step, last in held[:3])
+    assert [s for s, _ in RunDir.of(run.uri).complete_checkpoints()] == [1, 2, 3, 4]
+    assert run.exists(f"final/{CHECKPOINT_MARKER}") and run.exists("final/adapter_model.safetensors")

@@ -66,6 +66,11 @@ def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, 
     adapter = weights = None
     if checkpoint is not None:
         info = read_checkpoint_info(checkpoint)
+        if not servable(info):
+            raise VrayError(
+                f"{checkpoint} holds training state only ({info.get('strategy')} {info.get('kind')} fine-tuning keeps "
+                "the Hugging Face weights of full fine-tuning for final/): it resumes a run; serve, evaluate or export "
+                "the run directory or its final/ folder")
         folder = fetch_checkpoint(checkpoint)  # a local copy when the run directory is remote
         if (folder / "adapter_config.json").exists():
             adapter = str(folder)
@@ -106,14 +111,22 @@ def _folder_name(folder: str) -> str:
     return folder.rstrip("/").rsplit("/", 1)[-1]
 
 
+def servable(info: dict[str, Any]) -> bool:
+    """Whether a checkpoint has Hugging Face weights (an adapter or a model); older checkpoints always have."""
+    return info.get("weights", "model") is not None
+
+
 def _of_run(record: RunRecord) -> ServeTarget:
-    """A run's best checkpoint, else its latest, else final/."""
-    if record.best is not None:
-        return run_target(record.spec, record.plan, record.best, f"best ({_folder_name(record.best)})")
-    if record.latest is not None:
-        return run_target(record.spec, record.plan, record.latest, f"latest ({_folder_name(record.latest)})")
+    """A run's best checkpoint, else its latest, else final/; a checkpoint that holds training state only (full
+    fine-tuning on a sharded engine) is passed over."""
+    candidates = [(record.best, "best"), (record.latest, "latest")]
+    for folder, which in candidates:
+        if folder is not None and servable(read_checkpoint_info(folder)):
+            return run_target(record.spec, record.plan, folder, f"{which} ({_folder_name(folder)})")
     if record.final is not None:
         return run_target(record.spec, record.plan, record.final, "final")
+    if record.latest is not None:
+        return run_target(record.spec, record.plan, record.latest, f"latest ({_folder_name(record.latest)})")  # says why
     raise VrayError(f"{record.run.uri} has no complete checkpoint yet (checkpoints/step-N or final/); train it first")
 
 

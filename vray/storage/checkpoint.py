@@ -4,8 +4,11 @@ A checkpoint is written by every rank of a run (each rank saves its shards) and 
 complete:
 - on a local run directory, every rank writes into one staging folder beside the target, and rank 0 renames it
   into place and writes the marker (`vray_checkpoint.json`);
-- on a remote one (s3://...), every rank writes a local folder and uploads what it wrote, then rank 0 writes the
-  marker.
+- on a remote one (s3://...), every rank writes a local folder and hands it to its background uploader, then
+  training goes on. The uploader sends the files in parallel (multipart for large ones), then a small receipt
+  (`.uploaded/rank-R.json`); rank 0's uploader writes the marker once every rank's receipt is there. No collective
+  waits on an upload, and a checkpoint still uploading has no marker, so no reader and no retention sees it.
+  `wait()` (at the end of a run) returns when every upload of this rank is done.
 Readers (resume, serving, evaluation) take only folders with the marker. The trainer and the test kit write
 checkpoints through this one class; a single process is a group of one.
 """
@@ -13,31 +16,80 @@ checkpoints through this one class; a single process is a group of one.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vray.errors import VrayError
 from vray.fs import filesystem
-from vray.storage.rundir import CHECKPOINT_MARKER, RunDir, read_checkpoint_info
+from vray.storage.rundir import CHECKPOINT_MARKER, RECEIPTS, RunDir, read_checkpoint_info
+
+UPLOAD_CONCURRENCY = 8  # files in flight at once, and parts in flight per multipart file
+RECEIPT_TIMEOUT_S = 6 * 3600.0  # how long rank 0 waits for the other ranks' uploads of one checkpoint
 
 
 def _alone() -> None:
     return None
 
 
+class Uploader:
+    """One background thread per rank: uploads staged checkpoints in order, off the training loop's path."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.raise_failure()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vray-checkpoint-upload", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as exc:  # noqa: BLE001 - reported on the training thread
+                self._error = exc
+            finally:
+                self._jobs.task_done()
+
+    def wait(self) -> None:
+        """Block until every submitted upload finished; raise the first one that failed."""
+        if self._thread is not None:
+            self._jobs.join()
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        if self._error is not None:
+            raise VrayError(f"a checkpoint upload failed: {self._error}") from self._error
+
+
 class CheckpointWriter:
     """Writes the checkpoints of one run directory from one rank of the run's process group."""
 
-    def __init__(self, run: RunDir, rank: int = 0, barrier: Callable[[], None] = _alone):
+    def __init__(self, run: RunDir, rank: int = 0, barrier: Callable[[], None] = _alone, world: int = 1):
         self.run = run
         self.rank = rank
         self.barrier = barrier
+        self.world = world
+        self.uploader = Uploader()
 
-    def stage(self, name: str) -> Path:
+    def stage(self, name: str, rel: str | None = None) -> Path:
         """A folder this rank writes the checkpoint `name` into: one shared folder on a local run (inside it, so the
-        final rename is atomic), one per rank on a remote one (uploaded by `publish`)."""
+        final rename is atomic), one per rank on a remote one (uploaded by `publish`). On a remote run, rank 0 first
+        removes what an earlier, interrupted attempt left at `rel`."""
         if self.run.local:
             folder = self.run.checkpoints / f".{name}.tmp"
             if self.rank == 0:
@@ -45,14 +97,18 @@ class CheckpointWriter:
                 folder.mkdir(parents=True)
             self.barrier()
             return folder
+        if rel is not None:
+            if self.rank == 0:
+                self.run.remove(rel)
+            self.barrier()
         return Path(tempfile.mkdtemp(prefix=f"vray-{name}-rank{self.rank}-"))
 
     def publish(self, staged: Path, rel: str, info: dict[str, Any]) -> str:
         """Make what every rank wrote into `staged` the checkpoint at `rel` (relative to the run), marker last.
-        Every rank calls it; it returns the checkpoint's path or URI."""
-        self.barrier()
+        Every rank calls it; it returns the checkpoint's path or URI (remote: published in the background)."""
         marker = json.dumps(info, indent=2) + "\n"
         if self.run.local:
+            self.barrier()
             if self.rank == 0:
                 (staged / CHECKPOINT_MARKER).write_text(marker)
                 target = self.run.root / rel
@@ -61,29 +117,45 @@ class CheckpointWriter:
                 staged.replace(target)
             self.barrier()
             return str(self.run.root / rel)
-        if self.rank == 0:
-            self.run.remove(rel)
-        self.barrier()
-        fs, path = filesystem(self.run.join(rel))
-        for file in sorted(staged.rglob("*")):  # each rank uploads what it wrote (its shards)
-            if file.is_file():
-                fs.put(str(file), f"{path}/{file.relative_to(staged).as_posix()}")
-        shutil.rmtree(staged, ignore_errors=True)
-        self.barrier()
-        if self.rank == 0:
-            self.run.write_text(f"{rel}/{CHECKPOINT_MARKER}", marker)
-        self.barrier()
+        self.uploader.submit(lambda: self._upload(staged, rel, marker))
         return self.run.join(rel)
+
+    def _upload(self, staged: Path, rel: str, marker: str) -> None:
+        """On the uploader thread: this rank's files in parallel, its receipt, and (rank 0) the marker last."""
+        fs, path = filesystem(self.run.join(rel))
+        files = [f for f in sorted(staged.rglob("*")) if f.is_file()]
+        if files:
+            targets = [f"{path}/{f.relative_to(staged).as_posix()}" for f in files]
+            options: dict[str, Any] = {}
+            if getattr(fs, "async_impl", False):  # s3fs and the like: files and multipart parts concurrently
+                options["batch_size"] = UPLOAD_CONCURRENCY
+                if type(fs).__name__ == "S3FileSystem":
+                    options["max_concurrency"] = UPLOAD_CONCURRENCY
+            fs.put([str(f) for f in files], targets, **options)
+        shutil.rmtree(staged, ignore_errors=True)
+        self.run.write_text(f"{rel}/{RECEIPTS}/rank-{self.rank}.json", json.dumps({"files": len(files)}) + "\n")
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + RECEIPT_TIMEOUT_S
+        while not all(self.run.exists(f"{rel}/{RECEIPTS}/rank-{r}.json") for r in range(self.world)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.run.join(rel)}: not every rank uploaded its part")
+            time.sleep(0.2)
+        self.run.write_text(f"{rel}/{CHECKPOINT_MARKER}", marker)
+
+    def wait(self) -> None:
+        """Return when every checkpoint this rank handed to its uploader is uploaded (rank 0: and published)."""
+        self.uploader.wait()
 
     def write(self, rel: str, save: Callable[[Path], None], info: dict[str, Any]) -> str:
         """Stage, let `save(folder)` write this rank's part, and publish: the whole protocol in one call."""
-        staged = self.stage(rel.rsplit("/", 1)[-1])
+        staged = self.stage(rel.rsplit("/", 1)[-1], rel)
         save(staged)
         return self.publish(staged, rel, info)
 
     def retain(self, metric: str, keep_best: int) -> None:
         """Rank 0: keep the latest complete checkpoint, the best `keep_best` by `metric` (higher is better) and the
-        one `best` points at; remove the others."""
+        one `best` points at; remove the others. A checkpoint still uploading is not complete: it is never touched."""
         if self.rank != 0:
             return
         found = self.run.complete_checkpoints()

@@ -20,6 +20,7 @@ from vray.errors import VrayError
 from vray.fs import filesystem as _fs
 
 CHECKPOINT_MARKER = "vray_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
+RECEIPTS = ".uploaded"  # inside a remote checkpoint: one receipt per rank whose files are all uploaded
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -206,8 +207,25 @@ def read_checkpoint_info(folder: str | Path) -> dict[str, Any]:
         return json.loads(fh.read())
 
 
-def fetch_checkpoint(uri: str, cache: Path | None = None) -> Path:
-    """A local copy of a remote checkpoint folder (cached by URI); a local path as it is."""
+_OTHER_RANKS = re.compile(r"(?:zero_pp_rank_|rng-rank)(\d+)")  # files of one rank, by name
+
+
+def _needed_by(rel: str, rank: int | None) -> bool:
+    """Whether a resuming rank reads the checkpoint file `rel`: DeepSpeed's ZeRO partitions and the random states
+    are one file per rank, and a rank reads only its own (DeepSpeed, without elastic checkpoints, loads only its own
+    partition file). DCP shards are fetched whole: which file holds a rank's slices depends on the new sharding
+    and on DCP's deduplication of replicated tensors, known only once the model is sharded."""
+    if rank is None:
+        return True
+    m = _OTHER_RANKS.search(rel.rsplit("/", 1)[-1])
+    return m is None or int(m.group(1)) == rank
+
+
+def fetch_checkpoint(uri: str, cache: Path | None = None, rank: int | None = None) -> Path:
+    """A local copy of a remote checkpoint folder (cached by URI, once per node); a local path as it is.
+
+    `rank`: only what that rank of a resuming run reads (the shared files and its own per-rank files); the ranks
+    of one node share the copy. Without it, the whole folder (serving, evaluation, export)."""
     if "://" not in uri:
         return Path(uri)
     import hashlib
@@ -217,12 +235,24 @@ def fetch_checkpoint(uri: str, cache: Path | None = None) -> Path:
     from vray.models.cache import cache_root
 
     folder = (cache or cache_root()) / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    folder.parent.mkdir(parents=True, exist_ok=True)  # the temporary copy lives beside it: the rename stays atomic
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the temporary copy lives beside it: the renames stay atomic
+    done = folder / (".fetched-all" if rank is None else f".fetched-rank{rank}")
     with FileLock(str(folder) + ".lock"):  # the replicas / workers of one node fetch it once
-        if not (folder / CHECKPOINT_MARKER).exists():
+        if not done.exists() and not (folder / ".fetched-all").exists():
             fs, path = _fs(uri)
+            root = path.rstrip("/")
+            remote = [f for f in fs.find(root) if f.rstrip("/") != root]
+            wanted = {f: f[len(root) + 1:] for f in remote if _needed_by(f[len(root) + 1:], rank)}
+            missing = {f: rel for f, rel in wanted.items() if not (folder / rel).exists()}
             tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
-            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            if missing:
+                fs.get(list(missing), [str(tmp / rel) for rel in missing.values()])
+            for rel in missing.values():  # the marker last: a copy with it is whole
+                if rel != CHECKPOINT_MARKER:
+                    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp / rel, folder / rel)
+            if CHECKPOINT_MARKER in missing.values():
+                os.replace(tmp / CHECKPOINT_MARKER, folder / CHECKPOINT_MARKER)
+            shutil.rmtree(tmp, ignore_errors=True)
+            done.touch()
     return folder

@@ -46,7 +46,8 @@ def write_adapter_run(output: str | Path, name: str, family: str = "qwen2_5_vl",
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
-    CheckpointWriter(run).write("checkpoints/step-1", save,
-                                {"step": 1, "base_model": f"tiny:{family}", "task": task, "metrics": {}})
+    writer = CheckpointWriter(run)
+    writer.write("checkpoints/step-1", save, {"step": 1, "base_model": f"tiny:{family}", "task": task, "metrics": {}})
+    writer.wait()
     run.point_best_at("checkpoints/step-1")
     return run

@@ -147,19 +147,29 @@ class Engine:
         yield Generating(self.model)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, folder: Path, processor: Any) -> None:
-        """Write the weights in Hugging Face form (rank 0) and what a resume needs; called on every rank."""
-        rank = world()[0]
-        if rank == 0:
+    # A step checkpoint holds what a resume needs and nothing more: the trainable weights and their optimizer
+    # states (a LoRA checkpoint: the adapter and its states, never the frozen base). final/ holds the weights in
+    # Hugging Face form. A LoRA adapter is written in Hugging Face form in both: it is small and makes every
+    # checkpoint servable.
+    def save(self, folder: Path, processor: Any, final: bool = False) -> None:
+        """Write this rank's part of a checkpoint (called on every rank): rank 0 writes the replicated weights in
+        Hugging Face form and, for a step checkpoint, the optimizer state."""
+        if world()[0] == 0:
             self.model.save_pretrained(folder, safe_serialization=True)
             processor.save_pretrained(folder)
-            torch.save({"optimizer": self.optimizer.state_dict()}, folder / "optimizer.pt")
+            if not final:
+                torch.save({"optimizer": self.optimizer.state_dict()}, folder / "optimizer.pt")
 
-    def load(self, folder: Path) -> None:
-        """Restore trainable weights and optimizer state from a checkpoint written by `save`."""
+    def load(self, folder: Path, saved_world: int | None = None) -> None:
+        """Restore trainable weights and optimizer state from a checkpoint written by `save` at `saved_world`
+        ranks (full weights are loaded when the model is built). Replicated state: any world size."""
         _load_adapter(self.model, folder)
         state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def _load_adapter(model: nn.Module, folder: Path) -> None:
@@ -170,6 +180,94 @@ def _load_adapter(model: nn.Module, folder: Path) -> None:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(adapter)))
+
+
+LORA_OPTIMIZER = "lora_optimizer.pt"  # DeepSpeed LoRA: the optimizer states by parameter name, any world size
+SHARD_BYTES = 2 * 1024**3  # Hugging Face weights stream out in safetensors shards of about this size
+
+
+def _unit_of(name: str) -> str:
+    """The repeated block a weight belongs to (`...layers.7`), so one shard never splits a layer's weights."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return name
+
+
+def write_hf_weights(model: nn.Module, folder: Path, tensors: Iterator[tuple[str, torch.Tensor | None]],
+                     shard_bytes: int = SHARD_BYTES) -> None:
+    """Rank 0 writes a full model's Hugging Face checkpoint (config, safetensors shards and their index) from
+    (name, full tensor) pairs gathered one at a time: no rank ever holds more than one shard of the model.
+
+    Every rank iterates `tensors` (gathering is collective); ranks other than 0 yield None and write nothing.
+    The weights are written in the checkpoint's original layout (`revert_weight_conversion` per shard; a shard
+    holds whole layers)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    rank = world()[0]
+    current: dict[str, torch.Tensor] = {}
+    size, unit, written = 0, None, []
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            index = len(written) + 1
+            name = f"model-{index:05d}.safetensors"
+            state = revert_weight_conversion(model, current)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in state})
+            written.append(name)
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        if rank != 0 or tensor is None:
+            continue
+        if size >= shard_bytes and _unit_of(name) != unit:
+            flush()
+        unit = _unit_of(name)
+        current[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel()
+    if rank != 0:
+        return
+    flush()
+    if len(written) == 1:
+        (folder / written[0]).rename(folder / "model.safetensors")
+    else:
+        renamed = {}
+        for i, name in enumerate(written, start=1):
+            final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            (folder / name).rename(folder / final)
+            renamed[name] = final
+        index = {"metadata": {"total_parameters": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _frozen_names(model: nn.Module) -> set[str]:
+    """Every state-dict name of a frozen parameter, aliases included: a tied output head that shares a frozen
+    embedding is the embedding, and a lean checkpoint holds neither."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of weights that are another weight (tied embeddings): written once, under the first name."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        else:
+            seen[id(param)] = name
+    return tied
 
 
 class DDPEngine(Engine):
@@ -242,30 +340,157 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
-    def save(self, folder: Path, processor: Any) -> None:
+    # A LoRA checkpoint holds the adapter (fp32 master weights, Hugging Face form) and its optimizer states twice
+    # over: DeepSpeed's own files for a resume at the same world size, and one world-size-independent file
+    # (`lora_optimizer.pt`, the full states per parameter name) for a resume at any other. Both are small.
+    def save(self, folder: Path, processor: Any, final: bool = False) -> None:
         rank = world()[0]
-        self.ds.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state={}, save_latest=False)
-        is_peft = hasattr(self.model, "peft_config")
-        if self.name.startswith("zero3"):
-            if is_peft:
-                import deepspeed
-
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    if rank == 0:
-                        self.model.save_pretrained(folder, safe_serialization=True)
-            else:
-                state = self.ds._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
-                if rank == 0:
-                    self.model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-        elif rank == 0:
-            self.model.save_pretrained(folder, safe_serialization=True)
+        peft = _is_peft(self.model)
+        if peft:
+            weights, optimizer = self._lora_state()  # collective: every rank takes part
+            if rank == 0:
+                self.model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+                if not final:
+                    torch.save(optimizer, folder / LORA_OPTIMIZER)
+        elif final:
+            self._save_full_weights(folder)
+        if not final:
+            self._exclude_tied_frozen()
+            self.ds.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state={}, save_latest=False,
+                                    exclude_frozen_parameters=True)
         if rank == 0:
             processor.save_pretrained(folder)
 
-    def load(self, folder: Path) -> None:
-        self.ds.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
-                                load_lr_scheduler_states=False)
+    def _exclude_tied_frozen(self) -> None:
+        """DeepSpeed's `exclude_frozen_parameters` drops each frozen parameter under one name; a tied alias (an
+        output head sharing the frozen embedding) would still be saved. Its module state leaves those out too."""
+        import deepspeed
+
+        if getattr(self.ds, "_vray_lean_states", False):
+            return
+        frozen = _frozen_names(self.model)
+
+        def module_state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            state = deepspeed.DeepSpeedEngine.module_state_dict(self.ds, *args, **kwargs)
+            if kwargs.get("exclude_frozen_parameters"):
+                state = type(state)((k, v) for k, v in state.items() if k not in frozen)
+            return state
+
+        self.ds.module_state_dict = module_state_dict
+        self.ds._vray_lean_states = True
+
+    def _save_full_weights(self, folder: Path) -> None:
+        """final/ of full fine-tuning: stages 1 and 2 replicate the 16-bit weights (rank 0 writes its own); stage 3
+        gathers one parameter at a time into the streamed shards."""
+        if not self.name.startswith("zero3"):
+            if world()[0] == 0:
+                self.model.save_pretrained(folder, safe_serialization=True)
+            return
+        import deepspeed
+
+        tied = _tied_names(self.model)
+
+        def gathered() -> Iterator[tuple[str, torch.Tensor | None]]:
+            for name, param in self.model.named_parameters():
+                if name in tied:
+                    continue
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.detach().to("cpu", copy=True) if world()[0] == 0 else None
+            for name, buffer in self.model.named_buffers():
+                if world()[0] == 0 and name in self.model.state_dict():
+                    yield name, buffer.detach().to("cpu", copy=True)
+
+        write_hf_weights(self.model, folder, gathered())
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        return self.ds_optimizer.optimizer
+
+    def _flats(self) -> list[tuple[int, torch.Tensor]]:
+        """(parameter group, flat fp32 partition) pairs the torch optimizer steps: one per group under ZeRO-1/2;
+        under ZeRO-3 one per sub-group, put into its group only while it steps."""
+        zero3 = getattr(self.ds_optimizer, "fp32_partitioned_groups_flat", None)
+        if zero3 is not None:
+            return [(self.ds_optimizer.sub_group_to_group_id[i], flat) for i, flat in enumerate(zero3)]
+        return [(i, g["params"][0]) for i, g in enumerate(self._base_optimizer().param_groups) if g["params"]]
+
+    def _lora_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The adapter's fp32 master weights, and the optimizer file (those weights and the full optimizer states by
+        parameter name), assembled from every rank's partitions (collective; only rank 0 keeps them)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        base = self._base_optimizer()
+        flat = next((f for _, f in self._flats() if f in base.state), None)
+        state = base.state[flat] if flat is not None else {}
+        keys = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+        scalars = {k: v for k, v in state.items() if k not in keys}
+        rank0 = world()[0] == 0
+        weights: dict[str, torch.Tensor] = {}
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            w = safe_get_full_fp32_param(param)
+            moments = {k: safe_get_full_optimizer_state(param, k) for k in keys}
+            if rank0:
+                weights[name] = w.detach().cpu().clone()
+                states[name] = {k: v.detach().cpu().clone() for k, v in moments.items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        return weights, {"weights": weights, "states": states, "scalars": scalars, "param_groups": groups,
+                         "world_size": world()[1]}
+
+    def load(self, folder: Path, saved_world: int | None = None) -> None:
+        if saved_world is None or saved_world == world()[1]:
+            self.ds.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            return
+        if not _is_peft(self.model):
+            raise VrayError(
+                f"{folder} was written by {saved_world} ranks and this run has {world()[1]}: DeepSpeed ZeRO cannot "
+                "repartition a full fine-tuning checkpoint's optimizer states. Resume with "
+                f"cluster.workers: {saved_world}, or convert it to a universal checkpoint with DeepSpeed's "
+                "ds_to_universal.py (python -m deepspeed.checkpoint.ds_to_universal) and resume from that")
+        self._load_lora_state(folder)
+
+    def _load_lora_state(self, folder: Path) -> None:
+        """Resume a LoRA checkpoint at another world size: the adapter's fp32 masters and the optimizer states are
+        put back into this world's partitions from their world-size-independent files."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        saved = torch.load(folder / LORA_OPTIMIZER, map_location="cpu", weights_only=False)
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = saved["weights"]
+        missing = set(named) - set(weights)
+        if missing:
+            raise VrayError(f"{folder}: {LORA_OPTIMIZER} lacks {len(missing)} trainable weight(s), e.g. "
+                            f"{sorted(missing)[0]}; was it written by another model or LoRA selection?")
+        base = self._base_optimizer()
+        # The optimizer's per-partition state is created by its first step: take one with zero gradients and a
+        # zero learning rate (nothing moves), then overwrite every state with the saved one.
+        for group_index, flat in self._flats():
+            group = base.param_groups[group_index]
+            params, lr = group["params"], group["lr"]
+            group["params"], group["lr"] = [flat], 0.0
+            flat.grad = torch.zeros_like(flat)
+            base.step()
+            flat.grad = None
+            group["params"], group["lr"] = params, lr
+            for k, v in saved["scalars"].items():
+                base.state[flat][k] = v.clone() if torch.is_tensor(v) else v
+        if not self.name.startswith("zero3"):
+            from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+            lp_groups = getattr(self.ds_optimizer, "bit16_groups", None) or self.ds_optimizer.bf16_groups
+            for group_index, flat in self._flats():
+                lazy_init_hp_params_optimizer_state(lp_groups[group_index], flat, base.state)
+        for name, param in named.items():
+            value = weights[name].to(torch.float32)
+            safe_set_full_fp32_param(param, value.to(self.device))
+            for k, moment in saved["states"][name].items():
+                safe_set_full_optimizer_state(param, moment.to(self.device), k)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if world()[0] == 0 or not self.name.startswith("zero3"):
+                    param.data.copy_(value.to(param.dtype))
 
     @contextlib.contextmanager
     def generation(self, gather: bool = True) -> Iterator[Generating]:
@@ -355,29 +580,67 @@ class FSDP2Engine(Engine):
         # FSDP2 divides the reduced gradients by the data-parallel size (shards x replicas): the factor undoes it.
         loss.mul(world()[1]).backward()
 
+    # A step checkpoint is DCP of the trainable parameters and their optimizer states, each rank writing its own
+    # shards: no gather. DCP reshards on load, so it resumes at any world size or mesh. final/ streams the
+    # weights to rank 0 one parameter at a time (the adapter alone for LoRA).
     def _state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
-        return {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        trainable = StateDictOptions(ignore_frozen_params=True)
+        frozen = _frozen_names(self.model)  # tied aliases of frozen weights included
+        model = {k: v for k, v in get_model_state_dict(self.model, options=trainable).items() if k not in frozen}
+        return {"model": model, "optim": get_optimizer_state_dict(self.model, self.optimizer, options=trainable)}
 
-    def save(self, folder: Path, processor: Any) -> None:
+    def _gathered(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, full tensor on rank 0's CPU) for each weight, one at a time: every rank takes part in each gather."""
+        from torch.distributed.tensor import DTensor
+
+        rank0 = world()[0] == 0
+        tied = _tied_names(self.model)
+        for name, param in self.model.named_parameters():
+            if name in tied or (trainable_only and not param.requires_grad):
+                continue
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            yield name, full.detach().to("cpu", copy=True) if rank0 else None
+            del full
+        if not trainable_only:
+            names = set(self.model.state_dict())
+            for name, buffer in self.model.named_buffers():
+                if name in names:
+                    yield name, buffer.detach().to("cpu", copy=True) if rank0 else None
+
+    def save(self, folder: Path, processor: Any, final: bool = False) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if world()[0] == 0:
-            self.model.save_pretrained(folder, state_dict=full, safe_serialization=True)
+        rank = world()[0]
+        if _is_peft(self.model):
+            adapter = {name: t for name, t in self._gathered(trainable_only=True) if t is not None}
+            if rank == 0:
+                self.model.save_pretrained(folder, state_dict=adapter, safe_serialization=True)
+        elif final:
+            write_hf_weights(self.model, folder, self._gathered(trainable_only=False))
+        if rank == 0:
             processor.save_pretrained(folder)
-        dcp.save(self._state(), checkpoint_id=str(folder / "dcp"))
+        if not final:
+            dcp.save(self._state(), checkpoint_id=str(folder / "dcp"))
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world: int | None = None) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         state = self._state()
-        dcp.load(state, checkpoint_id=str(folder / "dcp"))
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))  # each rank reads the slices of its own shards
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=options)
 
     @contextlib.contextmanager
     def generation(self, gather: bool = True) -> Iterator[Generating]:

@@ -54,7 +54,8 @@ from vray.train.engines import (
 from vray.train.loss import answer_tokens, token_loss_sum
 from vray.train.tracking import MetricsLog
 
-TRAINING_STATE = "training_state.pt"
+TRAINING_STATE = "training_state.pt"  # rank 0: scheduler, step, best metric
+RNG_STATE = "rng-rank{rank}.pt"  # every rank: its own CPU, CUDA, Python and NumPy random streams
 
 
 class Reporter(Protocol):
@@ -184,7 +185,7 @@ class Recipe:
         self.step = 0
         self.best_metric: float | None = None
         self.metrics_log = MetricsLog(self.run, self.rank)
-        self.checkpoints = CheckpointWriter(self.run, self.rank, barrier)
+        self.checkpoints = CheckpointWriter(self.run, self.rank, barrier, self.world_size)
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -192,7 +193,7 @@ class Recipe:
         torch.manual_seed(self.spec.seed)
         random.seed(self.spec.seed)
         restore = self.reporter.restore_from()
-        local_restore = fetch_checkpoint(str(restore)) if restore is not None else None
+        local_restore = fetch_checkpoint(str(restore), rank=self.rank) if restore is not None else None
         self._setup_model(local_restore)
         self._setup_data()
         self.engine: Engine = build_engine(
@@ -210,8 +211,10 @@ class Recipe:
         self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
         self.processor = load_processor(self.model_path, self.spec.media)
         full = self.spec.trainingMode.type == "Full"
-        # Full fine-tuning resumes from the checkpoint's own weights; LoRA loads its adapter onto the base later.
-        self.weights_path = restore if (full and restore is not None) else self.model_path
+        # Full fine-tuning resumes from the checkpoint's own weights when they are in Hugging Face form (ddp); the
+        # sharded engines restore theirs in `Engine.load`, as LoRA loads its adapter onto the base later.
+        in_hf_form = restore is not None and (restore / "config.json").exists()
+        self.weights_path = restore if (full and in_hf_form) else self.model_path
         model, self.autocast_dtype = prepare_for_training(
             self.weights_path, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
             self.spec.quantization, self.spec.lora, self.device, self.plan.gradient_checkpointing,
@@ -439,6 +442,7 @@ class Recipe:
             "data_position": self.order.position(self.step).to_dict(),
             "kind": "lora" if self.spec.trainingMode.type == "LoRA" else "full",
             "strategy": self.engine.name,
+            "world_size": self.world_size,
             "architecture": self.arch.key,
             "model_type": self.arch.model_type,
             "base_model": self.spec.model.source,
@@ -446,13 +450,19 @@ class Recipe:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
 
-    def _write(self, rel: str, info: dict[str, Any]) -> str:
-        """Every rank saves through the engine, rank 0 adds the training state; published with the marker last."""
+    def _write(self, rel: str, info: dict[str, Any], final: bool = False) -> str:
+        """Every rank saves through the engine and its own random state; rank 0 adds the training state. The marker
+        says whether the folder has Hugging Face weights (`weights`: adapter, model or none); published last."""
         def save(staged: Path) -> None:
-            self.engine.save(staged, self.processor)
+            self.engine.save(staged, self.processor, final=final)
+            if not final:
+                torch.save(_rng_state(), staged / RNG_STATE.format(rank=self.rank))
             if self.rank == 0:
-                torch.save({"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
-                            "best_metric": self.best_metric, "rng": torch.get_rng_state()}, staged / TRAINING_STATE)
+                if not final:
+                    torch.save({"scheduler": self.engine.scheduler.state_dict(), "step": self.step,
+                                "best_metric": self.best_metric}, staged / TRAINING_STATE)
+                info["weights"] = ("adapter" if (staged / "adapter_config.json").exists()
+                                   else "model" if (staged / "config.json").exists() else None)
 
         return self.checkpoints.write(rel, save, info)
 
@@ -474,22 +484,60 @@ class Recipe:
         return path
 
     def save_final(self) -> None:
-        """final/: the trained weights (adapter or full) in Hugging Face format, with the processor."""
-        self._write("final", self._info({}))
+        """final/: the trained weights (adapter or full) in Hugging Face format, with the processor; waits until
+        every upload of the run's checkpoints has finished."""
+        self._write("final", self._info({}), final=True)
+        self.checkpoints.wait()
 
     def _restore(self, folder: Path) -> None:
-        """Weights, optimizer, scheduler, step, data position, best metric and RNG from a checkpoint."""
-        read_checkpoint_info(folder)
-        self.engine.load(folder)
+        """Weights, optimizer, scheduler, step, data position, best metric and this rank's RNG from a checkpoint.
+        Written at another world size: the engine reshards what it can (or says why not); a rank the checkpoint had
+        no random state for starts its own stream from the seed, the step and its rank."""
+        info = read_checkpoint_info(folder)
+        saved_world = info.get("world_size")
+        self.engine.load(folder, saved_world)
         saved = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
         self.engine.scheduler.load_state_dict(saved["scheduler"])
         self.step = int(saved["step"])
         self.best_metric = saved.get("best_metric")
-        if "rng" in saved:  # dropout continues with the same random stream
+        mine = folder / RNG_STATE.format(rank=self.rank)
+        if mine.exists():  # dropout continues with the same random stream, rank by rank
+            _set_rng_state(torch.load(mine, map_location="cpu", weights_only=False), self.device)
+        elif "rng" in saved:  # a checkpoint from before per-rank states: rank 0's CPU stream
             torch.set_rng_state(saved["rng"])
+        else:
+            _seed_everything(self.spec.seed + 1_000_003 * self.step + self.rank)
         self.metrics_log.truncate_after(self.step)
         self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
-                                **self.order.position(self.step).to_dict()})
+                                "saved_world_size": saved_world, **self.order.position(self.step).to_dict()})
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random streams: torch CPU and CUDA (this rank's device), Python and NumPy."""
+    import numpy as np
+
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def train_worker(config: WorkerConfig, reporter: Reporter | None = None) -> dict[str, Any]:

@@ -5,7 +5,10 @@ BFloat16 on 2 gloo ranks, one micro-batch of one 56x56 image and a short questio
 Each rank's anonymous-memory high-water mark (RssAnon, sampled) is compared with the model's bf16 bytes and with
 the planner's prediction. Under zero3 and fsdp2 no rank may hold the whole model while it loads: at most 0.6x its
 bf16 bytes above the process's fixed overhead (measured in the same processes without a model). ddp holds all of
-it, which shows the bound can fail. The first training step's peak is compared with the plan's step prediction.
+it, which shows the bound can fail. The load and first-step peaks are each compared with the plan's prediction for
+the batch trained. (At 2 ranks this checkpoint's step does not stay under the bound: ZeRO-3 and FSDP2 gather its
+311M-parameter tied embedding whole, up to twice with prefetch, which costs more than sharding a 1.0B model over 2
+ranks saves; the plan predicts that too.)
 """
 
 from __future__ import annotations
@@ -72,9 +75,3 @@ def test_each_rank_matches_the_plan(measured, strategy):
         step = rank["step_peak_bytes"] - rank["overhead_bytes"]
         assert abs(load - predicted_load) <= PLAN_TOLERANCE * predicted_load, (strategy, load, predicted_load)
         assert abs(step - predicted_step) <= PLAN_TOLERANCE * predicted_step, (strategy, step, predicted_step)
-
-
-def test_sharded_steps_hold_less_than_ddp(measured):
-    ddp = max(r["step_peak_bytes"] for r in measured["ddp"]["ranks"])
-    for strategy in ("zero3", "fsdp2"):
-        assert max(r["step_peak_bytes"] for r in measured[strategy]["ranks"]) < ddp, strategy

@@ -377,7 +377,7 @@ def part_train(name: str, size: str, args: argparse.Namespace) -> dict[str, Any]
     def step() -> float:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = engine.module(**batch).loss
-        engine.backward(loss, 1)
+        engine.backward(loss)  # one micro-batch on one rank: the mean over its answer tokens
         engine.step()
         return float(loss.detach())
 
@@ -490,7 +490,7 @@ def _fsdp2_step(family: str, name: str, size: str, mode: str, experts: bool, arg
                   for n, p in trainable.items()}
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = engine.module(**batch).loss
-        engine.backward(loss, 1)
+        engine.backward(loss)  # one micro-batch on one rank: the mean over its answer tokens
         norm = engine.step()
         after = {n: p.detach().full_tensor().float() if hasattr(p, "full_tensor") else p.detach().float()
                  for n, p in trainable.items()}

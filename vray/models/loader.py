@@ -370,7 +370,13 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, arch)
     if not full:
-        return apply_lora(model, arch, lora), None
+        rng = torch.get_rng_state()
+        model = apply_lora(model, arch, lora)
+        if strategy.startswith("fsdp2"):  # the adapters' initial values are recomputed when the weights are read
+            from vray.models.sharded import LORA_RNG
+
+            setattr(model, LORA_RNG, rng)
+        return model, None
     model = apply_full(model, arch, train_vision)
     dtype = DTYPES[precision]
     for p in model.parameters():

@@ -29,7 +29,9 @@ def build_empty(path: Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
     and its buffers (rotary frequencies and the like, computed at construction) real, on the CPU."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    unset_hf_deepspeed_config()  # a ZeRO-3 run earlier in this process must not put this build under zero.Init
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
@@ -283,18 +285,56 @@ def init_lora_(name: str, p: torch.Tensor, start: int, rows: int, seed: int) -> 
     local.data.copy_(full[start:start + rows])
 
 
+LORA_RNG = "_vray_lora_rng"  # the CPU random state just before LoRA was applied to a model built without weights
+
+
+def _replayed_lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The initial values peft gave the LoRA adapters of Linear layers, recomputed: applying LoRA to a model on the
+    meta device draws them from the CPU random stream and then moves them to meta, losing them. Replaying the same
+    draws from the state saved before (`LORA_RNG`) gives the values a model built with weights would have had, as
+    peft computes them (`nn.Linear` construction, then Kaiming-uniform A and zero B). The stream is put back as it
+    was after."""
+    state = getattr(model, LORA_RNG, None)
+    if state is None:
+        return {}
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    now = torch.get_rng_state()
+    torch.set_rng_state(state)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            for adapter in module.lora_A:
+                a = nn.Linear(module.in_features, module.r[adapter], bias=False)
+                b = nn.Linear(module.r[adapter], module.out_features, bias=bool(module.lora_bias[adapter]))
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                out[f"{name}.lora_A.{adapter}.weight"] = a.weight.detach()
+                out[f"{name}.lora_B.{adapter}.weight"] = torch.zeros_like(b.weight)
+                if b.bias is not None:
+                    out[f"{name}.lora_B.{adapter}.bias"] = torch.zeros_like(b.bias)
+    finally:
+        torch.set_rng_state(now)
+    return out
+
+
 def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, seed: int) -> dict[str, int]:
     """Give every meta parameter of a sharded (or plain) model its storage on `device` and fill it: base weights from
     the checkpoint's rows this rank owns, LoRA adapters with peft's initialisation. Buffers keep their values.
     Returns counts of what was read and initialised."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    tied = _tied_names(model)  # before storage is given: a copy per module would untie them
     model.to_empty(device=device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if tied and not _tied_names(model) and hasattr(base, "tie_weights"):
+        base.tie_weights()
     with torch.no_grad():
         for name, b in model.named_buffers():
             if name in buffers:
                 b.copy_(buffers[name])
+    replayed = _replayed_lora_weights(model)
     reader = CheckpointReader(folder)
-    tied = _tied_names(model)
     counts = {"read": 0, "adapters": 0}
     try:
         seen: set[int] = set()
@@ -303,7 +343,12 @@ def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, se
                 continue
             seen.add(id(p))
             start, rows = _local_rows(p)
-            if "lora_A" in name or "lora_B" in name:
+            if name in replayed:
+                with torch.no_grad():
+                    _local(p).data.copy_(replayed[name][start:start + rows])
+                counts["adapters"] += 1
+                continue
+            if "lora_A" in name or "lora_B" in name:  # adapters of other layer kinds (fused experts)
                 init_lora_(name, p, start, rows, seed)
                 counts["adapters"] += 1
                 continue

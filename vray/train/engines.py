@@ -327,6 +327,13 @@ class DeepSpeedEngine(Engine):
                                                                 dist_init_required=False)
         self.module = self.ds
         self.model = self.ds.module
+        # The HfDeepSpeedConfig a ZeRO-3 model was built under has done its work: while it lives, transformers
+        # builds every model of this process under zero.Init.
+        for module in self.model.modules():
+            module.__dict__.pop("_vray_zero3_config", None)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed would divide the loss by its gradient_accumulation_steps (not here: the loss is already this

@@ -19,3 +19,34 @@ def test_media_max_pixels_bounds_the_patch_grid(family):
         t, h, w = ip(images=image, return_tensors="pt")["image_grid_thw"][0].tolist()
         assert h * w * ip.patch_size**2 <= budget, (family, budget, h, w)
         assert h * w * ip.patch_size**2 > budget / 2  # the budget is used, not ignored
+
+
+@pytest.mark.parametrize("family,arch", [("qwen2_5_vl", ("qwen2.5vl", "3B")), ("qwen3_5", ("qwen3.5", "0.8B"))])
+def test_a_model_built_without_weights_fills_like_from_pretrained(family, arch):
+    """The FSDP2 path (built on meta, then each parameter filled from the checkpoint) gives the same weights as
+    from_pretrained, ties kept, and LoRA adapters equal to what peft draws from the same random state."""
+    import torch
+
+    from vray.archs import registry
+    from vray.models import sharded
+    from vray.models.loader import apply_lora, load_model, prepare_for_training
+    from vray.spec import LoraBlock, QuantizationBlock
+
+    a = registry.get(*arch)
+    path = tiny_checkpoint(family)
+    torch.manual_seed(0)
+    built, _ = prepare_for_training(path, a, "LoRA", "BFloat16", QuantizationBlock(), LoraBlock(), torch.device("cpu"),
+                                    strategy="fsdp2")
+    assert sharded.is_on_meta(built)
+    state = getattr(built, sharded.LORA_RNG)
+    sharded.materialize_sharded(built, path, torch.device("cpu"), seed=0)
+    base = load_model(path, a, "BFloat16")
+    torch.set_rng_state(state)
+    reference = dict(apply_lora(base, a, LoraBlock()).named_parameters())
+    mine = dict(built.named_parameters())
+    assert mine.keys() == reference.keys()
+    for name, p in reference.items():
+        assert torch.equal(mine[name], p), name
+    b = built.get_base_model()
+    if b.config.get_text_config().tie_word_embeddings:
+        assert b.get_output_embeddings().weight is b.get_input_embeddings().weight

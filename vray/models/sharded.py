@@ -292,8 +292,8 @@ def _replayed_lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The initial values peft gave the LoRA adapters of Linear layers, recomputed: applying LoRA to a model on the
     meta device draws them from the CPU random stream and then moves them to meta, losing them. Replaying the same
     draws from the state saved before (`LORA_RNG`) gives the values a model built with weights would have had, as
-    peft computes them (`nn.Linear` construction, then Kaiming-uniform A and zero B). The stream is put back as it
-    was after."""
+    peft computes them (`nn.Linear` construction, then Kaiming-uniform A and zero B, rounded through the base
+    layer's dtype as peft's move to it does). The stream is put back as it was after."""
     state = getattr(model, LORA_RNG, None)
     if state is None:
         return {}
@@ -310,7 +310,9 @@ def _replayed_lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
                 a = nn.Linear(module.in_features, module.r[adapter], bias=False)
                 b = nn.Linear(module.r[adapter], module.out_features, bias=bool(module.lora_bias[adapter]))
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                out[f"{name}.lora_A.{adapter}.weight"] = a.weight.detach()
+                # peft moves a new adapter to its base layer's device and dtype, then upcasts it back to fp32
+                stored = module.get_base_layer().weight.dtype
+                out[f"{name}.lora_A.{adapter}.weight"] = a.weight.detach().to(stored).float()
                 out[f"{name}.lora_B.{adapter}.weight"] = torch.zeros_like(b.weight)
                 if b.bias is not None:
                     out[f"{name}.lora_B.{adapter}.bias"] = torch.zeros_like(b.bias)

@@ -153,6 +153,15 @@ def model_kwargs(arch: Architecture, device: torch.device) -> dict[str, Any]:
     return {}
 
 
+def require_native(arch: Architecture) -> None:
+    """Refuse an architecture whose model class is not in transformers."""
+    if not arch.native:
+        raise VrayError(
+            f"{arch.key}: {arch.transformers_class} is remote code outside transformers; vray plans it but "
+            "does not load it for training or serving yet"
+        )
+
+
 def load_model(path: Path, arch: Architecture, precision: str, quantization: QuantizationBlock | None = None,
                device: torch.device | None = None) -> nn.Module:
     """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked).
@@ -162,11 +171,7 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: Qua
     """
     from transformers import AutoModelForImageTextToText
 
-    if not arch.native:
-        raise VrayError(
-            f"{arch.key}: {arch.transformers_class} is remote code outside transformers; vray plans it but "
-            "does not load it for training or serving yet"
-        )
+    require_native(arch)
     device = device or torch.device("cpu")
     check_device_precision(precision, device)
     kwargs: dict[str, Any] = {"dtype": DTYPES[precision], **model_kwargs(arch, device)}
@@ -354,8 +359,7 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
     loaded = load_precision(mode, precision, strategy)
     if strategy.startswith(("fsdp2", "zero3")):
         check_device_precision(precision, device)
-        if not arch.native:
-            load_model(path, arch, precision)  # refuses it, with the reason
+        require_native(arch)
         from vray.models import sharded
 
         if strategy.startswith("fsdp2"):

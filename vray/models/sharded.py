@@ -137,7 +137,9 @@ def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
 
 def _fill_flat(dst: torch.Tensor, reader: CheckpointReader, key: str, start: int, stop: int,
                full_shape: list[int]) -> None:
-    """Copy flattened elements [start, stop) of checkpoint tensor `key` (in the model's layout) into dst[0:...]."""
+    """Copy flattened elements [start, stop) of checkpoint tensor `key` (in the model's layout) into dst[0:...],
+    reading the rows that cover them at most LOAD_CHUNK_BYTES at a time: a ZeRO-3 partition (any element range)
+    and an FSDP2 shard (whole rows) alike."""
     if stop <= start:
         return
     stored, transposed = _layout(reader, key, full_shape)
@@ -146,8 +148,8 @@ def _fill_flat(dst: torch.Tensor, reader: CheckpointReader, key: str, start: int
     first, last = start // row, -(-stop // row)
     for a in range(first, last, step):
         b = min(last, a + step)
-        piece = reader.rows(key, a, b) if stored else reader.rows(key, 0, 1)
-        if transposed:
+        piece = reader.rows(key, a, b)
+        if transposed:  # a fused expert tensor stored as [experts, out, in]
             piece = piece.transpose(1, 2)
         flat = piece.reshape(-1)
         lo, hi = max(start, a * row), min(stop, b * row)
@@ -210,9 +212,6 @@ class CheckpointReader:
         """Rows [start, stop) of dimension 0 of a tensor, read from the file."""
         return self._where[key].get_slice(key)[start:stop]
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
 
 def checkpoint_key(name: str, reader: CheckpointReader, tied: dict[str, str]) -> str | None:
     """The checkpoint tensor behind a (possibly peft-wrapped) model parameter name, or None."""
@@ -248,23 +247,6 @@ def _local_rows(p: torch.Tensor) -> tuple[int, int]:
     if any(offset[d] != 0 or shape[d] != p.shape[d] for d in range(1, p.dim())):
         raise VrayError(f"sharded loading reads dimension-0 shards only; {tuple(p.placements)} is not one")
     return offset[0], shape[0]
-
-
-def _fill(local: torch.Tensor, reader: CheckpointReader, key: str, start: int, rows: int, full_shape: list[int]) -> None:
-    """Copy rows [start, start + rows) of checkpoint tensor `key` into `local`, at most LOAD_CHUNK_BYTES at a time."""
-    if rows == 0:
-        return
-    stored, transposed = _layout(reader, key, full_shape)
-    row_bytes = max(1, math.prod(stored[1:]) * 4)
-    step = max(1, LOAD_CHUNK_BYTES // row_bytes)
-    flat = local.view(rows, -1) if local.dim() > 1 else local.view(rows, 1 if local.dim() else 1)
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        piece = reader.rows(key, start + a, start + b)
-        if transposed:  # a fused expert tensor stored as [experts, out, in]
-            piece = piece.transpose(1, 2)
-        flat[a:b].copy_(piece.reshape(b - a, -1))
-        del piece
 
 
 def init_lora_(name: str, p: torch.Tensor, start: int, rows: int, seed: int) -> None:
@@ -359,8 +341,9 @@ def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, se
                 raise VrayError(f"model.source: {folder} has no tensor for parameter {name}; sharded loading (fsdp2) "
                                 "reads checkpoints in transformers' own layout: re-save it with save_pretrained, or "
                                 "train it with a zero3 plan (cluster.strategy: zero3)")
+            row = math.prod(p.shape[1:])
             with torch.no_grad():
-                _fill(_local(p).data, reader, key, start, rows, list(p.shape))
+                _fill_flat(_local(p).data.view(-1), reader, key, start * row, (start + rows) * row, list(p.shape))
             counts["read"] += 1
     finally:
         reader.close()

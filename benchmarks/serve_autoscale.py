@@ -33,17 +33,15 @@ def main() -> None:
     parser.add_argument("--high-clients", type=int, default=8)
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
-    from vray.cluster import free_port
+    from vray.cluster import connect, free_port
     from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
     from vray.testing.runs import write_adapter_run
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    connect(None, num_cpus=6, include_dashboard=False, log_to_driver=False)  # Ray's default: token auth on
     run = write_adapter_run(tempfile.mkdtemp(prefix="vray-autoscale-"), "autoscale")
     target = resolve_target(run.uri)
     serving = {"minReplicas": 1, "maxReplicas": 3, "targetOngoingRequests": 2, "upscaleDelayS": 3,

@@ -81,16 +81,14 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2_5_vl")
     args = parser.parse_args()
 
-    import ray
 
-    from vray.cluster import free_port
+    from vray.cluster import connect, free_port
     from vray.infer.target import resolve_target
     from vray.serve.options import ServeOptions
     from vray.serve.runner import deploy, shutdown
     from vray.testing.runs import write_adapter_run
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    connect(None, num_cpus=4, include_dashboard=False, log_to_driver=False)  # Ray's default: token auth on
     run = write_adapter_run(tempfile.mkdtemp(prefix="vray-serve-load-"), "load", family=args.family)
     target = resolve_target(run.uri)
     modes = {}

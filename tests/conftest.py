@@ -25,6 +25,32 @@ def vray_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Ray token for the session, found where Ray looks (RAY_AUTH_TOKEN_PATH), and RAY_AUTH_MODE left unset: every
+    head a test starts with `ray start --head` then turns token authentication on, as it does for a user with a token
+    in ~/.ray/auth_token, and every local ray.init() uses it instead of writing one into this machine's HOME."""
+    import uuid
+
+    token = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.pop("RAY_AUTH_MODE", None)
+    return token
+
+
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_restored():
+    """A local ray.init() sets RAY_AUTH_MODE=token in os.environ for the rest of the process; each test starts from
+    the environment the one before it had, so no test depends on another having run first."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    yield
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
+
+
 def agent_ports() -> list[str]:
     """`ray start` flags giving a head's node agents ports of their own: the dashboard agent's default (52365) is
     one port per machine, and the session head and a test's own head run side by side."""
@@ -32,15 +58,14 @@ def agent_ports() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
+def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_token: Path):
     """A `ray start --head` on 127.0.0.1 for the session; RAY_ADDRESS points every driver (and CLI) at it."""
     import ray
 
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, metrics_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
-    # A loopback-only test cluster: no token, so the head, in-process drivers and CLI subprocesses agree.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Nothing exported but the session's token (`ray_token`): the head turns token authentication on by itself.
     # Four logical CPUs on a 2-core machine: two training workers and a Serve replica can coexist.
     subprocess.run(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",

@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from tests.conftest import agent_ports, stop_cluster
-from vray.cluster import check_cluster_capacity, free_port, inventory_from_cluster
+from vray.cluster import _refresh_ray_auth, check_cluster_capacity, connect, free_port, inventory_from_cluster
 from vray.errors import VrayError
 from vray.plan.gpus import Inventory, gpu
 from vray.plan.planner import plan_run
@@ -28,14 +28,22 @@ pytestmark = pytest.mark.slow
 
 
 @contextmanager
-def _loopback_cluster_env():
-    """A test cluster of this process's own: not RAY_ADDRESS's, no token on loopback, no driver still connected."""
+def _loopback_cluster_env(auth_mode: str | None = None):
+    """A test cluster of this process's own: not RAY_ADDRESS's, no driver still connected. Its head finds the session's
+    token (conftest's `ray_token`); `auth_mode` is exported for heads that are not started by `ray start`, which is
+    what turns authentication on by itself when a token exists."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("RAY_AUTH_MODE", "disabled")
         if ray.is_initialized():
             ray.shutdown()
-        yield
+        if auth_mode:
+            mp.setenv("RAY_AUTH_MODE", auth_mode)
+            _refresh_ray_auth()
+        try:
+            yield
+        finally:
+            mp.undo()
+            _refresh_ray_auth()
 
 
 # ---- an autoscaling cluster ------------------------------------------------------------------------------------
@@ -79,7 +87,7 @@ def autoscaling_cluster(tmp_path_factory):
                         f"--autoscaling-config={config}", f"--ray-client-server-port={free_port()}", *agent_ports()],
                        check=True, capture_output=True, text=True, env=env, timeout=120)
         try:
-            ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+            connect(f"127.0.0.1:{port}", log_to_driver=False)
             _wait_for_the_autoscaler()
             yield
         finally:
@@ -167,12 +175,12 @@ def test_an_autoscaling_cluster_is_planned_for_what_its_autoscaler_can_add(autos
 
 @pytest.fixture(scope="module")
 def two_gpu_nodes():
-    with _loopback_cluster_env():
+    with _loopback_cluster_env(auth_mode="token"):
         node = {"num_cpus": 16, "num_gpus": 8, "resources": {"accelerator_type:A100-80G": 1}}
         cluster = Cluster(initialize_head=True, head_node_args=node)
         cluster.add_node(**node)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+        connect(cluster.address, log_to_driver=False)
         try:
             yield cluster
         finally:

@@ -3,16 +3,134 @@ one; what GPUs the cluster (or this machine) has, and whether the cluster can pl
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 from vray.errors import VrayError
 from vray.plan.gpus import CATALOG, GIB, GPU, Inventory
 from vray.plan.plan import Plan
 from vray.plan.planner import placement
+
+# Ray's token authentication (https://docs.ray.io/en/latest/ray-security/token-auth.html): a local `ray.init()`
+# turns it on and writes ~/.ray/auth_token, and `ray start --head` turns it on whenever a token already exists.
+# A process that joins a cluster by address sends a token only under RAY_AUTH_MODE=token, so vray looks for one
+# where Ray does, in Ray's order, and turns token mode on for itself when it finds one.
+AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_HELP = ("run `ray get-auth-token` on the head and save what it prints to ~/.ray/auth_token here (or set "
+              "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it); Ray's own CLI (`ray job submit`) "
+              "also needs RAY_AUTH_MODE=token")
+
+
+@dataclass(frozen=True)
+class RayToken:
+    """A Ray authentication token and where it was found (for messages; the value is never printed)."""
+    value: str
+    source: str
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.value}"}
+
+
+def find_ray_token() -> RayToken | None:
+    """The token Ray would use: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token.
+    None when there is none, or when RAY_AUTH_MODE=disabled says not to send one."""
+    if os.environ.get(AUTH_MODE, "").lower() == "disabled":
+        return None
+    value = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if value:
+        return RayToken(value, "RAY_AUTH_TOKEN")
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        # Ray aborts the process on a token path it cannot read: say so here instead
+        try:
+            value = Path(named).expanduser().read_text().strip()
+        except OSError as exc:
+            raise VrayError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read the Ray token ({exc.strerror or exc}); point "
+                            "it at the file `ray get-auth-token` wrote, or unset it") from None
+        if not value:
+            raise VrayError(f"RAY_AUTH_TOKEN_PATH={named} is empty; point it at the file holding the cluster's token "
+                            "(`ray get-auth-token` prints it), or unset it")
+        return RayToken(value, f"RAY_AUTH_TOKEN_PATH ({named})")
+    default = Path.home() / ".ray" / "auth_token"
+    try:
+        value = default.read_text().strip()
+    except OSError:
+        return None
+    return RayToken(value, str(default)) if value else None
+
+
+def use_ray_token() -> RayToken | None:
+    """The token this process will present, with Ray's token mode turned on for it when RAY_AUTH_MODE is unset and a
+    token exists (what Ray does itself for a local cluster it finds, and not for one given by address)."""
+    token = find_ray_token()
+    mode = os.environ.get(AUTH_MODE, "").lower()
+    if mode == "token" and token is None:
+        raise VrayError(f"RAY_AUTH_MODE=token is set but no Ray token was found; {TOKEN_HELP}")
+    if token is not None and not mode:
+        os.environ[AUTH_MODE] = "token"
+        _refresh_ray_auth()
+    return token
+
+
+def _refresh_ray_auth() -> None:
+    """Make an already imported Ray read RAY_AUTH_MODE and the token again (Ray caches both per process)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def connection_refused(address: str, token: RayToken | None, exc: BaseException) -> VrayError:
+    """The one-line error for a cluster that would not let this process join."""
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    if token is None:
+        return VrayError(f"could not join the Ray cluster at {address} ({reason}). If it uses token authentication "
+                         f"(Ray's default), {TOKEN_HELP}. Otherwise check the address and that the head is up")
+    return VrayError(f"could not join the Ray cluster at {address} with the token from {token.source} ({reason}). "
+                     f"If the head has another token, {TOKEN_HELP}. Otherwise check the address and that the head "
+                     "is up")
+
+
+@contextmanager
+def _quiet_auth_warning() -> Iterator[None]:
+    """Ray logs a warning of its own when a local cluster starts with token authentication; vray says it in one line."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def connect(address: str | None, **init_kwargs: Any) -> None:
+    """`ray.init` for vray's commands: join the cluster at `address` with the token Ray documents, or start a local
+    one (token authentication on, as Ray does by default); a cluster that refuses the connection is a VrayError."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if address:
+        token = use_ray_token()
+        try:
+            ray.init(address=address, **init_kwargs)
+        except (ConnectionError, AuthenticationError) as exc:
+            raise connection_refused(address, token, exc) from None
+        return
+    announce = AUTH_MODE not in os.environ
+    with _quiet_auth_warning():
+        ray.init(**init_kwargs)
+    if announce and os.environ.get(AUTH_MODE) == "token":
+        token = find_ray_token()
+        where = token.source if token else "~/.ray/auth_token"
+        print(f"vray: started a local Ray cluster with token authentication (the token is in {where}; "
+              "`ray get-auth-token` prints it)", file=sys.stderr)
 
 
 def ensure_ray(verbose: bool = False) -> None:
@@ -28,8 +146,8 @@ def ensure_ray(verbose: bool = False) -> None:
         # A local cluster of this machine: two logical CPUs beyond the cores, so the data-preprocessing actors
         # and a Serve replica find room beside training workers that take a core each.
         kwargs["num_cpus"] = (os.cpu_count() or 1) + 2
-    ray.init(address=address or None, log_to_driver=verbose, configure_logging=True, logging_level="WARNING",
-             include_dashboard=False, **kwargs)
+    connect(address or None, log_to_driver=verbose, configure_logging=True, logging_level="WARNING",
+            include_dashboard=False, **kwargs)
 
 
 def running_cluster_address() -> str | None:
@@ -46,9 +164,15 @@ def start_persistent_head() -> str:
     exe = shutil.which("ray")
     if exe is None:
         raise VrayError("the `ray` command is not on PATH; install vray into the active environment")
+    env = dict(os.environ)
+    if AUTH_MODE not in env:
+        # token authentication, as a local ray.init() has: `ray start --head` turns it on only when a token exists
+        if find_ray_token() is None:
+            subprocess.run([exe, "get-auth-token", "--generate"], capture_output=True, text=True, check=False)
+        env[AUTH_MODE] = "token" if find_ray_token() is not None else "disabled"
     proc = subprocess.run(
         [exe, "start", "--head", "--disable-usage-stats", "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
         raise VrayError(f"`ray start --head` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
@@ -96,7 +220,7 @@ def cluster_gpu_inventory(address: str | None, gpu_name: str | None = None) -> I
     from vray.plan.gpus import gpu as catalog_gpu
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+        connect(address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
     gpu_nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
     if not gpu_nodes:
         # None alive (an autoscaling cluster at rest): the GPU node groups its autoscaler reported, if it did

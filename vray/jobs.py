@@ -38,17 +38,29 @@ def client(address: str | None) -> Any:
     """A JobSubmissionClient for the cluster, with a clear error when the dashboard does not answer."""
     from ray.job_submission import JobSubmissionClient
 
+    from vray.cluster import TOKEN_HELP, use_ray_token
+
     url = dashboard_address(address)
+    token = use_ray_token()
     # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given (a shell inside a
     # cluster exports RAY_ADDRESS=<gcs>); vray has already chosen, with --address first, so hide them meanwhile.
     hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
-        return JobSubmissionClient(url)
-    except Exception as exc:  # noqa: BLE001 - connection refused, wrong port, no dashboard
+        return JobSubmissionClient(url, headers=token.http_headers() if token else None)
+    except Exception as exc:  # noqa: BLE001 - connection refused, wrong port, no dashboard, no token
+        if _auth_refused(exc):
+            source = f"the token from {token.source} was refused" if token else "it asks for a token and none was found"
+            raise VrayError(f"the Ray job API at {url} refused this request: {source}; {TOKEN_HELP}") from None
         raise VrayError(f"cannot reach the Ray job API at {url} ({type(exc).__name__}: {exc}); is the head's dashboard "
                         "running (ray start --head --dashboard-host 0.0.0.0) and the port 8265 reachable?") from None
     finally:
         os.environ.update(hidden)
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(exc, AuthenticationError) or "authentication" in str(exc).lower() or "401" in str(exc)
 
 
 # paths and ports of this machine (meaningless on the cluster), and the serving key (a training job has no use for it)
@@ -62,6 +74,10 @@ def runtime_env(working_dir: str, pip: list[str] | None = None, env_vars: dict[s
     from vray.cluster import forwarded_env
 
     env: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES)}
+    secret = sorted(k for k in env_vars or {} if k.startswith("RAY_AUTH_"))
+    if secret:
+        raise VrayError(f"--env {secret[0]}: a job's environment is stored on the cluster and shown by its dashboard, "
+                        "so vray never puts the Ray token there; the cluster's own nodes already hold it")
     variables = {k: v for k, v in forwarded_env().items() if k not in LOCAL_ONLY} | dict(env_vars or {})
     if variables:
         env["env_vars"] = variables

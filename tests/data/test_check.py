@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tests.conftest import run_cli
 from vray.archs import registry
+from vray.cluster import connect
 from vray.data.check import check_dataset
 from vray.errors import DataError
 from vray.models.loader import load_processor
@@ -146,7 +147,7 @@ def test_ray_tasks_report_what_the_check_in_this_process_reports(tmp_path, ray_h
     from vray.data.check import shown_progress
 
     if not ray.is_initialized():
-        ray.init(address=ray_head, log_to_driver=False)
+        connect(ray_head, log_to_driver=False)
     data = _mixed(tmp_path, 3)
     arch, processor = registry.get("qwen2.5vl", "3B"), load_processor(tiny_checkpoint("qwen2_5_vl"))
     here = check_dataset(str(data), arch, processor, max_tokens=200, cache=False)

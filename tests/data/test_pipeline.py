@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vray.archs import registry
+from vray.cluster import connect
 from vray.data import synthetic
 from vray.data.io import read_samples, write_samples
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream
@@ -59,7 +60,7 @@ def test_ray_data_preprocessing_matches_and_keeps_the_order(ray_head):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_head, log_to_driver=False)
+        connect(ray_head, log_to_driver=False)
     samples = read_samples(str(synthetic.split_paths("synthetic:vqa?train=12&eval=2")[0])).samples
     order = DataOrder(len(samples), 4, 2, seed=3, rank=1, world=2)
     local = list(SampleStream(samples, order, _factory(), use_ray=False).steps(0, 6))
@@ -121,7 +122,7 @@ def test_rows_in_the_object_store_reach_a_worker_without_the_driver_files(ray_he
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_head, log_to_driver=False)
+        connect(ray_head, log_to_driver=False)
     folder = synthetic.materialize("synthetic:vqa?train=8&eval=2&seed=11")
     copy = tmp_path / "train.jsonl"
     shutil.copy(folder / "train.jsonl", copy)

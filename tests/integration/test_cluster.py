@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, agent_ports, run_cli, stop_cluster
+from tests.conftest import REPO, agent_ports, stop_cluster
 from vray.cluster import free_port
 from vray.errors import VrayError
 
@@ -60,36 +60,55 @@ def test_model_weights_are_fetched_once_per_node(s3_endpoint, tmp_path):
     assert (folder / "config.json").exists()
 
 
-# ---- ray job submit against a real head --------------------------------------------------------------
+# ---- ray job submit against a real head, started as a user starts one --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dashboard_head(tmp_path_factory, vray_cache):
-    """`ray start --head` with its dashboard (the job API) on 127.0.0.1, stopped at the end."""
+def user_env(home: Path, **extra: str) -> dict[str, str]:
+    """A shell of a user whose HOME is `home`, with nothing about Ray exported: no RAY_AUTH_MODE, no token variable, no
+    address (the session's own token and head are this test process's, not the user's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))}
+    return {**env, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
+def start_user_head(temp_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    """`ray start --head` with its dashboard (the job API) on 127.0.0.1 in the user's shell `env`; the head decides
+    about authentication by itself (on when the user has a token)."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, dashboard = free_port(), free_port()
-    temp_dir = tmp_path_factory.mktemp("ray-jobs")
-    runs = tmp_path_factory.mktemp("job-runs")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run([ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()], check=True, capture_output=True,
-                   text=True,
-                   env=env)
+    started = subprocess.run(
+        [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()],
+        check=True, capture_output=True, text=True, env=env)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     import httpx
 
     while time.time() < deadline:
         try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+            if httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401):
                 break
         except httpx.HTTPError:
             pass
         time.sleep(1)
+    return {"address": address, "gcs": f"127.0.0.1:{port}", "started": started.stdout + started.stderr}
+
+
+@pytest.fixture(scope="module")
+def dashboard_head(tmp_path_factory, vray_cache):
+    """A head started by a user who ran `vray demo` before: the demo's local cluster left a token in
+    ~/.ray/auth_token, so a plain `ray start --head` turns token authentication on."""
+    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    home = tmp_path_factory.mktemp("user-home")
+    env = user_env(home)
+    subprocess.run([ray_exe, "get-auth-token", "--generate"], check=True, capture_output=True, env=env)  # what ray.init() leaves
+    assert (home / ".ray" / "auth_token").is_file()
+    temp_dir = tmp_path_factory.mktemp("ray-jobs")
+    runs = tmp_path_factory.mktemp("job-runs")
+    head = start_user_head(temp_dir, env)
+    assert "Token authentication is enabled" in head["started"]
     try:
-        yield {"address": address, "runs": runs, "env": env}
+        yield {**head, "runs": runs, "env": env}
     finally:
         stop_cluster(temp_dir)
 
@@ -98,11 +117,22 @@ def _job_env(head) -> dict[str, str]:
     return {"VRAY_STORAGE": str(head["runs"]), "VRAY_CACHE": os.environ["VRAY_CACHE"]}
 
 
+def _vray(env: dict[str, str], *args: str, timeout: float = 540) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("vray")), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+TINY = ["--set", "hyperparameters.epochs=1", "--set", "data.train=synthetic:vqa?train=16&eval=4"]
+
+
 @pytest.mark.timeout(600)
 def test_ray_job_submit_trains_the_tiny_job(dashboard_head):
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    env = {**dashboard_head["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**dashboard_head["env"], "RAY_AUTH_MODE": "token"}  # Ray's own CLI sends the token only when told to
     runtime_env = {"env_vars": {**_job_env(dashboard_head), "PATH": env["PATH"]}}
+    refused = subprocess.run([ray_exe, "job", "list", "--address", dashboard_head["address"]], capture_output=True,
+                             text=True, env=dashboard_head["env"], timeout=120)
+    assert refused.returncode != 0 and "authentication token" in (refused.stdout + refused.stderr).lower()
     proc = subprocess.run(
         [ray_exe, "job", "submit", "--address", dashboard_head["address"], "--submission-id", "tiny-cpu-1",
          "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -121,25 +151,79 @@ def test_ray_job_submit_trains_the_tiny_job(dashboard_head):
 
 @pytest.mark.timeout(600)
 def test_vray_submit_follows_the_job_and_vray_jobs_inspects_and_stops(dashboard_head):
-    address = dashboard_head["address"]
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    sets = ["--set", "hyperparameters.epochs=1", "--set", "data.train=synthetic:vqa?train=16&eval=4"]
-    job_env = [a for k, v in {**_job_env(dashboard_head), **env}.items() for a in ("--env", f"{k}={v}")]
-    proc = run_cli("submit", "jobs/tiny-cpu.yaml", "--address", address, "--submission-id", "vray-submit-1",
-                   "--set", "name=via-vray", *sets, *job_env, timeout=540)
+    """The user's shell, nothing exported: vray finds ~/.ray/auth_token and the job API accepts it."""
+    address, env = dashboard_head["address"], dashboard_head["env"]
+    job_env = [a for k, v in {**_job_env(dashboard_head), "PATH": env["PATH"]}.items() for a in ("--env", f"{k}={v}")]
+    proc = _vray(env, "submit", "jobs/tiny-cpu.yaml", "--address", address, "--submission-id", "vray-submit-1",
+                 "--set", "name=via-vray", *TINY, *job_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0] == "vray-submit-1"
     assert "step" in proc.stdout  # the job's own progress, followed live
     assert (dashboard_head["runs"] / "via-vray" / "final" / "vray_checkpoint.json").exists()
-    status = run_cli("jobs", "status", "vray-submit-1", "--address", address)
+    status = _vray(env, "jobs", "status", "vray-submit-1", "--address", address)
     assert status.stdout.strip() == "SUCCEEDED"
-    logs = run_cli("jobs", "logs", "vray-submit-1", "--address", address)
+    logs = _vray(env, "jobs", "logs", "vray-submit-1", "--address", address)
     assert "via-vray" in logs.stdout
+    # the token travelled in the request headers only, never in what the cluster stores about the job
+    token = (Path(env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).get_job_info("vray-submit-1")
+    assert token not in json.dumps(info.runtime_env) and "RAY_AUTH" not in json.dumps(info.runtime_env)
+    sneaked = _vray(env, "submit", "jobs/tiny-cpu.yaml", "--address", address, "--env", f"RAY_AUTH_TOKEN={token}")
+    assert sneaked.returncode == 1 and "never puts the Ray token there" in sneaked.stderr
     # a job stopped while it runs
-    proc = run_cli("submit", "jobs/tiny-cpu.yaml", "--address", address, "--submission-id", "vray-stop-1",
-                   "--no-wait", "--set", "name=stopped", *sets, *job_env)
+    proc = _vray(env, "submit", "jobs/tiny-cpu.yaml", "--address", address, "--submission-id", "vray-stop-1",
+                 "--no-wait", "--set", "name=stopped", *TINY, *job_env)
     assert proc.returncode == 0, proc.stderr
-    stop = run_cli("jobs", "stop", "vray-stop-1", "--address", address)
+    stop = _vray(env, "jobs", "stop", "vray-stop-1", "--address", address)
     assert stop.stdout.strip() == "STOPPED", stop.stdout + stop.stderr
-    missing = run_cli("submit", str(REPO.parent / "elsewhere.yaml"), "--address", address)
+    missing = _vray(env, "submit", str(REPO.parent / "elsewhere.yaml"), "--address", address)
     assert missing.returncode == 1 and "no such spec file" in missing.stderr
+    # another user's shell (no token of theirs): one line naming what to do, no traceback
+    stranger = _vray(user_env(Path(env["HOME"]) / "elsewhere"), "jobs", "list", "--address", address)
+    assert stranger.returncode == 1 and "Traceback" not in stranger.stderr
+    assert "ray get-auth-token" in stranger.stderr and "RAY_AUTH_MODE=token" in stranger.stderr
+
+
+@pytest.mark.timeout(600)
+def test_vray_train_joins_a_token_auth_head_with_nothing_exported(dashboard_head, tmp_path):
+    env = {**dashboard_head["env"], "RAY_ADDRESS": dashboard_head["gcs"], "VRAY_CACHE": os.environ["VRAY_CACHE"]}
+    proc = _vray(env, "train", "jobs/tiny-cpu.yaml", "--output", str(tmp_path), "--set", "name=joined", *TINY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "joined" / "final" / "vray_checkpoint.json").exists()
+    # without the token: vray's one line, after Ray's own wait for the head
+    stranger = {**user_env(tmp_path / "stranger"), "RAY_ADDRESS": dashboard_head["gcs"]}
+    refused = _vray(stranger, "train", "jobs/tiny-cpu.yaml", "--output", str(tmp_path), "--set", "name=refused", *TINY)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"could not join the Ray cluster at {dashboard_head['gcs']}" in refused.stderr
+    assert "RAY_AUTH_MODE=token" in refused.stderr and "ray get-auth-token" in refused.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_head_without_authentication_trains_and_takes_jobs(tmp_path_factory, vray_cache):
+    """A user without a token (an empty HOME): `ray start --head` leaves authentication off, and both vray commands
+    work with nothing exported; a shell that has a token joins it all the same."""
+    home = tmp_path_factory.mktemp("empty-home")
+    env = user_env(home)
+    temp_dir = tmp_path_factory.mktemp("ray-open")
+    runs = tmp_path_factory.mktemp("open-runs")
+    head = start_user_head(temp_dir, env)
+    try:
+        assert "Token authentication is disabled" in head["started"]
+        train = _vray({**env, "RAY_ADDRESS": head["gcs"]}, "train", "jobs/tiny-cpu.yaml", "--output", str(runs),
+                      "--set", "name=open-train", *TINY)
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        job_env = [a for k, v in {"VRAY_STORAGE": str(runs), "VRAY_CACHE": os.environ["VRAY_CACHE"],
+                                  "PATH": env["PATH"]}.items() for a in ("--env", f"{k}={v}")]
+        submit = _vray(env, "submit", "jobs/tiny-cpu.yaml", "--address", head["address"], "--set", "name=open-job",
+                       *TINY, *job_env)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert not (home / ".ray" / "auth_token").exists()  # vray made no token for the user
+        for name in ("open-train", "open-job"):
+            assert (runs / name / "final" / "vray_checkpoint.json").exists()
+        listed = _vray({**env, "RAY_AUTH_TOKEN": "a-token-the-head-does-not-ask-for"}, "jobs", "list",
+                       "--address", head["address"])
+        assert listed.returncode == 0 and "open-job" in listed.stdout, listed.stdout + listed.stderr
+    finally:
+        stop_cluster(temp_dir)

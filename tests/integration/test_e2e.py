@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import run_cli
-from vray.cluster import free_port
+from vray.cluster import connect, free_port
 from vray.data import synthetic
 from vray.data.io import read_jsonl
 from vray.storage.rundir import RunDir
@@ -119,7 +119,7 @@ def test_cli_serve_detached_with_an_api_key(cli_run):
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
     finally:
         if not ray.is_initialized():
-            ray.init(address=ray_address())
+            connect(ray_address())
         serve.shutdown()
 
 

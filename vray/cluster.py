@@ -98,6 +98,16 @@ def connection_refused(address: str, token: RayToken | None, exc: BaseException)
                      "is up")
 
 
+_OWN_CLUSTER: str | None = None  # the GCS address of the local cluster this process started, if it did
+
+
+def owns_cluster() -> bool:
+    """Whether the Ray cluster this process is connected to is the local one it started (and that ends with it)."""
+    import ray
+
+    return ray.is_initialized() and _OWN_CLUSTER is not None and ray.get_runtime_context().gcs_address == _OWN_CLUSTER
+
+
 @contextmanager
 def _quiet_auth_warning() -> Iterator[None]:
     """Ray logs a warning of its own when a local cluster starts with token authentication; vray says it in one line."""
@@ -126,6 +136,8 @@ def connect(address: str | None, **init_kwargs: Any) -> None:
     announce = AUTH_MODE not in os.environ
     with _quiet_auth_warning():
         ray.init(**init_kwargs)
+    global _OWN_CLUSTER
+    _OWN_CLUSTER = ray.get_runtime_context().gcs_address
     if announce and os.environ.get(AUTH_MODE) == "token":
         token = find_ray_token()
         where = token.source if token else "~/.ray/auth_token"

@@ -139,5 +139,5 @@ def run_demo(console: Console, output: str | None = None, overrides: list[str] |
     if keep_serving:
         block_until_interrupted(endpoint, console)
     elif stop_server:
-        shutdown()
+        shutdown(final=True)
     return result

@@ -109,6 +109,9 @@ def test_cli_serve_detached_with_an_api_key(cli_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = proc.stdout.strip().splitlines()[-1]
     assert url == f"http://127.0.0.1:{port}"
+    # quiet: neither Ray's nor Serve's INFO lines, nor the raylet's messages, reach the user's terminal
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if " INFO " in line or "(raylet)" in line]
+    assert not noise, noise
     try:
         sample = read_jsonl(synthetic.split_paths("synthetic:vqa?train=32&eval=8")[1])[0]
         image = _data_url(sample.images[0])

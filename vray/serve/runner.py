@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from vray.cluster import ensure_ray, running_cluster_address, start_persistent_head
+from vray.cluster import ensure_ray, owns_cluster, running_cluster_address, start_persistent_head
 from vray.errors import VrayError
 from vray.infer.target import ServeTarget
 from vray.serve.config import APP_NAME
@@ -65,10 +66,19 @@ def check_resources(options: ServeOptions) -> None:
         )
 
 
+def _serve(verbose: bool = False) -> Any:
+    """Ray Serve, with its driver-side INFO lines (started, deployed, deleting) kept out of the terminal: importing
+    Serve sets its logger to INFO, so the level is set after the import."""
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.INFO if verbose else logging.WARNING)
+    return serve
+
+
 def deploy(target: ServeTarget, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
            detach: bool = False, insecure: bool = False, verbose: bool = False) -> Endpoint:
     """Deploy on Ray Serve and return once /healthz answers. A detached server lives in a persistent cluster."""
-    from ray import serve
+    serve = _serve(verbose)
 
     check_exposure(host, options.api_key, insecure)
     if detach and running_cluster_address() is None:
@@ -94,7 +104,7 @@ def deploy_config(config: dict[str, Any], detach: bool = False, insecure: bool =
                   timeout_s: float = 600) -> list[str]:
     """Deploy a Serve config file's applications (as `serve run` does: the config is the whole desired state)
     and return their URLs once every one is RUNNING."""
-    from ray import serve
+    serve = _serve(verbose)
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
@@ -160,17 +170,26 @@ def block_until_interrupted(what: str, console: Console, names: tuple[str, ...] 
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        shutdown(names)
+        shutdown(names, final=True)
 
 
-def shutdown(names: tuple[str, ...] = (APP_NAME,)) -> None:
-    """Remove the applications; stop Serve itself (proxies included) when no other application remains."""
-    from ray import serve
+def shutdown(names: tuple[str, ...] = (APP_NAME,), final: bool = False) -> None:
+    """Remove the applications; stop Serve itself (proxies included) when no other application remains.
 
+    With `final` (this process is done with Ray), Serve is not shut down on its own: its controller's shutdown
+    makes the raylet print a task-retry error. A local cluster this process started is stopped whole instead, as it
+    would be at exit; a cluster it joined keeps its Serve instance (with no applications of this process) for
+    whoever serves there next."""
+    import ray
+
+    serve = _serve()
     try:
         for name in names:
             serve.delete(name)
-        if not serve.status().applications:
+        if final:
+            if owns_cluster():
+                ray.shutdown()
+        elif not serve.status().applications:
             serve.shutdown()
     except Exception:  # noqa: BLE001 - nothing deployed, or Serve already gone
         pass

@@ -9,6 +9,7 @@ follows the logs until the job ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import time
@@ -42,6 +43,9 @@ def client(address: str | None) -> Any:
 
     url = dashboard_address(address)
     token = use_ray_token()
+    # the job SDK's INFO lines (files left out of the upload, the log stream's websocket closing) are not the user's
+    for name in ("ray.dashboard", "ray._private.runtime_env"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given (a shell inside a
     # cluster exports RAY_ADDRESS=<gcs>); vray has already chosen, with --address first, so hide them meanwhile.
     hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}

@@ -159,6 +159,7 @@ def test_vray_submit_follows_the_job_and_vray_jobs_inspects_and_stops(dashboard_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0] == "vray-submit-1"
     assert "step" in proc.stdout  # the job's own progress, followed live
+    assert not [line for line in proc.stderr.splitlines() if " INFO " in line], proc.stderr[-2000:]  # Ray's SDK, quiet
     assert (dashboard_head["runs"] / "via-vray" / "final" / "vray_checkpoint.json").exists()
     status = _vray(env, "jobs", "status", "vray-submit-1", "--address", address)
     assert status.stdout.strip() == "SUCCEEDED"

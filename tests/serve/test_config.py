@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -138,3 +139,27 @@ def test_python_api_answers_an_image_and_a_prompt(tmp_path, quantize):
     with pytest.raises(VrayError, match="no such file"):
         model(str(tmp_path / "missing.png"), "hi")
     assert json.loads(json.dumps(answer.boxes)) == answer.boxes
+    if quantize is None:  # image URLs only from the hosts it allows
+        with _serving_files(tmp_path) as url:
+            with pytest.raises(VrayError, match="host '127.0.0.1' is not allowed.*allowed_image_hosts"):
+                model(url + "/x.png", "Locate the green square.")
+            allowed = vray.load(run.uri, device="cpu", allowed_image_hosts=["127.0.0.1"])
+            assert allowed(url + "/x.png", "Locate the green square.", max_tokens=5).text == answer.text
+
+
+@contextmanager
+def _serving_files(folder):
+    """An HTTP server on 127.0.0.1 for the files of `folder`; its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

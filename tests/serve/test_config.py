@@ -73,6 +73,40 @@ def test_app_builder_rejects_unknown_args():
         app_builder({"trget": "x"})
 
 
+def test_an_app_from_a_config_starts_only_with_its_key_or_insecure(monkeypatch):
+    from vray.serve.app import app_builder
+
+    monkeypatch.delenv("VRAY_API_KEY", raising=False)
+    with pytest.raises(VrayError, match="no API key: set VRAY_API_KEY .* `insecure: true`"):
+        app_builder({"target": "tiny:qwen2_5_vl"})
+    with pytest.raises(VrayError, match="insecure is 'yes'"):
+        app_builder({"target": "tiny:qwen2_5_vl", "insecure": "yes"})
+    assert app_builder({"target": "tiny:qwen2_5_vl", "insecure": True}) is not None
+    monkeypatch.setenv("VRAY_API_KEY", "k")
+    assert app_builder({"target": "tiny:qwen2_5_vl"}) is not None
+    assert AppArgs("tiny:qwen2_5_vl", insecure=True).to_config()["insecure"] is True
+
+
+@pytest.mark.parametrize(("host", "url", "exposed"), [
+    ("127.0.0.1", "http://127.0.0.1:8000", False),
+    ("::1", "http://[::1]:8000", False),
+    ("[::1]", "http://[::1]:8000", False),
+    ("127.0.0.2", "http://127.0.0.2:8000", False),
+    ("::", "http://[::1]:8000", True),
+    ("0.0.0.0", "http://127.0.0.1:8000", True),
+    ("fd00::5", "http://[fd00::5]:8000", True),
+])
+def test_ipv6_hosts_get_bracketed_urls_and_only_loopback_needs_no_key(host, url, exposed):
+    from vray.serve.runner import _url, check_exposure
+
+    assert _url(host, 8000) == url
+    if exposed:
+        with pytest.raises(VrayError, match="exposes the model"):
+            check_exposure(host, None, insecure=False)
+    else:
+        check_exposure(host, None, insecure=False)
+
+
 def test_vllm_application_for_a_lora_run_on_s3_and_for_merged_runs(tmp_path):
     run = write_adapter_run(tmp_path, "fine", serving={"gpu": "H100-80GB", "maxAdapters": 3})
     target = resolve_target(run.uri)

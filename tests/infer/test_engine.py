@@ -148,6 +148,14 @@ def test_prompt_plus_max_tokens_must_fit_max_model_len(grounding_engine, monkeyp
     monkeypatch.setattr(grounding_engine, "limits", replace(DEFAULT_LIMITS, max_model_len=prompt))
     with pytest.raises(RequestError, match=f"prompt is {prompt} tokens, over serving.maxModelLen"):
         grounding_engine.prepare(messages)
+    with pytest.raises(RequestError, match=f"max_tokens: {prompt} leaves no room for the prompt"):
+        grounding_engine.prepare(messages, max_tokens=prompt)
+    # more text than maxModelLen tokens can spell is refused before it is tokenized
+    longest = grounding_engine.chars_per_token
+    huge = [_user({"type": "text", "text": "x" * (2 * prompt * longest + 1)})]
+    monkeypatch.setattr(grounding_engine.processor, "apply_chat_template", None)  # never reached
+    with pytest.raises(RequestError, match=f"characters of text are more than serving.maxModelLen \\({prompt} tokens"):
+        grounding_engine.prepare(huge)
 
 
 def test_the_serving_processor_caps_the_visual_tokens_of_one_image(grounding_engine, monkeypatch):

@@ -143,7 +143,7 @@ def test_ground_endpoint(served):
     ({"model": "tiny:qwen2_5_vl:gamma", "messages": _messages()}, 404, "no adapter named 'gamma'"),
     ({"messages": _messages(), "temperature": -1}, 400, "temperature"),
     ({"messages": _messages(), "max_tokens": 0}, 400, "max_tokens"),
-    ({"messages": _messages(), "max_tokens": 100_000}, 400, "over serving.maxModelLen (8,192)"),
+    ({"messages": _messages(), "max_tokens": 100_000}, 400, "100,000 leaves no room for the prompt in serving.maxModelLen (8,192)"),
     ({"messages": _messages(image=png_claiming(4000, 3000))}, 413, "4000x3000 pixels, over the limit"),
     ({"messages": _messages(), "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}, 400,
      "chat_template_kwargs.chat_template: not accepted"),

@@ -115,6 +115,8 @@ class ModelEngine:
         # images resized as the run trained on them, and to at most the visual tokens one request's image may have
         self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch))
         self.processor.tokenizer.padding_side = "left"
+        # no token spells more characters than the longest in the vocabulary: bounds a prompt before tokenizing
+        self.chars_per_token = max(map(len, self.processor.tokenizer.get_vocab()), default=1)
         if quantize and not target.quantization:
             model = _load_quantized(weights, self.arch, self.device, quantize)
         elif device_map:  # a replica that spans several GPUs: accelerate places the layers
@@ -168,7 +170,12 @@ class ModelEngine:
         plus `max_tokens` must fit in the limits' `max_model_len`, checked here, before any generation."""
         settings = self.settings(params)
         switches = template_switches(chat_template_kwargs)
+        default = params.get("max_tokens") is None and params.get("max_completion_tokens") is None
+        self.limits.check_max_tokens(settings.max_new_tokens, default)
         converted, images = convert_messages(messages, self.target.system_prompt, self.allowed_image_hosts, self.limits)
+        self.limits.check_text(sum(len(m["content"]) if isinstance(m["content"], str) else
+                                   sum(len(part.get("text", "")) for part in m["content"]) for m in converted),
+                               self.chars_per_token)
         try:
             prompt = self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False,
                                                         **switches)
@@ -176,7 +183,6 @@ class ModelEngine:
         except Exception as exc:  # noqa: BLE001 - an odd image size, a template that refuses the conversation
             raise RequestError(f"messages: the processor rejected the input ({type(exc).__name__}: {exc})") from None
         tensors = sample_tensors(out)
-        default = params.get("max_tokens") is None and params.get("max_completion_tokens") is None
         allowed = self.limits.check_length(int(tensors["input_ids"].shape[0]), settings.max_new_tokens, default)
         if allowed != settings.max_new_tokens:
             settings = replace(settings, max_new_tokens=allowed)

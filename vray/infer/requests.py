@@ -53,6 +53,19 @@ class Limits:
         tokens = self.image_tokens()
         return None if tokens is None else pixels_for_tokens(arch, tokens)
 
+    def check_max_tokens(self, max_tokens: int, default: bool) -> None:
+        """Refuse, before any encoding, a `max_tokens` that leaves no room for any prompt."""
+        if self.max_model_len is not None and not default and max_tokens >= self.max_model_len:
+            raise RequestError(f"max_tokens: {max_tokens:,} leaves no room for the prompt in serving.maxModelLen "
+                               f"({self.max_model_len:,}); ask for fewer tokens")
+
+    def check_text(self, text_chars: int, chars_per_token: int) -> None:
+        """Refuse, before tokenizing, more text than `max_model_len` tokens can spell (`chars_per_token`: the
+        tokenizer's longest token; twice that allows for normalization): tokenizing megabytes holds a replica."""
+        if self.max_model_len is not None and text_chars > self.max_model_len * chars_per_token * 2:
+            raise RequestError(f"messages: {text_chars:,} characters of text are more than serving.maxModelLen "
+                               f"({self.max_model_len:,} tokens) can hold; send a shorter conversation")
+
     def check_length(self, prompt_tokens: int, max_tokens: int, default: bool) -> int:
         """The completion tokens a request may generate: `max_tokens`, or (when it is the run's default) what is
         left of `max_model_len`; a RequestError naming both numbers when they do not fit."""

@@ -78,6 +78,7 @@ def abusive_requests(url: str, headers: dict[str, str], base_id: str, max_body_b
 
     return {
         "prompt over maxModelLen": (lambda i: post({"messages": messages(text="colour? " * max_model_len)}), 400),
+        "a megabyte of text": (lambda i: post({"messages": messages(text="colour? " * 128 * 1024)}), 400),
         "max_tokens over maxModelLen": (lambda i: post({"messages": messages(), "max_tokens": 10**9}), 400),
         "image header of 900 MP": (lambda i: post({"messages": messages(image=png_claiming(30000, 30000))}), 413),
         "template replaced": (lambda i: post({"messages": messages(), "chat_template_kwargs": {

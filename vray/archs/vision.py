@@ -46,6 +46,16 @@ def vision_dims(cfg: dict) -> VisionDims:
                       v["spatial_merge_size"], v.get("temporal_patch_size", 2))
 
 
+def pixels_for_tokens(arch: Architecture, tokens: int) -> int | None:
+    """The most pixels of one image that come to at most `tokens` visual tokens, for a dynamic-resolution tower
+    (a processor's `max_pixels`); None for tiled towers, whose processors bound an image by its tile count."""
+    v = vision_dims(arch.config)
+    if v.kind != "qwen":
+        return None
+    unit = v.patch * v.merge  # one visual token covers unit x unit pixels
+    return max(tokens, 1) * unit * unit
+
+
 @dataclass(frozen=True)
 class VisualGrid:
     """One image (or video) as the vision tower sees it."""
@@ -79,13 +89,3 @@ def visual_grid(v: VisionDims, pixels: int, frames: int = 0) -> VisualGrid:
 def visual_tokens(arch: Architecture, width: int, height: int) -> int:
     """Visual tokens of one width x height image for an architecture."""
     return visual_grid(vision_dims(arch.config), width * height).tokens
-
-
-def pixels_for_tokens(arch: Architecture, tokens: int) -> int | None:
-    """The most pixels of one image that come to at most `tokens` visual tokens, for a dynamic-resolution tower
-    (a processor's `max_pixels`); None for tiled towers, whose processors bound an image by its tile count."""
-    v = vision_dims(arch.config)
-    if v.kind != "qwen":
-        return None
-    unit = v.patch * v.merge  # one visual token covers unit x unit pixels
-    return max(tokens, 1) * unit * unit

@@ -371,7 +371,8 @@ def serve(
     port: int = typer.Option(8000, help="HTTP port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VRAY_API_KEY", help="require 'Authorization: Bearer KEY'"),
     detach: bool = typer.Option(False, "--detach", help="deploy into a persistent Ray cluster and return"),
-    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback address without an API key"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve without an API key on a non-loopback address, "
+                                                            "or from a written config"),
     architecture: Optional[str] = typer.Option(None, help="NAME:SIZE, for a hub model"),
     task: Optional[str] = typer.Option(None, help="task of a base model (phrase_grounding adds boxes)"),
     allow_image_host: list[str] = typer.Option([], "--allow-image-host", help="http(s) image hosts requests may use"),
@@ -404,7 +405,8 @@ def serve(
     overrides = command.serving_overrides(serving, min_replicas=min_replicas, max_replicas=max_replicas,
                                           max_batch_size=max_batch_size, gpu=gpu)
     app_args = command.app_args(target, architecture=architecture, task=task, allowed_image_hosts=tuple(allow_image_host),
-                                adapters=command.named_adapters(adapter), adapters_dir=adapters_dir, serving=overrides)
+                                adapters=command.named_adapters(adapter), adapters_dir=adapters_dir, serving=overrides,
+                                insecure=insecure)
     served = command.serve(app_args, given=target, engine=engine, host=host, port=port, api_key=api_key, detach=detach,
                            insecure=insecure, verbose=verbose, merge=merge, lora_prefix=lora_prefix,
                            write_config=write_config, console=err)

@@ -1,5 +1,6 @@
 """The Serve application on 127.0.0.1: the OpenAI API (official client, streaming), adapters of one base picked by
-`model`, bad input and keys, Prometheus metrics, a replica killed under load, and deploying a written config file.
+`model`, bad input and keys, abusive requests under load, Prometheus metrics, a replica killed under load, and
+deploying a written config file.
 
 One deployment (two replicas, batching, an adapter folder with an LRU bound of one adapter per replica) serves the
 whole module; the config-file test runs last because a config is the cluster's whole desired Serve state."""
@@ -20,6 +21,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from vray.cluster import free_port
+from vray.testing.abuse import abusive_requests, png_claiming
 from vray.testing.runs import write_adapter_run
 
 KEY = "test-key"
@@ -141,6 +143,10 @@ def test_ground_endpoint(served):
     ({"model": "tiny:qwen2_5_vl:gamma", "messages": _messages()}, 404, "no adapter named 'gamma'"),
     ({"messages": _messages(), "temperature": -1}, 400, "temperature"),
     ({"messages": _messages(), "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": _messages(), "max_tokens": 100_000}, 400, "100,000 leaves no room for the prompt in serving.maxModelLen (8,192)"),
+    ({"messages": _messages(image=png_claiming(4000, 3000))}, 413, "4000x3000 pixels, over the limit"),
+    ({"messages": _messages(), "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}, 400,
+     "chat_template_kwargs.chat_template: not accepted"),
 ])
 def test_bad_requests_get_a_4xx_that_says_what_to_fix(served, body, status, needle):
     endpoint, _ = served
@@ -163,19 +169,45 @@ def test_keys_body_limits_and_malformed_json(served):
     assert _post(endpoint.url, {"messages": _messages(), "max_tokens": 2}).status_code == 200
 
 
+def test_abusive_requests_mixed_with_valid_ones_get_4xx_and_the_replicas_stay_up(served):
+    """A bounded mix on 127.0.0.1: every abusive kind beside valid requests; no 5xx, and no replica restarts."""
+    from ray import serve
+
+    endpoint, target = served
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray")
+    pids = {handle.pid.remote().result() for _ in range(8)}
+    abusive = abusive_requests(endpoint.url, AUTH, target.base_id, max_body_bytes=2 * 1024 * 1024, max_model_len=8192)
+
+    def valid(i: int) -> int:
+        return _post(endpoint.url, {"messages": _messages(text=f"What colour is square {i}?"), "max_tokens": 3}).status_code
+
+    jobs = [("valid", valid, 200)] * 12 + [(kind, call, status) for kind, (call, status) in abusive.items()] * 2
+    with ThreadPoolExecutor(6) as pool:
+        futures = [(kind, status, pool.submit(call, i)) for i, (kind, call, status) in enumerate(jobs)]
+        codes = [(kind, status, f.result(timeout=300)) for kind, status, f in futures]
+    assert all(got == status for _, status, got in codes), [c for c in codes if c[1] != c[2]]
+    assert httpx.get(endpoint.url + "/healthz", timeout=30).status_code == 200
+    assert valid(0) == 200
+    assert {handle.pid.remote().result() for _ in range(8)} == pids  # the same replicas: none crashed or restarted
+
+
 def test_prometheus_metrics_through_ray(served):
     port = os.environ.get("VRAY_TEST_METRICS_PORT")
     if not port:
         pytest.skip("the session's Ray head exports no metrics port")
     endpoint, _ = served
     assert _post(endpoint.url, {"messages": _messages(), "max_tokens": 2}).status_code == 200
+    invented = _post(endpoint.url, {"model": "tiny:qwen2_5_vl:no-such-adapter-9f3", "messages": _messages()})
+    assert invented.status_code == 404
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if "vray_completion_tokens" in text and "vray_requests" in text:
+        if "vray_completion_tokens" in text and 'model="unknown"' in text:
             break
         time.sleep(2)
     assert "vray_completion_tokens" in text and 'outcome="ok"' in text
+    # a name a client made up is counted under one fixed label, never as a label of its own
+    assert 'model="unknown"' in text and "no-such-adapter-9f3" not in text
 
 
 def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(served):

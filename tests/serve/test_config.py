@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -70,6 +71,40 @@ def test_app_builder_rejects_unknown_args():
 
     with pytest.raises(VrayError, match="unknown key.*trget"):
         app_builder({"trget": "x"})
+
+
+def test_an_app_from_a_config_starts_only_with_its_key_or_insecure(monkeypatch):
+    from vray.serve.app import app_builder
+
+    monkeypatch.delenv("VRAY_API_KEY", raising=False)
+    with pytest.raises(VrayError, match="no API key: set VRAY_API_KEY .* `insecure: true`"):
+        app_builder({"target": "tiny:qwen2_5_vl"})
+    with pytest.raises(VrayError, match="insecure is 'yes'"):
+        app_builder({"target": "tiny:qwen2_5_vl", "insecure": "yes"})
+    assert app_builder({"target": "tiny:qwen2_5_vl", "insecure": True}) is not None
+    monkeypatch.setenv("VRAY_API_KEY", "k")
+    assert app_builder({"target": "tiny:qwen2_5_vl"}) is not None
+    assert AppArgs("tiny:qwen2_5_vl", insecure=True).to_config()["insecure"] is True
+
+
+@pytest.mark.parametrize(("host", "url", "exposed"), [
+    ("127.0.0.1", "http://127.0.0.1:8000", False),
+    ("::1", "http://[::1]:8000", False),
+    ("[::1]", "http://[::1]:8000", False),
+    ("127.0.0.2", "http://127.0.0.2:8000", False),
+    ("::", "http://[::1]:8000", True),
+    ("0.0.0.0", "http://127.0.0.1:8000", True),
+    ("fd00::5", "http://[fd00::5]:8000", True),
+])
+def test_ipv6_hosts_get_bracketed_urls_and_only_loopback_needs_no_key(host, url, exposed):
+    from vray.serve.runner import _url, check_exposure
+
+    assert _url(host, 8000) == url
+    if exposed:
+        with pytest.raises(VrayError, match="exposes the model"):
+            check_exposure(host, None, insecure=False)
+    else:
+        check_exposure(host, None, insecure=False)
 
 
 def test_vllm_application_for_a_lora_run_on_s3_and_for_merged_runs(tmp_path):
@@ -138,3 +173,27 @@ def test_python_api_answers_an_image_and_a_prompt(tmp_path, quantize):
     with pytest.raises(VrayError, match="no such file"):
         model(str(tmp_path / "missing.png"), "hi")
     assert json.loads(json.dumps(answer.boxes)) == answer.boxes
+    if quantize is None:  # image URLs only from the hosts it allows
+        with _serving_files(tmp_path) as url:
+            with pytest.raises(VrayError, match="host '127.0.0.1' is not allowed.*allowed_image_hosts"):
+                model(url + "/x.png", "Locate the green square.")
+            allowed = vray.load(run.uri, device="cpu", allowed_image_hosts=["127.0.0.1"])
+            assert allowed(url + "/x.png", "Locate the green square.", max_tokens=5).text == answer.text
+
+
+@contextmanager
+def _serving_files(folder):
+    """An HTTP server on 127.0.0.1 for the files of `folder`; its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

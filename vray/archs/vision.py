@@ -46,6 +46,16 @@ def vision_dims(cfg: dict) -> VisionDims:
                       v["spatial_merge_size"], v.get("temporal_patch_size", 2))
 
 
+def pixels_for_tokens(arch: Architecture, tokens: int) -> int | None:
+    """The most pixels of one image that come to at most `tokens` visual tokens, for a dynamic-resolution tower
+    (a processor's `max_pixels`); None for tiled towers, whose processors bound an image by its tile count."""
+    v = vision_dims(arch.config)
+    if v.kind != "qwen":
+        return None
+    unit = v.patch * v.merge  # one visual token covers unit x unit pixels
+    return max(tokens, 1) * unit * unit
+
+
 @dataclass(frozen=True)
 class VisualGrid:
     """One image (or video) as the vision tower sees it."""

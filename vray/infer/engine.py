@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 from vray.data.boxes import parse_answer
 from vray.data.collate import Collator, Encoded, image_geometry, sample_tensors
 from vray.errors import RequestError, VrayError
-from vray.infer.requests import DEFAULT_LIMITS, Limits, convert_messages
+from vray.infer.requests import DEFAULT_LIMITS, Limits, convert_messages, template_switches
 from vray.infer.target import ServeTarget
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source
@@ -112,8 +112,11 @@ class ModelEngine:
         self.limits = limits
         base = resolve_source(target.base_source)
         weights = target.weights or base
-        self.processor = load_processor(target.adapter or weights)
+        # images resized as the run trained on them, and to at most the visual tokens one request's image may have
+        self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch))
         self.processor.tokenizer.padding_side = "left"
+        # no token spells more characters than the longest in the vocabulary: bounds a prompt before tokenizing
+        self.chars_per_token = max(map(len, self.processor.tokenizer.get_vocab()), default=1)
         if quantize and not target.quantization:
             model = _load_quantized(weights, self.arch, self.device, quantize)
         elif device_map:  # a replica that spans several GPUs: accelerate places the layers
@@ -163,18 +166,26 @@ class ModelEngine:
 
     def prepare(self, messages: Any, chat_template_kwargs: dict[str, Any] | None = None,
                 want_boxes: bool | None = None, adapter: str | None = None, **params: Any) -> Prepared:
-        """Check and encode one request; every problem is a RequestError naming the field."""
+        """Check and encode one request; every problem is a RequestError naming the field. The encoded prompt
+        plus `max_tokens` must fit in the limits' `max_model_len`, checked here, before any generation."""
         settings = self.settings(params)
+        switches = template_switches(chat_template_kwargs)
+        default = params.get("max_tokens") is None and params.get("max_completion_tokens") is None
+        self.limits.check_max_tokens(settings.max_new_tokens, default)
         converted, images = convert_messages(messages, self.target.system_prompt, self.allowed_image_hosts, self.limits)
-        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-            raise RequestError("chat_template_kwargs: an object is required (for example {\"enable_thinking\": false})")
+        self.limits.check_text(sum(len(m["content"]) if isinstance(m["content"], str) else
+                                   sum(len(part.get("text", "")) for part in m["content"]) for m in converted),
+                               self.chars_per_token)
         try:
             prompt = self.processor.apply_chat_template(converted, add_generation_prompt=True, tokenize=False,
-                                                        **(chat_template_kwargs or {}))
+                                                        **switches)
             out = self.processor(text=[prompt], images=images or None, return_tensors="pt")
-        except Exception as exc:  # noqa: BLE001 - a template option it does not know, an odd image size
+        except Exception as exc:  # noqa: BLE001 - an odd image size, a template that refuses the conversation
             raise RequestError(f"messages: the processor rejected the input ({type(exc).__name__}: {exc})") from None
         tensors = sample_tensors(out)
+        allowed = self.limits.check_length(int(tensors["input_ids"].shape[0]), settings.max_new_tokens, default)
+        if allowed != settings.max_new_tokens:
+            settings = replace(settings, max_new_tokens=allowed)
         if want_boxes is None:
             want_boxes = self.target.task == "phrase_grounding"
         return Prepared(tensors, images, settings, bool(want_boxes and images), adapter)

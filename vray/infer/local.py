@@ -4,7 +4,7 @@
 import vray
 
 model = vray.load("~/vray-runs/my-run")              # best checkpoint; on the GPU when there is one
-answer = model("street.jpg", "Locate the red car.")   # a path, URL, data: URL or PIL image
+answer = model("street.jpg", "Locate the red car.")   # a path, data: URL, PIL image, or URL of an allowed host
 print(answer.text, answer.boxes)                      # boxes in the image's own pixels (grounding runs)
 ```
 """
@@ -74,14 +74,18 @@ class LocalModel:
 
 
 def load(run: str, device: str | None = None, quantize: str | None = None, architecture: str | None = None,
-         task: str | None = None) -> LocalModel:
+         task: str | None = None, allowed_image_hosts: list[str] | tuple[str, ...] = ()) -> LocalModel:
     """Load a run directory's best (else latest) checkpoint, a checkpoint, a merged export or a base model.
 
-    `device`: "cuda" when available, else "cpu"; `quantize`: "8bit" or "4bit" (bitsandbytes) for small GPUs."""
+    `device`: "cuda" when available, else "cpu"; `quantize`: "8bit" or "4bit" (bitsandbytes) for small GPUs;
+    `allowed_image_hosts`: the host names http(s) image URLs may come from (none by default: paths, data: URLs
+    and PIL images need none)."""
     from vray.infer.engine import ModelEngine
-    from vray.infer.requests import Limits
+    from vray.infer.requests import UNBOUNDED
     from vray.infer.target import resolve_target
 
+    if isinstance(allowed_image_hosts, str):
+        raise VrayError(f"allowed_image_hosts: a list of host names, not the string {allowed_image_hosts!r}")
     target = resolve_target(str(Path(run).expanduser()) if "://" not in run else run, architecture=architecture, task=task)
-    big = Limits(max_images=64, max_image_bytes=1 << 40, max_image_pixels=1 << 40)  # local use: no request limits
-    return LocalModel(ModelEngine(target, device=device, limits=big, quantize=quantize))
+    return LocalModel(ModelEngine(target, device=device, allowed_image_hosts=tuple(allowed_image_hosts),
+                                  limits=UNBOUNDED, quantize=quantize))

@@ -14,7 +14,7 @@ from typing import Any
 from vray.archs import registry
 from vray.errors import VrayError
 from vray.plan.plan import Plan
-from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, QuantizationBlock, RunSpec, ServingBlock
+from vray.spec import DEFAULT_SYSTEM_PROMPTS, EvaluationBlock, MediaBlock, QuantizationBlock, RunSpec, ServingBlock
 from vray.storage.record import RunRecord
 from vray.storage.rundir import CHECKPOINT_MARKER, RunDir, fetch_checkpoint, read_checkpoint_info
 
@@ -35,6 +35,7 @@ class ServeTarget:
     quantization: QuantizationBlock | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
     serving: ServingBlock | None = None  # the run's serving block (replicas, batching, limits)
     stored: str | None = None  # the checkpoint folder as the run stores it: a remote one is fetched on each node
+    media: MediaBlock | None = None  # the run's image sizes (what it trained on); None: the processor's own
 
     @property
     def base_id(self) -> str:
@@ -92,6 +93,7 @@ def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, 
         quantization=spec.quantization if (trains_adapter and spec.quantization.enabled) else None,
         serving=_serving_of(spec, plan),
         stored=checkpoint,
+        media=spec.media,
     )
 
 

@@ -114,20 +114,24 @@ def _fetch_hub(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
-def load_processor(path: Path, media: MediaBlock | None = None) -> Any:
-    """The checkpoint's processor, with the spec's media limits applied to image resizing."""
+def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int | None = None) -> Any:
+    """The checkpoint's processor, with the spec's media limits applied to image resizing; `max_pixels` caps the
+    pixels one image is resized to on top of them (a server's bound on the visual tokens of one image)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
     ip = getattr(processor, "image_processor", None)
     size = getattr(ip, "size", None)
     # transformers keeps the pixel budget as size.shortest_edge / size.longest_edge (a dict, or a SizeDict in 5.x).
-    if media is not None and size is not None and _size_get(size, "shortest_edge") is not None:
+    if size is not None and _size_get(size, "shortest_edge") is not None and (media is not None or max_pixels):
         limits = {"shortest_edge": _size_get(size, "shortest_edge"), "longest_edge": _size_get(size, "longest_edge")}
-        if media.minPixels:
+        if media is not None and media.minPixels:
             limits["shortest_edge"] = media.minPixels
-        if media.maxPixels:
+        if media is not None and media.maxPixels:
             limits["longest_edge"] = media.maxPixels
+        if max_pixels:
+            longest = min(limits["longest_edge"] or max_pixels, max_pixels)
+            limits = {"shortest_edge": min(limits["shortest_edge"] or longest, longest), "longest_edge": longest}
         ip.size = {**({k: v for k, v in dict(size).items() if v is not None} if isinstance(size, dict) else {}),
                    **limits}
     return processor

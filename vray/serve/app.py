@@ -12,6 +12,7 @@ reports request, token and latency metrics through Ray's Prometheus metrics.
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -33,6 +34,7 @@ api = FastAPI(title="vray", description="OpenAI-compatible endpoint of a vray fi
 
 GENERATION_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
 LATENCY_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+UNKNOWN_MODEL = "unknown"  # the metric label of a model name that is neither served nor a known adapter
 
 
 # Helpers sit above the deployments: Serve serializes the deployment classes when they are decorated.
@@ -109,7 +111,17 @@ class ModelServer:
         return await asyncio.to_thread(self.engine.prepare, payload.get("messages"), payload.get("chat_template_kwargs"),
                                        want_boxes, adapter, **params)
 
+    def _label(self, model: str, outcome: str) -> str:
+        """The metric label of `model`: clients may invent adapter names, and each label is a new time series, so
+        only the deployment's own model and adapters it has loaded or names keep theirs."""
+        adapter = model[len(self.target.base_id) + 1:] if model.startswith(self.target.base_id + ":") else None
+        if model == self.target.model_id or outcome == "ok" or (
+                adapter is not None and (adapter in self.engine.adapters or adapter in self.catalog.named)):
+            return model
+        return UNKNOWN_MODEL
+
     def _count(self, model: str, outcome: str, result: Any = None, started: float | None = None) -> None:
+        model = self._label(model, outcome)
         self.m_requests.inc(tags={"model": model, "outcome": outcome})
         if result is not None:
             self.m_prompt.inc(result.prompt_tokens, tags={"model": model})
@@ -202,7 +214,8 @@ class Ingress:
     def _unauthorized(self, request: Request) -> JSONResponse | None:
         if not self.api_key:
             return None
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(sent, f"Bearer {self.api_key}".encode()):  # constant time: no guessing by timing
             return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         return None
 
@@ -233,9 +246,12 @@ class Ingress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return _error(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
-        body = await request.body()
-        if len(body) > limit:
-            return _error(413, f"the request body is {len(body):,} bytes, over the limit of {limit:,}")
+        body = bytearray()
+        async for piece in request.stream():  # a chunked body has no length: stop reading once it is over
+            body += piece
+            if len(body) > limit:
+                return _error(413, f"the request body is over the limit of {limit:,} bytes (serving.maxBodyMB); send "
+                                   "smaller or fewer images")
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -354,9 +370,18 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve application builder. `args` are a Serve config's (vray.serve.config.AppArgs): `target` (run
     directory, checkpoint, model folder or source), and optionally `architecture`, `task`, `api_key_env` (the
     variable holding the key; default VRAY_API_KEY), `allowed_image_hosts`, `adapters {name: run}`, `adapters_dir`,
-    `serving {<serving block keys>}`. The target is resolved here, once."""
+    `serving {<serving block keys>}`, `insecure` (serve without a key). The target is resolved here, once.
+
+    A config is deployed by whoever holds it (`serve deploy`, a RayService), so the app refuses to start without
+    its key unless the config says `insecure: true`."""
+    from vray.errors import VrayError
     from vray.infer.target import resolve_target
 
     app = AppArgs.from_config(args)
+    api_key = os.environ.get(app.api_key_env) or None
+    if api_key is None and not app.insecure:
+        raise VrayError(f"the vray app has no API key: set {app.api_key_env} in the environment it starts in (clients "
+                        "then send 'Authorization: Bearer <key>'), or set `insecure: true` in its args to serve "
+                        "without one")
     target = resolve_target(app.target, architecture=app.architecture, task=app.task)
-    return build_app(target, app.options(target, api_key=os.environ.get(app.api_key_env) or None))
+    return build_app(target, app.options(target, api_key=api_key))

@@ -54,12 +54,13 @@ def named_adapters(items: list[str]) -> dict[str, str]:
 
 def app_args(target: str, architecture: str | None = None, task: str | None = None,
              allowed_image_hosts: tuple[str, ...] = (), adapters: dict[str, str] | None = None,
-             adapters_dir: str | None = None, serving: dict[str, Any] | None = None) -> AppArgs:
+             adapters_dir: str | None = None, serving: dict[str, Any] | None = None, insecure: bool = False) -> AppArgs:
     """The application `vray serve TARGET ...` deploys, local paths made absolute (model sources stay as they are)."""
     local = not target.startswith("tiny:") and Path(target).expanduser().exists()
     return AppArgs(target=_absolute(target) if local else target, architecture=architecture, task=task,
                    allowed_image_hosts=tuple(allowed_image_hosts), adapters=dict(adapters or {}),
-                   adapters_dir=None if adapters_dir is None else _absolute(adapters_dir), serving=dict(serving or {}))
+                   adapters_dir=None if adapters_dir is None else _absolute(adapters_dir), serving=dict(serving or {}),
+                   insecure=insecure)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
         console.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
         return Served(written=out)
     if engine == "vllm":
-        if api_key or (host not in runner.LOOPBACK and not insecure):
+        if api_key or (not runner.is_loopback(host) and not insecure):
             raise VrayError("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your "
                             "own gateway, or pass --insecure to expose it without one")
         urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
@@ -114,10 +115,15 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
 
 def serve_config_file(path: Path, *, detach: bool = False, insecure: bool = False, verbose: bool = False,
                       console: Console) -> list[str]:
-    """Deploy a Serve config file's applications as they are; block until Ctrl-C unless `detach`. Their URLs."""
+    """Deploy a Serve config file's applications as they are; block until Ctrl-C unless `detach`. Their URLs.
+    `insecure` lets vray apps start without their API key, as `insecure: true` in their args does."""
     from vray.serve.config import read_config
 
     config = read_config(path)
+    if insecure:
+        for app in config["applications"]:
+            if app.get("import_path", "").startswith("vray."):
+                app.setdefault("args", {})["insecure"] = True
     names = tuple(a["name"] for a in config["applications"])
     urls = runner.deploy_config(config, detach=detach, insecure=insecure, verbose=verbose)
     if detach:

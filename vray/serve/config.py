@@ -33,6 +33,7 @@ class AppArgs:
     adapters: dict[str, str] = field(default_factory=dict)  # extra adapter name -> run directory
     adapters_dir: str | None = None  # folder or s3:// prefix of runs of the same base
     serving: dict[str, Any] = field(default_factory=dict)  # overrides of the run's serving block
+    insecure: bool = False  # serve without an API key (otherwise the app refuses to start without one)
 
     @classmethod
     def from_config(cls, args: dict[str, Any]) -> AppArgs:
@@ -44,18 +45,20 @@ class AppArgs:
                             f"{', '.join(known)}")
         if "target" not in args:
             raise VrayError("vray.serve.app:app_builder args: 'target' (a run directory, checkpoint or model) is required")
+        if not isinstance(args.get("insecure", False), bool):
+            raise VrayError(f"vray.serve.app:app_builder args: insecure is {args['insecure']!r}; use true or false")
         return cls(target=str(args["target"]), architecture=args.get("architecture"), task=args.get("task"),
                    api_key_env=args.get("api_key_env") or "VRAY_API_KEY",
                    allowed_image_hosts=tuple(args.get("allowed_image_hosts") or ()),
                    adapters=dict(args.get("adapters") or {}), adapters_dir=args.get("adapters_dir"),
-                   serving=dict(args.get("serving") or {}))
+                   serving=dict(args.get("serving") or {}), insecure=args.get("insecure") is True)
 
     def to_config(self) -> dict[str, Any]:
         """The `args:` of a Serve config (what `from_config` reads back); unset keys are left out."""
         values = {"target": self.target, "api_key_env": self.api_key_env, "architecture": self.architecture,
                   "task": self.task, "allowed_image_hosts": list(self.allowed_image_hosts), "adapters": self.adapters,
-                  "adapters_dir": self.adapters_dir, "serving": self.serving}
-        return {k: v for k, v in values.items() if v not in (None, {}, [])}
+                  "adapters_dir": self.adapters_dir, "serving": self.serving, "insecure": self.insecure}
+        return {k: v for k, v in values.items() if v not in (None, {}, [], False)}
 
     def options(self, target: ServeTarget, api_key: str | None) -> ServeOptions:
         """The deployment's options for `target` (what `resolve_target(self.target, ...)` gave)."""
@@ -95,7 +98,8 @@ def write_config(path: str | Path, config: dict[str, Any], command: str) -> Path
     out = Path(path)
     header = (f"# Ray Serve config written by `{command}`.\n"
               f"# Run it with `vray serve --config {out.name}`, `serve run {out.name}` or `serve deploy {out.name}`,\n"
-              "# or paste `applications` into a KubeRay RayService's serveConfigV2. Clients send the key in VRAY_API_KEY.\n")
+              "# or paste `applications` into a KubeRay RayService's serveConfigV2. The vray app starts only with its\n"
+              "# API key in VRAY_API_KEY (clients send it as 'Authorization: Bearer <key>'), or with `insecure: true`.\n")
     out.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return out
 

@@ -28,9 +28,22 @@ class Endpoint:
     model_id: str
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IPv4 / IPv6 address, brackets or not) only answers this machine."""
+    import ipaddress
+
+    bare = host.strip("[]")
+    if bare in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
+
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
     """A non-loopback address needs an API key (or an explicit --insecure)."""
-    if host not in LOOPBACK and not api_key and not insecure:
+    if not is_loopback(host) and not api_key and not insecure:
         raise VrayError(
             f"--host {host} exposes the model beyond this machine; give --api-key KEY (clients send "
             "'Authorization: Bearer KEY'), or --insecure to serve without one"
@@ -96,8 +109,8 @@ def deploy(target: ServeTarget, options: ServeOptions, host: str = "127.0.0.1", 
 
 
 def _url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return f"http://{shown}:{port}"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host.strip("[]"))
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"  # IPv6 addresses in brackets
 
 
 def deploy_config(config: dict[str, Any], detach: bool = False, insecure: bool = False, verbose: bool = False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +49,10 @@ def resolve_processor_source(source: str, revision: str | None = None, cache_dir
     if source.startswith("s3://"):
         return _fetch_s3(source, cache_dir, patterns=PROCESSOR_FILES)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
+    with _hub_errors(source, revision):
         return Path(snapshot_download(source, revision=revision, token=os.environ.get("HF_TOKEN"),
                                       allow_patterns=PROCESSOR_FILES))
-    except (GatedRepoError, RepositoryNotFoundError, LocalEntryNotFoundError):
-        return _fetch_hub(source, revision)  # the same download, with its explained errors
 
 
 def _cache_dir() -> Path:
@@ -99,19 +98,63 @@ def _fetch_s3(uri: str, cache_dir: Path | None, patterns: list[str] | None = Non
 
 def _fetch_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
+    with _hub_errors(repo_id, revision):
         return Path(snapshot_download(repo_id, revision=revision, token=os.environ.get("HF_TOKEN")))
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, what: str = "model.source", fix: str | None = None) -> Iterator[None]:
+    """The hub's refusals of `repo_id` as one-line VrayErrors naming `what` and how to provide the model (`fix`:
+    what to do with a downloaded copy; default: set `what` to it)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    provide = f"download it where the hub is reachable and {fix or f'set {what} to that folder or an s3:// copy'}"
+    try:
+        yield
     except GatedRepoError:
-        raise VrayError(f"model.source: {repo_id} is gated on the Hugging Face hub; accept its licence and set HF_TOKEN") from None
+        raise VrayError(f"{what}: {repo_id} is gated on the Hugging Face hub; accept its licence and set HF_TOKEN, "
+                        f"or {provide}") from None
     except RepositoryNotFoundError:
-        raise VrayError(f"model.source: {repo_id} is not a Hugging Face repo (or it is private: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise VrayError(
-            f"model.source: {repo_id} cannot be downloaded (no connection to the hub and not in the cache); "
-            "download it elsewhere and set model.source to the folder or an s3:// copy"
-        ) from None
+        raise VrayError(f"{what}: {repo_id} is not a Hugging Face repo (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise VrayError(f"model.revision: {revision!r} is not a revision of {repo_id}") from None
+    except LocalEntryNotFoundError:  # offline or unreachable, and not (completely) in this machine's cache
+        offline = " (HF_HUB_OFFLINE is set)" if _hub_offline() else ""
+        raise VrayError(f"{what}: {repo_id} is not in the Hugging Face cache and the hub cannot be reached{offline}; "
+                        f"{provide} (a gated repo also needs HF_TOKEN)") from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def require_source(source: str, revision: str | None = None, what: str = "model.source", fix: str | None = None) -> None:
+    """Refuse, before any work, a model source this machine could not load: a folder that is not there, or a hub
+    repo that is neither in the Hugging Face cache nor reachable (offline, gated without HF_TOKEN, no such repo).
+    Nothing large is downloaded: with the hub online, its answer for config.json is enough; offline, every file
+    of the snapshot must be cached. An s3:// copy is checked when it is fetched."""
+    if source.startswith(("tiny:", "s3://")):
+        return
+    local = Path(source).expanduser()
+    if local.exists() or source.startswith((".", "/", "~")):
+        if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+            raise VrayError(f"{what}: {source!r} is not a checkpoint folder (no config.json there)")
+        return
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    with _hub_errors(source, revision, what, fix):
+        if _hub_offline():
+            snapshot_download(source, revision=revision, local_files_only=True)
+        else:
+            hf_hub_download(source, "config.json", revision=revision, token=os.environ.get("HF_TOKEN"))
 
 
 def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int | None = None) -> Any:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,28 @@ def forwarded_env(gpu: bool = False) -> dict[str, str]:
     if gpu:
         env = {**GPU_ENV_DEFAULTS, **env}
     return env
+
+
+def on_a_worker(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> Any:
+    """`fn(*args)` in one Ray task of one CPU, on a node that runs the cluster's work and with the environment `env`
+    the workers get: for a check that must see what a worker sees (its cache, its network), not what the driver
+    does. A VrayError it raises is raised here as itself. Ray must be up."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    result, error = ray.get(ray.remote(_result_or_error).options(**options).remote(fn, *args))
+    if error is not None:
+        raise error
+    return result
+
+
+def _result_or_error(fn: Callable[..., Any], *args: Any) -> tuple[Any, VrayError | None]:
+    try:
+        return fn(*args), None
+    except VrayError as exc:  # a value across the task boundary: the driver raises it without Ray's wrapping
+        return None, exc
 
 
 def inventory_from_cluster(address: str | None, gpu_name: str | None = None) -> Inventory:

@@ -138,15 +138,32 @@ def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None) -> Plan:
     return plan
 
 
+def require_model(spec: RunSpec, use_ray: bool = False) -> None:
+    """Refuse a model the workers could not load, before any work, where it will be loaded: with `use_ray`, in one
+    Ray task with the workers' environment (a driver without hub access does not refuse a cluster that has it),
+    else on this machine."""
+    from vray.models.loader import require_source
+
+    source = spec.model.source or spec.arch.repo_id
+    if use_ray:
+        from vray.cluster import forwarded_env, on_a_worker
+
+        on_a_worker(require_source, source, spec.model.revision, env=forwarded_env())
+    else:
+        require_source(source, spec.model.revision)
+
+
 def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, console: Console | None = None,
             use_ray: bool = False) -> PreparedRun:
-    """Everything checked and decided before any work starts: spec, data (every row), plan, run directory. With
-    `use_ray`, the caller has started or joined Ray, and the data check runs as Ray tasks on its CPUs."""
+    """Everything checked and decided before any work starts: spec, model, data (every row), plan, run directory.
+    With `use_ray`, the caller has started or joined Ray: the model is checked on a worker, and the data check runs
+    as Ray tasks on its CPUs."""
     require_for_training(spec)
     spec = spec.resolved()
     run = RunDir.of(spec.run_dir)
     if run.exists("spec.yaml") and not resume:
         raise VrayError(f"run directory {run.uri} already exists; set another name, or resume it with --resume {run.uri}")
+    require_model(spec, use_ray)
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, eval_path, skip_invalid, console, use_ray)
     kept = data.samples[train]

@@ -110,8 +110,7 @@ class ModelEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.allowed_image_hosts = tuple(allowed_image_hosts)
         self.limits = limits
-        base = resolve_source(target.base_source)
-        weights = target.weights or base
+        weights = target.weights or resolve_source(target.base_source)  # full weights need no base model
         # images resized as the run trained on them, and to at most the visual tokens one request's image may have
         self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch))
         self.processor.tokenizer.padding_side = "left"

@@ -18,7 +18,7 @@ from vray.data import metrics as task_metrics
 from vray.data.boxes import parse_answer
 from vray.data.io import read_samples
 from vray.data.sample import Sample
-from vray.infer.target import ServeTarget, resolve_target
+from vray.infer.target import ServeTarget, require_loadable, resolve_target
 from vray.models.generate import GenerationSettings, generate_texts
 
 
@@ -97,6 +97,7 @@ def evaluate_run(run: str, data: str, baseline: bool = True, limit: int | None =
                  device: str | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The task's metrics of a run (and of its base model) on a dataset."""
     target = resolve_target(run)
+    require_loadable(target, base=baseline)
     samples = _samples(data, target.task, limit)
     report: dict[str, Any] = {"run": run, "checkpoint": target.checkpoint, "task": target.task, "data": data,
                               "samples": len(samples), "primary_metric": task_metrics.PRIMARY_METRIC[target.task or "vqa"]}
@@ -110,6 +111,7 @@ def predict_run(run: str, data: str, out: str, limit: int | None = None, batch_s
                 device: str | None = None, progress: Callable[[int], None] | None = None) -> int:
     """Write one JSON line per sample (id, prediction, reference, and boxes in image pixels for grounding)."""
     target = resolve_target(run)
+    require_loadable(target)
     predictions = predict(target, _samples(data, target.task, limit), batch_size, device, progress)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from vray.errors import VrayError
-from vray.infer.target import resolve_target
+from vray.infer.target import require_loadable, resolve_target
 
 
 def export_merged(run: str, out: str, dtype: str = "BFloat16") -> Path:
@@ -22,6 +22,7 @@ def export_merged(run: str, out: str, dtype: str = "BFloat16") -> Path:
     from vray.models.loader import DTYPES, load_model, load_processor, resolve_source
 
     target = resolve_target(run)
+    require_loadable(target)
     folder = Path(out)
     if folder.exists() and any(folder.iterdir()):
         raise VrayError(f"--out {out} exists and is not empty; choose a new folder")

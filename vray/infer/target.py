@@ -97,6 +97,21 @@ def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, 
     )
 
 
+def require_loadable(target: ServeTarget, base: bool = False) -> None:
+    """Refuse, before any work, a target whose base model this machine could not load (not in the Hugging Face
+    cache with the hub out of reach, say): the base is loaded unless the target has full weights of its own, and
+    always with `base` (the baseline `vray eval` scores)."""
+    from vray.models.loader import require_source
+
+    if not (base or target.weights is None):
+        return
+    if target.checkpoint == "base":  # a model given as it is (a hub repo id)
+        require_source(target.base_source, what="model", fix="give that folder instead")
+    else:
+        require_source(target.base_source, what=f"the base model of run {target.model_id}",
+                       fix="set model.source in the run's spec.yaml to that folder or an s3:// copy")
+
+
 def local_on_this_node(target: ServeTarget) -> ServeTarget:
     """The target with its checkpoint folder on this node: a remote checkpoint is fetched here (once per node).
 

@@ -14,6 +14,7 @@ import yaml
 from rich.console import Console
 
 from vray.errors import VrayError
+from vray.infer.target import ServeTarget
 from vray.serve import runner
 from vray.serve.config import AppArgs
 
@@ -83,6 +84,8 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
     if engine not in ENGINES:
         raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
     target = resolve_target(app.target, architecture=app.architecture, task=app.task)
+    if write_config is None:
+        require_loadable_where_served(target, verbose)
     options = app.options(target, api_key)
     if engine == "vllm":
         from vray.serve.vllm import vllm_app_for_run
@@ -111,6 +114,20 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
     else:
         runner.block_until_interrupted(f"{endpoint.model_id} at {endpoint.url}", console)
     return Served(url=endpoint.url)
+
+
+def require_loadable_where_served(target: ServeTarget, verbose: bool = False) -> None:
+    """Refuse, before deploying, a model the replicas could not load: checked in one Ray task with their environment
+    on the cluster they will join (a driver without hub access does not refuse a cluster that has it), or here,
+    where a cluster started for them runs."""
+    from vray.cluster import ensure_ray, forwarded_env, on_a_worker, running_cluster_address
+    from vray.infer.target import require_loadable
+
+    if running_cluster_address() is None:
+        require_loadable(target)
+        return
+    ensure_ray(verbose)
+    on_a_worker(require_loadable, target, env=forwarded_env())
 
 
 def serve_config_file(path: Path, *, detach: bool = False, insecure: bool = False, verbose: bool = False,

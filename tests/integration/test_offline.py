@@ -80,6 +80,7 @@ def _refused(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_commands_that_load_the_model_refuse_it_before_any_work(tmp_path, offline, ray_head):
     from vray.testing.runs import write_adapter_run
 
@@ -113,6 +114,7 @@ def _cached_snapshot(home, repo_id: str) -> None:
     (snapshot / "model.safetensors").write_bytes(b"")
 
 
+@pytest.mark.slow
 def test_the_model_is_checked_with_what_a_worker_sees(tmp_path, offline, ray_head, monkeypatch):
     """A driver without the model does not refuse a cluster whose workers have it: the check runs in a Ray task,
     in the environment the workers get (here, a cache only they are pointed at)."""

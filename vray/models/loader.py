@@ -143,10 +143,8 @@ def require_source(source: str, revision: str | None = None, what: str = "model.
     of the snapshot must be cached. An s3:// copy is checked when it is fetched."""
     if source.startswith(("tiny:", "s3://")):
         return
-    local = Path(source).expanduser()
-    if local.exists() or source.startswith((".", "/", "~")):
-        if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
-            raise VrayError(f"{what}: {source!r} is not a checkpoint folder (no config.json there)")
+    if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+        resolve_source(source)  # a folder: nothing to fetch, only its checks
         return
     from huggingface_hub import hf_hub_download, snapshot_download
 

@@ -115,19 +115,17 @@ def _cached_snapshot(home, repo_id: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_model_is_checked_with_what_a_worker_sees(tmp_path, offline, ray_head, monkeypatch):
+def test_the_model_is_checked_with_what_a_worker_sees(tmp_path, offline, ray_head):
     """A driver without the model does not refuse a cluster whose workers have it: the check runs in a Ray task,
     in the environment the workers get (here, a cache only they are pointed at)."""
     import ray
 
-    from vray.cluster import on_a_worker
+    from vray.cluster import connect, on_a_worker
     from vray.errors import VrayError
     from vray.models.loader import require_source
 
-    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # a local ray.init() may set them for the rest of the process
-        monkeypatch.setenv(k, os.environ[k]) if k in os.environ else monkeypatch.delenv(k, raising=False)
     if not ray.is_initialized():
-        ray.init(address=ray_head, log_to_driver=False)
+        connect(ray_head, log_to_driver=False)
     workers_cache = tmp_path / "workers-hf"
     _cached_snapshot(workers_cache, HUB_MODEL)
     assert on_a_worker(require_source, HUB_MODEL, env={**offline, "HF_HOME": str(workers_cache)}) is None

@@ -67,8 +67,10 @@ def _auth_refused(exc: BaseException) -> bool:
     return isinstance(exc, AuthenticationError) or "authentication" in str(exc).lower() or "401" in str(exc)
 
 
-# paths and ports of this machine (meaningless on the cluster), and the serving key (a training job has no use for it)
+# paths and ports of this machine (meaningless on the cluster), whether this machine reaches the hub (the cluster
+# may where a laptop does not), and the serving key (a training job has no use for it)
 LOCAL_ONLY = ("VRAY_CACHE", "VRAY_TEST_METRICS_PORT", "VRAY_API_KEY", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+              "HF_HUB_OFFLINE",
               "HF_XET_CACHE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 

@@ -109,3 +109,89 @@ def test_targets_that_are_not_servable():
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "spec.yaml").write_text("task: vqa\n")
             resolve_target(tmp)
+
+
+# ---- several generations on one model: turns, cancellation, adapters held, failures kept to their batch -------
+@pytest.fixture(scope="module")
+def base_engine(tmp_path_factory) -> tuple[ModelEngine, str]:
+    from vray.testing.runs import write_adapter_run
+
+    run = write_adapter_run(tmp_path_factory.mktemp("adapters"), "alpha", seed=3)
+    return ModelEngine(resolve_target("tiny:qwen2_5_vl"), device="cpu"), resolve_target(run.uri).adapter
+
+
+def _ask(text):
+    return [_user(IMAGE, {"type": "text", "text": text})]
+
+
+def _consume(stream, into):
+    import threading
+
+    thread = threading.Thread(target=lambda: into.extend(stream), daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for_tokens(engine, above):
+    import time
+
+    deadline = time.time() + 60
+    while engine.generated_tokens <= above and time.time() < deadline:
+        time.sleep(0.002)
+    assert engine.generated_tokens > above
+
+
+def test_a_stream_and_a_batch_take_turns_each_with_its_own_adapter(base_engine):
+    # The tiny model never writes its end token greedily, so each answer runs to max_tokens.
+    engine, folder = base_engine
+    engine.load_adapter("alpha", folder)
+    long = engine.prepare(_ask("What colour?"), adapter="alpha", max_tokens=60, temperature=0)
+    short = engine.prepare(_ask("Describe the square."), max_tokens=6, temperature=0)
+    alone = [engine.generate([p])[0].text for p in (long, short)]
+    assert alone[1] != engine.chat(_ask("Describe the square."), adapter="alpha", max_tokens=6, temperature=0).text
+
+    items: list = []
+    before = engine.generated_tokens
+    streaming = _consume(engine.stream(long), items)
+    _wait_for_tokens(engine, before)
+    engine.unload_adapter("alpha")  # what the LRU does when it evicts: the running stream keeps it loaded
+    assert "alpha" in engine.adapters
+    assert engine.generate([short])[0].text == alone[1]  # the base, between the stream's adapter steps
+    assert streaming.is_alive()  # the batch did not wait for the 60-token stream
+    streaming.join()
+    assert items[-1].text == alone[0] and items[-1].completion_tokens == 60
+    assert "alpha" not in engine.adapters  # dropped when the stream that held it ended
+
+
+def test_a_cancelled_stream_stops_at_its_next_token(base_engine):
+    import threading
+
+    engine, _ = base_engine
+    stop, items = threading.Event(), []
+    before = engine.generated_tokens
+    streaming = _consume(engine.stream(engine.prepare(_ask("Go on."), max_tokens=5000, temperature=0), stop), items)
+    _wait_for_tokens(engine, before + 3)
+    stop.set()
+    at_stop = engine.generated_tokens
+    streaming.join(timeout=60)
+    assert not streaming.is_alive()
+    assert engine.generated_tokens - at_stop <= 1  # the step that was running when the stop came
+    assert items[-1].completion_tokens == engine.generated_tokens - before < 5000
+
+
+def test_a_failing_batch_fails_only_its_own_requests(base_engine, monkeypatch):
+    import vray.infer.engine as engine_module
+    from vray.infer.engine import ChatResult, RequestFailure
+
+    engine, _ = base_engine
+
+    def generate_texts(model, tokenizer, batch, settings, **kwargs):
+        if settings.max_new_tokens == 3:
+            raise RuntimeError("CUDA out of memory")
+        return ["fine"] * batch["input_ids"].shape[0], [1] * batch["input_ids"].shape[0]
+
+    monkeypatch.setattr(engine_module, "generate_texts", generate_texts)
+    requests = [engine.prepare(_ask("a"), max_tokens=n) for n in (3, 4, 3)]
+    out = engine.generate(requests)
+    assert isinstance(out[1], ChatResult) and out[1].text == "fine"
+    assert out[0] == out[2] == RequestFailure("generation failed: RuntimeError: CUDA out of memory", 500)

@@ -320,6 +320,7 @@ def test_written_config_deploys_with_vray_serve_config(served, runs, tmp_path):
     proc = run_cli("serve", runs["main"].uri, "--write-config", str(config), "--port", port, "--max-replicas", "3",
                    "--adapters-dir", str(runs["adapters"]))
     assert proc.returncode == 0, proc.stderr
+    assert "engine: transformers (the replicas get no GPU" in proc.stderr  # what --engine auto picked, and why
     parsed = read_config(config)  # what `serve run` / `serve deploy` accept
     app = parsed["applications"][0]
     assert app["import_path"] == "vray.serve.app:app_builder" and app["args"]["target"] == runs["main"].uri

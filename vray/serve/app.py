@@ -6,8 +6,9 @@ RayService's `serveConfigV2` take) and from `vray serve --config`.
 
 The model server batches concurrent generations with `@serve.batch`, serves extra LoRA adapters of its base
 by name (`model: "<base>:<adapter>"`, loaded on demand through Serve's model multiplexing, which keeps at most
-`serving.maxAdapters` per replica and drops the least recently used), streams with `stream: true`, and
-reports request, token and latency metrics through Ray's Prometheus metrics.
+`serving.maxAdapters` per replica and drops the least recently used, never while a request uses it), streams
+with `stream: true` beside the batches (stopping when the client leaves), and reports request, token and latency
+metrics through Ray's Prometheus metrics.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
 

@@ -146,6 +146,17 @@ def _stats(adapter: str = "") -> dict:
     raise AssertionError(f"no replica has {adapter!r} loaded")
 
 
+def _routed_by_adapter(adapter: str, pid: int) -> None:
+    """Wait until Serve's routers know which replica holds `adapter` (five calls in a row land there)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray").options(multiplexed_model_id=adapter)
+    deadline, streak = time.time() + 60, 0
+    while streak < 5 and time.time() < deadline:
+        streak = streak + 1 if handle.generation_stats.remote().result()["pid"] == pid else 0
+    assert streak == 5, f"Serve does not route {adapter!r} to the replica that holds it"
+
+
 def _replica_adapters() -> dict[int, list[str]]:
     seen: dict[int, list[str]] = {}
     for _ in range(12):
@@ -177,6 +188,7 @@ def test_a_stream_leaves_room_for_batches_and_stops_when_its_client_goes(served)
     deadline = time.time() + 120
     while _stats("delta")["generated_tokens"] == start["generated_tokens"] and time.time() < deadline:
         time.sleep(0.2)
+    _routed_by_adapter("delta", start["pid"])
     # a batched request on the same replica completes while the stream is still going
     r = _post(endpoint.url, {"model": model, "messages": _messages(), "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text

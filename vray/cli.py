@@ -366,7 +366,8 @@ def serve(
     target: Optional[str] = typer.Argument(None, help="run directory, checkpoint folder, model folder, tiny:<family> or hub repo id"),
     config: Optional[Path] = typer.Option(None, "--config", help="deploy a Ray Serve config file (applications: [...])"),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="write a Ray Serve config for TARGET and exit"),
-    engine: str = typer.Option("transformers", help="transformers (CPU or GPU) or vllm (GPU; ray.serve.llm)"),
+    engine: str = typer.Option("auto", help="auto (vllm on GPU replicas where vLLM is installed, else transformers), "
+                                            "transformers (CPU or GPU) or vllm (GPU; ray.serve.llm)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: int = typer.Option(8000, help="HTTP port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VRAY_API_KEY", help="require 'Authorization: Bearer KEY'"),

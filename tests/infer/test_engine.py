@@ -178,3 +178,86 @@ def test_the_serving_processor_caps_the_visual_tokens_of_one_image(grounding_eng
     monkeypatch.setattr(grounding_engine, "processor",
                         load_processor(resolve_source("tiny:qwen3_vl"), None, small.processor_pixels(arch)))
     assert visual_tokens() <= 32
+
+
+# ---- several generations on one model: turns, cancellation, adapters held, failures kept to their batch -------
+@pytest.fixture(scope="module")
+def base_engine(tmp_path_factory) -> tuple[ModelEngine, str]:
+    from vray.testing.runs import write_adapter_run
+
+    run = write_adapter_run(tmp_path_factory.mktemp("adapters"), "alpha", seed=3)
+    return ModelEngine(resolve_target("tiny:qwen2_5_vl"), device="cpu"), resolve_target(run.uri).adapter
+
+
+def _ask(text):
+    return [_user(IMAGE, {"type": "text", "text": text})]
+
+
+def _consume(stream, into):
+    import threading
+
+    thread = threading.Thread(target=lambda: into.extend(stream), daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for_tokens(engine, above):
+    import time
+
+    deadline = time.time() + 60
+    while engine.generated_tokens <= above and time.time() < deadline:
+        time.sleep(0.002)
+    assert engine.generated_tokens > above
+
+
+def test_a_stream_and_a_batch_take_turns_each_with_its_own_adapter_and_the_stream_stops_when_cancelled(base_engine):
+    # The tiny model never writes its end token greedily: unless it is stopped, the stream runs all 5000 tokens.
+    import threading
+
+    engine, folder = base_engine
+    engine.load_adapter("alpha", folder)
+    short = engine.prepare(_ask("Describe the square."), max_tokens=6, temperature=0)
+    alone = engine.generate([short])[0].text
+    assert alone != engine.chat(_ask("Describe the square."), adapter="alpha", max_tokens=6, temperature=0).text
+
+    stop, items = threading.Event(), []
+    before = engine.generated_tokens
+    long = engine.prepare(_ask("What colour?"), adapter="alpha", max_tokens=5000, temperature=0)
+    streaming = _consume(engine.stream(long, stop), items)
+    _wait_for_tokens(engine, before)
+    engine.unload_adapter("alpha")  # what the LRU does when it evicts: the running stream keeps it loaded
+    assert "alpha" in engine.adapters
+    assert engine.generate([short])[0].text == alone  # the base, between the stream's adapter steps
+    assert streaming.is_alive()  # the batch did not wait for the stream
+    stop.set()
+    at_stop = engine.generated_tokens
+    streaming.join(timeout=60)
+    assert not streaming.is_alive() and "alpha" not in engine.adapters  # dropped when the stream holding it ended
+    assert engine.generated_tokens - at_stop <= 1  # the step that was running when the stop came
+    done = items[-1]
+    assert done.completion_tokens < 5000
+    # what the stream wrote, token for token, is what alpha writes alone
+    engine.load_adapter("alpha", folder)
+    try:
+        assert done.text == engine.chat(_ask("What colour?"), adapter="alpha", max_tokens=done.completion_tokens,
+                                        temperature=0).text
+    finally:
+        engine.unload_adapter("alpha")
+
+
+def test_a_failing_batch_fails_only_its_own_requests(base_engine, monkeypatch):
+    import vray.infer.engine as engine_module
+    from vray.infer.engine import ChatResult, RequestFailure
+
+    engine, _ = base_engine
+
+    def generate_texts(model, tokenizer, batch, settings, **kwargs):
+        if settings.max_new_tokens == 3:
+            raise RuntimeError("CUDA out of memory")
+        return ["fine"] * batch["input_ids"].shape[0], [1] * batch["input_ids"].shape[0]
+
+    monkeypatch.setattr(engine_module, "generate_texts", generate_texts)
+    requests = [engine.prepare(_ask("a"), max_tokens=n) for n in (3, 4, 3)]
+    out = engine.generate(requests)
+    assert isinstance(out[1], ChatResult) and out[1].text == "fine"
+    assert out[0] == out[2] == RequestFailure("generation failed: RuntimeError: CUDA out of memory", 500)

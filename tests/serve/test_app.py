@@ -1,6 +1,6 @@
 """The Serve application on 127.0.0.1: the OpenAI API (official client, streaming), adapters of one base picked by
-`model`, bad input and keys, abusive requests under load, Prometheus metrics, a replica killed under load, and
-deploying a written config file.
+`model`, a stream beside batches and its client going away, bad input and keys, abusive requests under load,
+Prometheus metrics, a replica killed under load (plain and streaming requests), and deploying a written config file.
 
 One deployment (two replicas, batching, an adapter folder with an LRU bound of one adapter per replica) serves the
 whole module; the config-file test runs last because a config is the cluster's whole desired Serve state."""
@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +45,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-runs")
     main = write_adapter_run(root, "main-run", seed=1, task="phrase_grounding")
     adapters = root / "adapters"
-    for i, name in enumerate(("alpha", "beta")):
+    for i, name in enumerate(("alpha", "beta", "delta")):  # delta: only the stream test asks for it
         write_adapter_run(adapters, name, seed=10 + i)
     return {"main": main, "adapters": adapters, "root": root}
 
@@ -121,6 +122,112 @@ def test_each_adapter_answers_as_it_does_locally_with_one_loaded_per_replica(ser
     handle = serve.get_deployment_handle("ModelServer", app_name="vray")
     loaded = [handle.loaded_adapters.remote().result() for _ in range(6)]
     assert all(len(names) <= 1 for names in loaded), loaded  # the LRU bound of one adapter per replica
+
+
+def _raw_stream(url: str, body: dict) -> socket.socket:
+    """A streaming request on a socket of its own, which the test closes to act as a client that goes away."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps({**body, "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def _stats(adapter: str = "") -> dict:
+    """A replica's generation_stats: any replica's, or the one that has `adapter` loaded (Serve routes there once
+    it knows, and by chance before)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray").options(multiplexed_model_id=adapter)
+    for _ in range(40):
+        stats = handle.generation_stats.remote().result()
+        if not adapter or adapter in stats["adapters"]:
+            return stats
+    raise AssertionError(f"no replica has {adapter!r} loaded")
+
+
+def _routed_by_adapter(adapter: str, pid: int) -> None:
+    """Wait until Serve's routers know which replica holds `adapter` (five calls in a row land there)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name="vray").options(multiplexed_model_id=adapter)
+    deadline, streak = time.time() + 60, 0
+    while streak < 5 and time.time() < deadline:
+        streak = streak + 1 if handle.generation_stats.remote().result()["pid"] == pid else 0
+    assert streak == 5, f"Serve does not route {adapter!r} to the replica that holds it"
+
+
+def _replica_adapters() -> dict[int, list[str]]:
+    seen: dict[int, list[str]] = {}
+    for _ in range(12):
+        stats = _stats()
+        seen[stats["pid"]] = stats["adapters"]
+    return seen
+
+
+def _settled(adapter: str) -> dict:
+    """The stats of `adapter`'s replica once its token counter has stopped moving."""
+    last = _stats(adapter)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.5)
+        now = _stats(adapter)
+        if now["pid"] == last["pid"] and now["generated_tokens"] == last["generated_tokens"]:
+            return now
+        last = now
+    raise AssertionError(f"the replica kept generating: {last}")
+
+
+def test_a_stream_leaves_room_for_batches_and_stops_when_its_client_goes(served):
+    # Both requests name adapter delta, so Serve routes them to the one replica that loads it. The tiny model never
+    # writes its end token greedily: unless it is stopped, the stream generates all 4000 tokens.
+    endpoint, _ = served
+    model, budget = "tiny:qwen2_5_vl:delta", 4000
+    sock = _raw_stream(endpoint.url, {"model": model, "messages": _messages(), "max_tokens": budget, "temperature": 0})
+    start = _stats("delta")  # the stream's replica, once it has loaded delta
+    deadline = time.time() + 120
+    while _stats("delta")["generated_tokens"] == start["generated_tokens"] and time.time() < deadline:
+        time.sleep(0.2)
+    _routed_by_adapter("delta", start["pid"])
+    # a batched request on the same replica completes while the stream is still going
+    r = _post(endpoint.url, {"model": model, "messages": _messages(), "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    during = _stats("delta")
+    assert during["pid"] == start["pid"] and during["generated_tokens"] - start["generated_tokens"] < budget
+    assert [pid for pid, names in _replica_adapters().items() if "delta" in names] == [start["pid"]]
+    # the client goes away: the replica stops generating within 8 tokens
+    sock.close()
+    closed = _stats("delta")
+    stopped = _settled("delta")
+    assert stopped["pid"] == closed["pid"] == start["pid"]
+    assert closed["generated_tokens"] > during["generated_tokens"]  # it was still generating when the client left
+    assert stopped["generated_tokens"] - closed["generated_tokens"] <= 8, (closed, stopped)
+    assert stopped["generated_tokens"] - start["generated_tokens"] < budget
+
+
+def test_a_call_is_retried_once_when_its_replica_dies():
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from vray.infer.engine import RequestFailure
+    from vray.serve.app import _on_a_live_replica
+
+    def replicas(*outcomes):
+        left = list(outcomes)
+
+        async def attempt():
+            outcome = left.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        return attempt
+
+    assert asyncio.run(_on_a_live_replica(replicas(ActorDiedError(), "first chunk"))) == "first chunk"
+    failed = asyncio.run(_on_a_live_replica(replicas(ActorDiedError(), ActorDiedError(), "never")))
+    assert isinstance(failed, RequestFailure) and failed.status == 503 and "failed twice" in failed.message
 
 
 def test_ground_endpoint(served):
@@ -220,7 +327,14 @@ def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(served):
     victim = sorted(pids)[0]
 
     def one(i: int) -> int:
-        return _post(endpoint.url, {"messages": _messages(), "max_tokens": 4}).status_code
+        if i % 2:
+            return _post(endpoint.url, {"messages": _messages(), "max_tokens": 4}).status_code
+        # streams too are retried on the other replica when theirs dies before their first chunk
+        with httpx.stream("POST", endpoint.url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                          json={"messages": _messages(), "max_tokens": 4, "stream": True}) as r:
+            body = r.read().decode()
+        assert '"error"' not in body and body.rstrip().endswith("data: [DONE]"), body
+        return r.status_code
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
@@ -249,6 +363,7 @@ def test_written_config_deploys_with_vray_serve_config(served, runs, tmp_path):
     proc = run_cli("serve", runs["main"].uri, "--write-config", str(config), "--port", port, "--max-replicas", "3",
                    "--adapters-dir", str(runs["adapters"]))
     assert proc.returncode == 0, proc.stderr
+    assert "engine: transformers (the replicas get no GPU" in proc.stderr  # what --engine auto picked, and why
     parsed = read_config(config)  # what `serve run` / `serve deploy` accept
     app = parsed["applications"][0]
     assert app["import_path"] == "vray.serve.app:app_builder" and app["args"]["target"] == runs["main"].uri

@@ -197,3 +197,34 @@ def _serving_files(folder):
     finally:
         server.shutdown()
         server.server_close()
+
+
+
+
+@pytest.mark.parametrize(("gpus", "has_vllm", "refusal", "engine", "why"), [
+    (0, True, None, "transformers", "the replicas get no GPU"),
+    (1, False, None, "transformers", "vLLM is not installed here"),
+    (2, True, "the vLLM OpenAI app checks no API key", "transformers", "not vLLM: the vLLM OpenAI app checks no API key"),
+    (2, True, None, "vllm", "engine: vLLM (2 GPU(s) per replica"),
+])
+def test_engine_auto_picks_vllm_on_gpus_where_it_is_installed(gpus, has_vllm, refusal, engine, why):
+    from vray.serve.command import pick_engine
+
+    picked, line = pick_engine(gpus=gpus, has_vllm=has_vllm, refusal=refusal)
+    assert picked == engine and why in line and "\n" not in line
+
+
+def test_engine_auto_serves_a_lora_run_with_transformers_when_vllm_cannot_take_it_as_given(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from vray.serve import command
+
+    monkeypatch.setattr(command, "vllm_installed", lambda: True)  # a GPU machine with vLLM, as far as auto knows
+    app = command.app_args(write_adapter_run(tmp_path, "lora").uri, serving={"gpu": "A10G-24GB"})
+    for api_key, why in ((None, "vLLM loads LoRA adapters from cloud storage"), ("k", "checks no API key")):
+        said = io.StringIO()
+        out = command.serve(app, given="lora", api_key=api_key, write_config=tmp_path / "serve.yaml",
+                            console=Console(file=said, width=400))
+        line = said.getvalue().splitlines()[0]
+        assert line.startswith("engine: transformers, not vLLM:") and why in line
+        assert "import_path: vray.serve.app:app_builder" in out.written.read_text()

@@ -2,15 +2,18 @@
 
 `ModelEngine(target)` loads the base model (and the LoRA adapter, if any) and the processor once.
 `prepare(messages, ...)` encodes one OpenAI-format request that `vray.infer.requests` has checked; `generate([...])` answers several prepared requests in left-padded
-batches (grouped by adapter and sampling settings); `stream(prepared)` yields text as it is generated. Extra
-LoRA adapters of the same base are loaded and dropped by name (`load_adapter`, `unload_adapter`).
+batches (grouped by adapter and sampling settings); `stream(prepared)` yields text as it is generated. Generations
+from several threads take turns on the model one token at a time (`vray.infer.turns`), so a stream does not hold
+back a batch. Extra LoRA adapters of the same base are loaded and dropped by name (`load_adapter`,
+`unload_adapter`), and stay loaded while a request that uses them runs (`hold`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +25,7 @@ from vray.data.collate import Collator, Encoded, image_geometry, sample_tensors
 from vray.errors import RequestError, VrayError
 from vray.infer.requests import DEFAULT_LIMITS, Limits, convert_messages, template_switches
 from vray.infer.target import ServeTarget
+from vray.infer.turns import Turns
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source
 from vray.spec import QuantizationBlock
@@ -134,7 +138,11 @@ class ModelEngine:
         self.model = model
         self.collator = Collator(self.processor, self.arch, target.system_prompt)
         self.adapters: dict[str, str] = {}  # extra adapters loaded now: name -> folder
-        self._lock = threading.RLock()
+        self._holds: Counter[str] = Counter()  # extra adapter -> its loads and the requests using it
+        self._book = threading.Lock()  # adapters and _holds (quick updates only)
+        self._changing = threading.Lock()  # one adapter load or drop at a time
+        self._turns = Turns(self._set_mode)
+        self.generated_tokens = 0  # tokens generated on this engine, cancelled requests included
 
     # ---- requests --------------------------------------------------------------------------------
     def settings(self, overrides: dict[str, Any]) -> GenerationSettings:
@@ -202,95 +210,147 @@ class ModelEngine:
         return self.collator.batch([Encoded(p.tensors, [], "") for p in group], left_pad=True)
 
     # ---- generation ------------------------------------------------------------------------------
-    def generate(self, requests: list[Prepared]) -> list[ChatResult]:
-        """Answers in request order; requests sharing an adapter and sampling settings run as one batch."""
+    def _generate_group(self, group: list[Prepared], streamer: Any = None,
+                        stop: threading.Event | None = None) -> list[ChatResult]:
+        """One batch of requests that share an adapter and settings. It takes turns on the model with the other
+        generations a step at a time (vray.infer.turns) and stops at the next step once `stop` is set."""
+        adapter, settings = group[0].adapter, group[0].settings
+        batch = self._batch(group)
+        with self.holding(adapter), self._turns.turn(adapter) as step_done, torch.no_grad():
+            def on_step(grew: int) -> bool:
+                self.generated_tokens += grew  # inside the turn, so one generation counts at a time
+                step_done()
+                return stop is not None and stop.is_set()
+
+            texts, counts = generate_texts(self.model, self.processor.tokenizer, batch, settings, streamer=streamer,
+                                           on_step=on_step)
+        return [self._finish(p, text, count) for p, text, count in zip(group, texts, counts)]
+
+    def generate(self, requests: list[Prepared]) -> list[ChatResult | RequestFailure]:
+        """Answers in request order; requests sharing an adapter and sampling settings run as one batch. A batch
+        that fails answers each of its requests with the RequestFailure; the other batches are answered."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, p in enumerate(requests):
             groups.setdefault((p.adapter, p.settings), []).append(i)
-        results: list[ChatResult | None] = [None] * len(requests)
-        for (adapter, settings), indices in groups.items():
+        results: list[ChatResult | RequestFailure] = [RequestFailure("no answer", 500)] * len(requests)
+        for indices in groups.values():
             group = [requests[i] for i in indices]
-            batch = self._batch(group)
-            with self._lock, self.using(adapter), torch.no_grad():
-                texts, counts = generate_texts(self.model, self.processor.tokenizer, batch, settings)
-            for i, p, text, count in zip(indices, group, texts, counts):
-                results[i] = self._finish(p, text, count)
-        return [r for r in results if r is not None]
+            try:
+                answers: list[ChatResult | RequestFailure] = list(self._generate_group(group))
+            except Exception as exc:  # noqa: BLE001 - one group's failure is its own requests' answer
+                answers = [RequestFailure.of(exc)] * len(group)
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+        return results
 
-    def stream(self, prepared: Prepared) -> Iterator[str | ChatResult]:
-        """Text pieces as they are generated, then the finished ChatResult."""
+    def stream(self, prepared: Prepared, stop: threading.Event | None = None) -> Iterator[str | ChatResult]:
+        """Text pieces as they are generated, then the finished ChatResult. Generation stops at the next token once
+        `stop` is set, or once the caller closes this iterator before its end."""
         from transformers import TextIteratorStreamer
 
+        stop = stop or threading.Event()
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        batch = self._batch([prepared])
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                with self._lock, self.using(prepared.adapter), torch.no_grad():
-                    outcome["result"] = generate_texts(self.model, self.processor.tokenizer, batch, prepared.settings,
-                                                       streamer=streamer)
+                outcome["result"] = self._generate_group([prepared], streamer, stop)[0]
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 outcome["error"] = exc
                 streamer.end()
 
         thread = threading.Thread(target=work, name="vray-stream", daemon=True)
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        except GeneratorExit:
+            stop.set()
+            raise
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
-        texts, counts = outcome["result"]
-        yield self._finish(prepared, texts[0], counts[0])
+        yield outcome["result"]
 
     def chat(self, messages: Any, chat_template_kwargs: dict[str, Any] | None = None,
              want_boxes: bool | None = None, adapter: str | None = None, **params: Any) -> ChatResult:
         """Answer one conversation; grounding runs (or `want_boxes`) also get the answer's boxes."""
         prepared = self.prepare(messages, chat_template_kwargs, want_boxes, adapter, **params)
-        return self.generate([prepared])[0]
+        return self._generate_group([prepared])[0]
 
     def ground(self, image: Any, phrase: str, adapter: str | None = None, **params: Any) -> ChatResult:
         """Boxes for a phrase on one image (original-image pixels)."""
         return self.chat(grounding_messages(image, phrase), want_boxes=True, adapter=adapter, **params)
 
     # ---- adapters --------------------------------------------------------------------------------
-    @contextmanager
-    def using(self, adapter: str | None) -> Iterator[None]:
-        """Run with an extra adapter, else with the target's own weights (its adapter, or the bare base)."""
+    def _set_mode(self, adapter: str | None) -> None:
+        """Activate an extra adapter, else the target's own weights (its adapter, or the bare base); called by a
+        generation's turn."""
         from peft import PeftModel
 
-        if adapter is not None:
+        if not isinstance(self.model, PeftModel):
+            return
+        if adapter is None and not self.target.adapter:
+            self.model.base_model.disable_adapter_layers()
+            return
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(DEFAULT_ADAPTER if adapter is None else _peft_name(adapter), inference_mode=True)
+
+    def hold(self, adapter: str | None) -> None:
+        """Keep extra adapter `adapter` loaded until the matching `unload_adapter` (a request that will use it);
+        None holds nothing. A 503 RequestError when it is not loaded."""
+        if adapter is None:
+            return
+        with self._book:
             if adapter not in self.adapters:
                 raise RequestError(f"model: adapter {adapter!r} is not loaded on this replica", status=503)
-            self.model.set_adapter(_peft_name(adapter))
+            self._holds[adapter] += 1
+
+    @contextmanager
+    def holding(self, adapter: str | None) -> Iterator[None]:
+        """`hold(adapter)` for the duration of the block."""
+        self.hold(adapter)
+        try:
             yield
-            return
-        if self.target.adapter:
-            self.model.set_adapter(DEFAULT_ADAPTER)
-            yield
-            return
-        with self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext():
-            yield
+        finally:
+            if adapter is not None:
+                self.unload_adapter(adapter)
 
     def load_adapter(self, name: str, folder: str) -> None:
-        """Add a LoRA adapter of the same base under `name` (no-op when it is already loaded)."""
+        """Add a LoRA adapter of the same base under `name`. Loads are counted like holds: the adapter stays until
+        each load and hold has had its `unload_adapter`."""
         from peft import PeftModel
 
-        with self._lock:
-            if name in self.adapters:
-                return
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(folder, adapter_name=_peft_name(name))
-            else:
-                self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=_peft_name(name))
-            self.model.eval()
-            self.adapters[name] = folder
+        with self._changing:
+            with self._book:
+                if name in self.adapters:
+                    self._holds[name] += 1
+                    return
+            with self._turns.exclusive():
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(folder, adapter_name=_peft_name(name))
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=_peft_name(name))
+                self.model.eval()
+            with self._book:
+                self.adapters[name] = folder
+                self._holds[name] = 1
 
     def unload_adapter(self, name: str) -> None:
-        """Drop an extra adapter and free its weights."""
-        with self._lock:
-            if self.adapters.pop(name, None) is None:
-                return
-            self.model.delete_adapter(_peft_name(name))
+        """Release one load or hold of `name`; the last one drops the adapter and frees its weights."""
+        with self._changing:
+            with self._book:
+                if name not in self.adapters:
+                    return
+                self._holds[name] -= 1
+                if self._holds[name] > 0:
+                    return
+                del self._holds[name], self.adapters[name]
+            with self._turns.exclusive():
+                self.model.delete_adapter(_peft_name(name))
+                left = list(self.model.peft_config)
+                if not left:  # the base's last extra adapter: back to the plain base
+                    self.model = self.model.unload()
+                elif self.model.active_adapter not in left:  # peft keeps naming the deleted one
+                    self.model.set_adapter(left[0], inference_mode=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +51,40 @@ class GenerationSettings:
         return kwargs
 
 
-def generate_texts(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
-                   settings: GenerationSettings, streamer: Any = None) -> tuple[list[str], list[int]]:
-    """(decoded completions, completion token counts) for a left-padded batch; `streamer` sees tokens as they come."""
+class _EachStep:
+    """A stopping criterion that hands `on_step` the number of sequences that got a token this step (a sequence
+    stops getting them after its end token) and stops every sequence when it returns True."""
+
+    def __init__(self, on_step: Callable[[int], bool], end_tokens: set[int]):
+        self.on_step, self.end = on_step, torch.tensor(sorted(t for t in end_tokens if t is not None))
+        self.alive: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self.alive is None:
+            self.alive = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self.end = self.end.to(input_ids.device)
+        grew = int(self.alive.sum())
+        self.alive &= ~torch.isin(input_ids[:, -1], self.end)
+        return torch.full_like(self.alive, bool(self.on_step(grew)))
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], settings: GenerationSettings,
+                   streamer: Any = None, on_step: Callable[[int], bool] | None = None) -> tuple[list[str], list[int]]:
+    """(decoded completions, completion token counts) for a left-padded batch; `streamer` sees tokens as they come.
+
+    `on_step(n)` runs after every decoding step in the generating thread, with the number of sequences that got a
+    token; returning True stops the generation there (a cancelled request)."""
     keep_4bit_layout(model)  # generation must never repack 4-bit weights for CPU inference (vray.models.quantized)
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items() if k != "labels"}
-    extra = {"streamer": streamer} if streamer is not None else {}
+    eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
+    extra: dict[str, Any] = {"streamer": streamer} if streamer is not None else {}
+    if on_step is not None:
+        from transformers import StoppingCriteriaList
+
+        extra["stopping_criteria"] = StoppingCriteriaList([_EachStep(on_step, eos)])
     out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, inputs["input_ids"].shape[1]:]
     texts, counts = [], []
-    eos = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
     for row in new.tolist():
         kept = []
         for tok in row:

@@ -6,8 +6,9 @@ RayService's `serveConfigV2` take) and from `vray serve --config`.
 
 The model server batches concurrent generations with `@serve.batch`, serves extra LoRA adapters of its base
 by name (`model: "<base>:<adapter>"`, loaded on demand through Serve's model multiplexing, which keeps at most
-`serving.maxAdapters` per replica and drops the least recently used), streams with `stream: true`, and
-reports request, token and latency metrics through Ray's Prometheus metrics.
+`serving.maxAdapters` per replica and drops the least recently used, never while a request uses it), streams
+with `stream: true` beside the batches (stopping when the client leaves), and reports request, token and latency
+metrics through Ray's Prometheus metrics.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime.
 
@@ -15,9 +16,10 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +52,19 @@ def _failed(failure: RequestFailure) -> JSONResponse:
 def _usage(result: ChatResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+async def _on_a_live_replica(attempt: Callable[[], Awaitable[Any]]) -> Any:
+    """`await attempt()`, once more when the replica it reached died (Serve routes the second try elsewhere)."""
+    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError are RayActorErrors
+
+    for tries in (1, 2):
+        try:
+            return await attempt()
+        except RayActorError as exc:
+            if tries == 2:
+                return RequestFailure(f"the model replica failed twice ({type(exc).__name__}); retry later", 503)
+    raise AssertionError("unreachable")
 
 
 class _AdapterSlot:
@@ -85,6 +100,7 @@ class ModelServer:
         serving = self.options.serving
         self._batched.set_max_batch_size(serving.maxBatchSize)
         self._batched.set_batch_wait_timeout_s(serving.batchWaitTimeoutS)
+        self._streams = asyncio.Semaphore(serving.maxBatchSize)  # streams generating at once, beside the batches
 
         async def load(model_id: str) -> _AdapterSlot:
             folder = await asyncio.to_thread(self.catalog.resolve, model_id)
@@ -103,10 +119,21 @@ class ModelServer:
                                          boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     # ---- helpers ---------------------------------------------------------------------------------
-    async def _prepare(self, payload: dict[str, Any], want_boxes: bool | None = None) -> Any:
+    async def _hold_adapter(self) -> str | None:
+        """The request's extra adapter, loaded and held for it (None: the deployment's own model). The hold comes
+        right after the load, with no await between them, so the LRU cannot drop the adapter before it is used;
+        the caller releases it when the request ends (`_release`)."""
         adapter = serve.get_multiplexed_model_id() or None
         if adapter:
             await self._adapter(adapter)
+            self.engine.hold(adapter)
+        return adapter
+
+    async def _release(self, adapter: str | None) -> None:
+        if adapter:
+            await asyncio.to_thread(self.engine.unload_adapter, adapter)
+
+    async def _prepare(self, payload: dict[str, Any], adapter: str | None, want_boxes: bool | None = None) -> Any:
         params = {k: payload.get(k) for k in GENERATION_KEYS}
         return await asyncio.to_thread(self.engine.prepare, payload.get("messages"), payload.get("chat_template_kwargs"),
                                        want_boxes, adapter, **params)
@@ -129,12 +156,16 @@ class ModelServer:
         if started is not None:
             self.m_latency.observe(time.perf_counter() - started, tags={"model": model})
 
+    def _failed(self, model: str, failure: RequestFailure) -> RequestFailure:
+        self._count(model, "rejected" if failure.status < 500 else "failed")
+        return failure
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, prepared: list[Any]) -> list[Any]:
         self.m_batch.observe(len(prepared))
         return await asyncio.to_thread(self.engine.generate, prepared)
 
-    async def _generate(self, prepared: Any) -> Any:
+    async def _generate(self, prepared: Any) -> ChatResult | RequestFailure:
         if self.options.serving.maxBatchSize > 1:
             return await self._batched(prepared)
         return (await asyncio.to_thread(self.engine.generate, [prepared]))[0]
@@ -143,38 +174,52 @@ class ModelServer:
     async def chat(self, payload: dict[str, Any], model: str, want_boxes: bool | None = None) -> ChatResult | RequestFailure:
         """One chat completion from an OpenAI-format payload."""
         started = time.perf_counter()
+        adapter = None
         try:
-            result = await self._generate(await self._prepare(payload, want_boxes))
+            adapter = await self._hold_adapter()
+            result = await self._generate(await self._prepare(payload, adapter, want_boxes))
         except Exception as exc:  # noqa: BLE001 - one failed request must not take the replica down
-            failure = RequestFailure.of(exc)
-            self._count(model, "rejected" if failure.status < 500 else "failed")
-            return failure
+            return self._failed(model, RequestFailure.of(exc))
+        finally:
+            await self._release(adapter)
+        if isinstance(result, RequestFailure):  # its batch failed (the others in the replica's batch did not)
+            return self._failed(model, result)
         self._count(model, "ok", result, started)
         return result
 
     async def chat_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[str | ChatResult | RequestFailure]:
-        """Text pieces then the ChatResult; a RequestFailure first when the request is bad, or last when generation fails."""
+        """Text pieces then the ChatResult; a RequestFailure first when the request is bad, or last when generation fails.
+
+        Streams do not join the batcher: each generates on its own, at most `serving.maxBatchSize` at once per
+        replica, taking turns with the batches a token at a time. When the caller goes away (the client
+        disconnected), the generation stops at its next token."""
         started = time.perf_counter()
+        adapter, stop = None, threading.Event()
         try:
-            prepared = await self._prepare(payload)
+            adapter = await self._hold_adapter()
+            prepared = await self._prepare(payload, adapter)
         except Exception as exc:  # noqa: BLE001
-            self._count(model, "rejected")
-            yield RequestFailure.of(exc)
+            await self._release(adapter)
+            yield self._failed(model, RequestFailure.of(exc))
             return
-        pieces = self.engine.stream(prepared)
-        end = object()
-        while True:
-            try:
-                item = await asyncio.to_thread(next, pieces, end)
-            except Exception as exc:  # noqa: BLE001
-                self._count(model, "failed")
-                yield RequestFailure.of(exc)
-                return
-            if item is end:
-                return
-            if isinstance(item, ChatResult):
-                self._count(model, "ok", item, started)
-            yield item
+        try:
+            async with self._streams:
+                pieces = self.engine.stream(prepared, stop)
+                end = object()
+                while True:
+                    try:
+                        item = await asyncio.to_thread(next, pieces, end)
+                    except Exception as exc:  # noqa: BLE001
+                        yield self._failed(model, RequestFailure.of(exc))
+                        return
+                    if item is end:
+                        return
+                    if isinstance(item, ChatResult):
+                        self._count(model, "ok", item, started)
+                    yield item
+        finally:  # also on cancellation: the caller is gone, so is the generation
+            stop.set()
+            await self._release(adapter)
 
     async def ground(self, payload: dict[str, Any], model: str) -> ChatResult | RequestFailure:
         """Boxes for `{image, phrase}`."""
@@ -182,6 +227,11 @@ class ModelServer:
         if not isinstance(image, str) or not isinstance(phrase, str) or not phrase.strip():
             return RequestFailure("ground: 'image' (a data: URL or base64) and a non-empty 'phrase' are required", 400)
         return await self.chat({**payload, "messages": grounding_messages(image, phrase.strip())}, model, want_boxes=True)
+
+    def generation_stats(self) -> dict[str, Any]:
+        """This replica's process id, the tokens it has generated (cancelled requests included) and its adapters."""
+        return {"pid": os.getpid(), "generated_tokens": self.engine.generated_tokens,
+                "adapters": sorted(self.engine.adapters)}
 
     def adapters(self) -> list[str]:
         """Adapter names this deployment can load."""
@@ -262,17 +312,11 @@ class Ingress:
 
     async def _call(self, method: str, payload: dict[str, Any], adapter: str | None) -> ChatResult | RequestFailure:
         """Call the model server; a replica that dies mid-request is retried once on another."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
         handle = self.server.options(multiplexed_model_id=adapter or "")
-        model = f"{self.base_id}:{adapter}" if adapter else self.model_id
-        for attempt in (1, 2):
-            try:
-                return await getattr(handle, method).remote(payload, model)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
-                if attempt == 2:
-                    return RequestFailure(f"the model replica failed twice ({type(exc).__name__}); retry later", 503)
-        raise AssertionError("unreachable")
+        return await _on_a_live_replica(lambda: getattr(handle, method).remote(payload, self._served(adapter)))
+
+    def _served(self, adapter: str | None) -> str:
+        return f"{self.base_id}:{adapter}" if adapter else self.model_id
 
     # ---- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -314,8 +358,19 @@ class Ingress:
 
     async def _stream(self, payload: dict[str, Any], adapter: str | None, model: str) -> Any:
         handle = self.server.options(multiplexed_model_id=adapter or "", stream=True)
-        events = handle.chat_stream.remote(payload, f"{self.base_id}:{adapter}" if adapter else self.model_id)
-        first = await events.__anext__()
+
+        async def start() -> tuple[Any, Any]:
+            events = handle.chat_stream.remote(payload, self._served(adapter))
+            try:
+                return events, await events.__anext__()
+            except BaseException:  # the replica died (retried), or the client left while we waited
+                events.cancel()
+                raise
+
+        opened = await _on_a_live_replica(start)  # a stream that fails before its first item is retried too
+        if isinstance(opened, RequestFailure):
+            return _failed(opened)
+        events, first = opened
         if isinstance(first, RequestFailure):
             return _failed(first)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -326,25 +381,39 @@ class Ingress:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
             return f"data: {json.dumps(body)}\n\n"
 
+        def failure(message: str, status: int) -> str:  # after the stream started: in-band, as OpenAI does
+            return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
+
         async def sse() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            item = first
-            while True:
-                if isinstance(item, str):
-                    yield chunk({"content": item})
-                elif isinstance(item, ChatResult):
-                    extra = {"boxes": item.boxes} if item.boxes else {}
-                    yield chunk({}, item.finish_reason, **extra)
-                    if include_usage:
-                        yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(item)})}\n\n"
-                else:  # a failure after the stream started: report it in-band, as OpenAI does
-                    yield f"data: {json.dumps({'error': {'message': item.message, 'code': item.status}})}\n\n"
-                    break
-                try:
-                    item = await events.__anext__()
-                except StopAsyncIteration:
-                    break
-            yield "data: [DONE]\n\n"
+            from ray.exceptions import RayActorError
+
+            done = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                item = first
+                while True:
+                    if isinstance(item, str):
+                        yield chunk({"content": item})
+                    elif isinstance(item, ChatResult):
+                        extra = {"boxes": item.boxes} if item.boxes else {}
+                        yield chunk({}, item.finish_reason, **extra)
+                        if include_usage:
+                            yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': model, 'choices': [], 'usage': _usage(item)})}\n\n"
+                    else:
+                        yield failure(item.message, item.status)
+                        break
+                    try:
+                        item = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except RayActorError as exc:
+                        yield failure(f"the model replica failed during the stream ({type(exc).__name__}); retry", 503)
+                        break
+                done = True
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away: stop the generation on the replica
+                if not done:
+                    events.cancel()
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

@@ -18,7 +18,9 @@ from vray.infer.target import ServeTarget
 from vray.serve import runner
 from vray.serve.config import AppArgs
 
-ENGINES = ("transformers", "vllm")
+ENGINES = ("auto", "transformers", "vllm")
+NO_KEY_ON_VLLM = ("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your own gateway, "
+                  "or pass --insecure to expose it without one")
 
 
 def _absolute(ref: str) -> str:
@@ -53,6 +55,25 @@ def named_adapters(items: list[str]) -> dict[str, str]:
     return named
 
 
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(*, gpus: int, has_vllm: bool, refusal: str | None) -> tuple[str, str]:
+    """What `--engine auto` serves with, and the line that says so: vLLM for replicas on GPUs where vLLM is
+    installed and can serve the target as asked (`refusal`: why it cannot), transformers elsewhere."""
+    if not gpus:
+        return "transformers", "engine: transformers (the replicas get no GPU; with --gpu NAME and vLLM installed, auto picks vLLM)"
+    if not has_vllm:
+        return "transformers", "engine: transformers (vLLM is not installed here; `pip install vllm` and auto picks it on GPUs)"
+    if refusal:
+        return "transformers", f"engine: transformers, not vLLM: {refusal}"
+    return "vllm", f"engine: vLLM ({gpus} GPU(s) per replica; --engine transformers serves with vray's model server)"
+
+
 def app_args(target: str, architecture: str | None = None, task: str | None = None,
              allowed_image_hosts: tuple[str, ...] = (), adapters: dict[str, str] | None = None,
              adapters_dir: str | None = None, serving: dict[str, Any] | None = None, insecure: bool = False) -> AppArgs:
@@ -72,7 +93,7 @@ class Served:
     url: str | None = None
 
 
-def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str = "127.0.0.1", port: int = 8000,
+def serve(app: AppArgs, *, given: str, engine: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, detach: bool = False, insecure: bool = False, verbose: bool = False,
           merge: bool = False, lora_prefix: str | None = None, write_config: Path | None = None,
           console: Console) -> Served:
@@ -80,13 +101,20 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
     until Ctrl-C. `given`: the target as the user wrote it (for the config's header)."""
     from vray.infer.target import resolve_target
     from vray.serve.config import serve_config, vray_application
+    from vray.serve.vllm import vllm_lora_refusal
 
     if engine not in ENGINES:
-        raise VrayError(f"--engine {engine!r}: choose transformers or vllm")
+        raise VrayError(f"--engine {engine!r}: choose auto, transformers or vllm")
     target = resolve_target(app.target, architecture=app.architecture, task=app.task)
     if write_config is None:
         require_loadable_where_served(target, verbose)
     options = app.options(target, api_key)
+    unkeyed = bool(api_key) or (not runner.is_loopback(host) and not insecure)  # vLLM's app would check no key
+    if engine == "auto":
+        refusal = ("the vLLM OpenAI app checks no API key, and this deployment needs one" if unkeyed
+                   else None if merge else vllm_lora_refusal(target, lora_prefix))
+        engine, line = pick_engine(gpus=options.replica.num_gpus, has_vllm=vllm_installed(), refusal=refusal)
+        console.print(line, highlight=False)
     if engine == "vllm":
         from vray.serve.vllm import vllm_app_for_run
 
@@ -100,9 +128,8 @@ def serve(app: AppArgs, *, given: str, engine: str = "transformers", host: str =
         console.print(f"wrote {out}; deploy it with `vray serve --config {out}` or `serve deploy {out}`")
         return Served(written=out)
     if engine == "vllm":
-        if api_key or (not runner.is_loopback(host) and not insecure):
-            raise VrayError("the vLLM OpenAI app (ray.serve.llm) checks no API key: serve it on 127.0.0.1 behind your "
-                            "own gateway, or pass --insecure to expose it without one")
+        if unkeyed:
+            raise VrayError(NO_KEY_ON_VLLM)
         urls = runner.deploy_config(serve_config([application], host, port), detach=detach, insecure=True, verbose=verbose)
         if not detach:
             runner.block_until_interrupted(f"{target.model_id} on vLLM at {urls[0]}", console, (application["name"],))

@@ -38,6 +38,17 @@ def vllm_merge_reason(target: ServeTarget) -> str | None:
     return None
 
 
+def vllm_lora_refusal(target: ServeTarget, lora_prefix: str | None) -> str | None:
+    """Why vLLM cannot serve the run's adapter, unmerged, from `lora_prefix` (and what to do), or None."""
+    reason = vllm_merge_reason(target)
+    if reason:
+        return f"{reason}; write the config with --merge (vray merges the adapter into its base first)"
+    if target.adapter and not lora_prefix:
+        return ("vLLM loads LoRA adapters from cloud storage (s3://, gs://); give --lora-prefix s3://... "
+                "(vray copies the adapter there), or --merge to serve a merged checkpoint")
+    return None
+
+
 def _adapts_vision(target: ServeTarget) -> bool:
     """Whether the adapter's weights reach the vision tower or projector (read from the tensor names: peft keeps only
     module-name suffixes in adapter_config.json)."""
@@ -80,12 +91,9 @@ def vllm_application(target: ServeTarget, options: ServeOptions, *, merged: str 
     if merged:
         loading["model_source"] = merged
     elif target.adapter:
-        reason = vllm_merge_reason(target)
-        if reason:
-            raise VrayError(f"{reason}; write the config with --merge (vray merges the adapter into its base first)")
-        if not lora_prefix:
-            raise VrayError("vLLM loads LoRA adapters from cloud storage (s3://, gs://); give --lora-prefix s3://... "
-                            "(vray copies the adapter there), or --merge to serve a merged checkpoint")
+        refusal = vllm_lora_refusal(target, lora_prefix)
+        if refusal:
+            raise VrayError(refusal)
         loading.update(model_id=target.base_id, model_source=target.base_source)
         engine.update(enable_lora=True, max_lora_rank=_lora_rank(target), max_loras=serving.maxAdapters)
         config["lora_config"] = {"dynamic_lora_loading_path": lora_prefix.rstrip("/"),

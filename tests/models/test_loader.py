@@ -21,6 +21,23 @@ def test_media_max_pixels_bounds_the_patch_grid(family):
         assert h * w * ip.patch_size**2 > budget / 2  # the budget is used, not ignored
 
 
+def test_an_image_defaults_to_1280_visual_tokens_of_its_family():
+    from vray.archs import registry
+    from vray.spec import validate_spec
+
+    image = [Image.new("RGB", (4096, 3072))]  # 12.6 MP: 12k visual tokens at the checkpoints' own limit
+    for name, size, family, unit in (("qwen2.5vl", "3B", "qwen2_5_vl", 28), ("qwen3vl", "2B", "qwen3_vl", 32)):
+        spec = validate_spec({"architecture": {"name": name, "size": size}}).resolved()
+        assert spec.media.maxPixels == 1280 * unit * unit
+        ip = load_processor(tiny_checkpoint(family), spec.media).image_processor
+        t, h, w = ip(images=image, return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert 1100 < h * w // ip.merge_size**2 <= 1280, (family, h, w)
+    assert validate_spec({"architecture": {"name": "qwen3vl", "size": "2B"},
+                          "media": {"maxPixels": 4096 * 4096}}).resolved().media.maxPixels == 4096 * 4096  # honoured
+    assert MediaBlock(minPixels=2_000_000).for_arch(registry.get("qwen3vl", "2B")).maxPixels == 2_000_000
+    assert MediaBlock().for_arch(registry.get("internvl3.5", "8B")).maxPixels is None  # tiles bound InternVL
+
+
 @pytest.mark.parametrize("family,arch", [("qwen2_5_vl", ("qwen2.5vl", "3B")), ("qwen3_5", ("qwen3.5", "0.8B"))])
 def test_a_model_built_without_weights_fills_like_from_pretrained(family, arch):
     """The FSDP2 path (built on meta, then each parameter filled from the checkpoint) gives the same weights as

@@ -126,7 +126,7 @@ class HyperparametersBlock(_Block):
 
 
 # Sampling defaults per task, for what a spec leaves unset. Grounding and VQA answers have a fixed format (boxes,
-# short answers), so they decode greedily with no repetition penalty (a box list repeats its labels by design);
+# short answers), so they decode greedily with no repetition penalty (box lists repeat brackets and digits);
 # freeform text samples. `EvaluationBlock.for_task` is the one place that applies them.
 TASK_SAMPLING: dict[str | None, dict[str, float]] = {
     "phrase_grounding": {"temperature": 0.0, "repetitionPenalty": 1.0},

@@ -8,6 +8,7 @@ scheduler, in that order, then restores a checkpoint; `train()` runs the epochs 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -273,9 +274,13 @@ class Recipe:
     def train(self) -> dict[str, Any]:
         """Run every remaining step; evaluate and checkpoint at the interval. Returns the last metrics."""
         try:
-            return self._train()
-        finally:
-            self.metrics_log.close()  # every queued record written, also when a step fails
+            last = self._train()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the records queued before the failure, without hiding it
+                self.metrics_log.close()
+            raise
+        self.metrics_log.close()  # every queued record written
+        return last
 
     def _train(self) -> dict[str, Any]:
         epochs = self.spec.hyperparameters.epochs

@@ -1,4 +1,4 @@
-"""The metrics log writes off the training thread: a slow or failing experiment tracker never holds a step."""
+"""The metrics log publishes off the training thread: a slow or failing experiment tracker never holds a step."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_a_slow_or_failing_tracker_never_holds_the_training_thread(tmp_path, mon
         log.write({"step": step, "loss": 1.0 / step})  # returns while the tracker still waits
     assert logged == [] and not release.is_set()
     release.set()
-    log.close()  # every queued record written before it returns
+    log.close()  # every queued record published before it returns
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("step") for r in lines if "loss" in r] == [1, 2, 3]
     assert any(r.get("event") == "warning" and "tracker unreachable" in r["message"] for r in lines)

@@ -515,9 +515,11 @@ class Recipe:
 
     def save_final(self) -> None:
         """final/: the trained weights (adapter or full) in Hugging Face format, with the processor; waits until
-        every upload of the run's checkpoints has finished."""
+        every upload of the run's checkpoints has finished, then keeps the latest and the best N of them."""
         self._write("final", self._info({}), final=True)
         self.checkpoints.wait()
+        if self.rank == 0:  # a checkpoint that was still uploading at its own retention counts now
+            self.checkpoints.retain(f"eval/{self.primary}", self.spec.checkpointing.keepBest)
 
     def _restore(self, folder: Path) -> None:
         """Weights, optimizer, scheduler, step, data position, best metric and this rank's RNG from a checkpoint.

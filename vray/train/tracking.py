@@ -95,10 +95,10 @@ class MetricsLog:
     """metrics.jsonl, written by rank 0 (the driver renders progress from it): appended locally; on a remote run
     directory written to a local file and uploaded whole every few seconds and at checkpoints.
 
-    The writing is off the training thread: `write` queues the record and returns; one writer thread appends it
-    and feeds TensorBoard and the trackers (MLflow / W&B calls go over the network) and uploads. The other ranks
-    never wait at their next collective for rank 0's I/O. `close` (and `truncate_after`) drain the queue first. A
-    tracker that fails is dropped with a warning line; the training goes on."""
+    `write` appends the record to the local file (so the log always holds every step up to the latest checkpoint)
+    and queues the rest: one writer thread feeds TensorBoard and the trackers (MLflow / W&B calls go over the
+    network) and uploads, so the other ranks never wait at their next collective for rank 0's I/O. `close` drains
+    the queue. A tracker that fails is dropped with a warning line; the training goes on."""
 
     def __init__(self, run: RunDir, rank: int, upload_every_s: float = 5.0):
         self.run = run
@@ -114,19 +114,24 @@ class MetricsLog:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._file_lock = threading.Lock()  # the training thread's records and the writer's warnings
 
     # ---- the training thread ---------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
-        """Queue one record (rank 0; other ranks write nothing)."""
+        """Append one record and queue it for TensorBoard, the trackers and the upload (rank 0; other ranks write
+        nothing)."""
         if self.rank != 0:
             return
+        self._raise()
         if self._trackers is None and record.get("step") is not None:
             try:  # once, on this thread: Ray's integrations read the worker's context
                 self._trackers = Trackers(self.run.name, {"run": self.run.uri})
             except Exception as exc:  # noqa: BLE001 - an unreachable tracker server must not stop the training
                 self._trackers = _NoTrackers()
-                self._submit("record", _warning(f"experiment tracking is off: {type(exc).__name__}: {exc}"))
-        self._submit("record", {"time": time.time(), **record})
+                self._append(_warning(f"experiment tracking is off: {type(exc).__name__}: {exc}"))
+        record = {"time": time.time(), **record}
+        self._append(record)
+        self._submit("record", record)
 
     def flush(self) -> None:
         """Upload the log (and TensorBoard events) of a remote run directory, on the writer thread."""
@@ -135,13 +140,13 @@ class MetricsLog:
         self._submit("flush", None)
 
     def drain(self) -> None:
-        """Wait until every queued record is written."""
+        """Wait until every queued record is published."""
         if self._thread is not None:
             self._queue.join()
         self._raise()
 
     def close(self) -> None:
-        """Write what is queued, upload, and close TensorBoard and the trackers (once)."""
+        """Publish what is queued, upload, and close TensorBoard and the trackers (once)."""
         if self.rank != 0 or self._closed:
             return
         self._closed = True
@@ -165,7 +170,7 @@ class MetricsLog:
         self._queue.put((kind, item))
 
     def _raise(self) -> None:
-        if self._error is not None:  # the log itself could not be written (a full disk): stop the run here
+        if self._error is not None:  # TensorBoard or an upload failed (a full disk, storage refused): stop here
             error, self._error = self._error, None
             raise error
 
@@ -175,7 +180,7 @@ class MetricsLog:
             kind, item = self._queue.get()
             try:
                 if kind == "record":
-                    self._append(item)
+                    self._publish(item)
                 elif kind == "flush":
                     self._flush()
                 else:
@@ -187,8 +192,10 @@ class MetricsLog:
                 self._queue.task_done()
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
+        with self._file_lock, open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+    def _publish(self, record: dict[str, Any]) -> None:
         self._tensorboard(record)
         if record.get("step") is not None:
             self._track(record)
@@ -234,7 +241,7 @@ class MetricsLog:
         """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
         if self.rank != 0:
             return
-        self.drain()
+        self.drain()  # no upload reads the file while it is rewritten
         if not self.path.exists():
             return
         kept = []

@@ -329,10 +329,7 @@ def data_check(
     if not size and name in registry.FAMILIES:
         size = registry.FAMILIES[name].recommended_size
     architecture = registry.get(name, size)
-    from vray.spec import MediaBlock
-
-    media = MediaBlock().for_arch(architecture)  # the image size training resizes to by default
-    processor, unreachable = counting_processor(model or architecture.repo_id, media=media)
+    processor, unreachable = counting_processor(model or architecture.repo_id, arch=architecture)
     if unreachable:
         err.print(f"[yellow]token counts are estimated: {unreachable}[/yellow]")
     budget = max_tokens or architecture.context_length
@@ -340,8 +337,7 @@ def data_check(
 
     with shown_progress(err, "checking") as progress:
         report = check_dataset(dataset, architecture, processor, task=task, max_tokens=budget, max_frames=max_frames,
-                               progress=progress, use_ray=not no_ray, start_ray=ensure_ray, cache=not no_cache,
-                               media_limits=media.model_dump(mode="json"))
+                               progress=progress, use_ray=not no_ray, start_ray=ensure_ray, cache=not no_cache)
     if report.cached:
         err.print(f"unchanged since it was last checked: the cached report ({report.cached}); --no-cache checks again",
                   highlight=False)

@@ -220,17 +220,21 @@ class MediaBlock(_Block):
             raise ValueError(f"minPixels ({self.minPixels}) is larger than maxPixels ({self.maxPixels})")
         return self
 
-    def for_arch(self, arch: registry.Architecture) -> MediaBlock:
-        """The block with the family's default maxPixels (`vray.archs.vision.default_max_pixels`) when the spec
-        sets none; never below the spec's minPixels."""
+    def default_cap(self, arch: registry.Architecture) -> int | None:
+        """Without a maxPixels of the spec's own: the family's default size (`vray.archs.vision.default_max_pixels`,
+        never below minPixels), which caps what the checkpoint's processor allows; None otherwise."""
         if self.maxPixels is not None:
-            return self
+            return None
         from vray.archs.vision import default_max_pixels
 
         default = default_max_pixels(arch)
-        if default is None:
-            return self
-        return self.model_copy(update={"maxPixels": max(default, self.minPixels or 0)})
+        return None if default is None else max(default, self.minPixels or 0)
+
+    def for_arch(self, arch: registry.Architecture) -> MediaBlock:
+        """The block with the family's default maxPixels filled in when the spec sets none (what the planner and
+        the data check's estimate size an image by)."""
+        cap = self.default_cap(arch)
+        return self if cap is None else self.model_copy(update={"maxPixels": cap})
 
 
 class ClusterBlock(_Block):
@@ -370,8 +374,9 @@ class RunSpec(_Block):
         return None
 
     def resolved(self, now: datetime | None = None) -> RunSpec:
-        """A copy with every default filled in: task, system prompt, name, output, model source, the task's
-        sampling settings and the family's image size."""
+        """A copy with every default filled in: task, system prompt, name, output, model source and the task's
+        sampling settings. media.maxPixels stays unset: the family's default caps the checkpoint's own size where a
+        processor is loaded (`vray.models.loader.load_processor`)."""
         task = self.effective_task
         updates: dict[str, Any] = {"task": task}
         if self.systemPrompt is None and task:
@@ -386,12 +391,11 @@ class RunSpec(_Block):
         if self.lora.targets is None and self.arch.lora_supported:
             updates["lora"] = self.lora.model_copy(update={"targets": self.arch.lora_targets})
         updates["evaluation"] = self.evaluation.for_task(task)
-        updates["media"] = self.media_limits
         return self.model_copy(update=updates)
 
     @property
     def media_limits(self) -> MediaBlock:
-        """The media block with the family's default image size filled in (what a resolved spec holds)."""
+        """The media block with the family's default image size filled in (the planner's sample image)."""
         return self.media.for_arch(self.arch)
 
     @property

@@ -24,7 +24,7 @@ from vray.infer.requests import DEFAULT_LIMITS, Limits, convert_messages, templa
 from vray.infer.target import ServeTarget
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import load_model, load_processor, resolve_source
-from vray.spec import MediaBlock, QuantizationBlock
+from vray.spec import QuantizationBlock
 
 DEFAULT_ADAPTER = "default"  # the adapter name of a run's own LoRA weights
 
@@ -111,10 +111,10 @@ class ModelEngine:
         self.allowed_image_hosts = tuple(allowed_image_hosts)
         self.limits = limits
         weights = target.weights or resolve_source(target.base_source)  # full weights need no base model
-        # images resized as the run trained on them (at most the family's default size), and to at most the visual
-        # tokens one request's image may have
-        self.processor = load_processor(target.adapter or weights, target.media or MediaBlock().for_arch(self.arch),
-                                        limits.processor_pixels(self.arch))
+        # images resized as the run trained on them (by default at most the family's default size), and to at most
+        # the visual tokens one request's image may have
+        self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch),
+                                        arch=self.arch)
         self.processor.tokenizer.padding_side = "left"
         # no token spells more characters than the longest in the vocabulary: bounds a prompt before tokenizing
         self.chars_per_token = max(map(len, self.processor.tokenizer.get_vocab()), default=1)

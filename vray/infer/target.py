@@ -35,7 +35,7 @@ class ServeTarget:
     quantization: QuantizationBlock | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
     serving: ServingBlock | None = None  # the run's serving block (replicas, batching, limits)
     stored: str | None = None  # the checkpoint folder as the run stores it: a remote one is fetched on each node
-    media: MediaBlock | None = None  # the run's image sizes (what it trained on, with the family's default size)
+    media: MediaBlock | None = None  # the run's image sizes (what it trained on); unset: the family's default
 
     @property
     def base_id(self) -> str:
@@ -94,7 +94,7 @@ def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, 
         quantization=spec.quantization if (trains_adapter and spec.quantization.enabled) else None,
         serving=_serving_of(spec, plan),
         stored=checkpoint,
-        media=spec.media_limits,
+        media=spec.media,
     )
 
 
@@ -173,7 +173,6 @@ def resolve_target(path_or_source: str, architecture: str | None = None, task: s
         system_prompt=DEFAULT_SYSTEM_PROMPTS.get(task) if task else None,
         evaluation=EvaluationBlock().for_task(task),
         checkpoint="base",
-        media=MediaBlock().for_arch(arch),
     )
 
 

@@ -120,7 +120,7 @@ class CollatorFactory:
     def __call__(self) -> Collator:
         from vray.models.loader import resolve_processor_source
 
-        processor = load_processor(resolve_processor_source(self.source, self.revision), self.media)
+        processor = load_processor(resolve_processor_source(self.source, self.revision), self.media, arch=self.arch)
         return Collator(processor, self.arch, self.system_prompt, max_tokens=self.max_tokens,
                         max_frames=self.media.maxFrames)
 
@@ -210,7 +210,7 @@ class Recipe:
 
     def _setup_model(self, restore: Path | None) -> None:
         self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
-        self.processor = load_processor(self.model_path, self.spec.media)
+        self.processor = load_processor(self.model_path, self.spec.media, arch=self.arch)
         full = self.spec.trainingMode.type == "Full"
         # Full fine-tuning resumes from the checkpoint's own weights when they are in Hugging Face form (ddp); the
         # sharded engines restore theirs in `Engine.load`, as LoRA loads its adapter onto the base later.

@@ -203,3 +203,25 @@ def test_cli_rejects_a_bad_spec_before_any_work(tmp_path):
     assert "hyperparameters.learningRate: got -1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing was created
+
+
+def test_grounding_and_vqa_decode_greedily_unless_the_spec_says_otherwise():
+    from vray.infer.target import resolve_target, run_target
+    from vray.models.generate import GenerationSettings
+
+    base = {"architecture": {"name": "qwen2.5vl", "size": "3B"}}
+    for task, expected in (("phrase_grounding", (0.0, 1.0)), ("vqa", (0.0, 1.0)), ("freeform", (1.0, 1.05))):
+        spec = validate_spec({**base, "task": task}).resolved()
+        assert (spec.evaluation.temperature, spec.evaluation.repetitionPenalty) == expected, task
+        assert validate_spec(yaml.safe_load(spec.to_yaml())).evaluation == spec.evaluation  # spec.yaml keeps them
+        kwargs = GenerationSettings.from_evaluation(run_target(validate_spec({**base, "task": task}), None)
+                                                    .evaluation).generate_kwargs()
+        assert kwargs["do_sample"] is (task == "freeform") and kwargs["repetition_penalty"] == expected[1]
+    # What a spec sets is honoured, for either field alone.
+    spec = validate_spec({**base, "task": "vqa", "evaluation": {"temperature": 0.7}}).resolved()
+    assert (spec.evaluation.temperature, spec.evaluation.repetitionPenalty) == (0.7, 1.0)
+    spec = validate_spec({**base, "task": "phrase_grounding", "evaluation": {"repetitionPenalty": 1.2}}).resolved()
+    assert (spec.evaluation.temperature, spec.evaluation.repetitionPenalty) == (0.0, 1.2)
+    # A base model served or evaluated for a task gets the same defaults.
+    target = resolve_target("tiny:qwen2_5_vl", task="phrase_grounding")
+    assert (target.evaluation.temperature, target.evaluation.repetitionPenalty) == (0.0, 1.0)

@@ -329,7 +329,7 @@ def data_check(
     if not size and name in registry.FAMILIES:
         size = registry.FAMILIES[name].recommended_size
     architecture = registry.get(name, size)
-    processor, unreachable = counting_processor(model or architecture.repo_id)
+    processor, unreachable = counting_processor(model or architecture.repo_id, arch=architecture)
     if unreachable:
         err.print(f"[yellow]token counts are estimated: {unreachable}[/yellow]")
     budget = max_tokens or architecture.context_length

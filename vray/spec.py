@@ -125,14 +125,36 @@ class HyperparametersBlock(_Block):
         return self.batchSize * self.gradientAccumulation
 
 
+# Sampling defaults per task, for what a spec leaves unset. Grounding and VQA answers have a fixed format (boxes,
+# short answers), so they decode greedily with no repetition penalty (box lists repeat brackets and digits);
+# freeform text samples. `EvaluationBlock.for_task` is the one place that applies them.
+TASK_SAMPLING: dict[str | None, dict[str, float]] = {
+    "phrase_grounding": {"temperature": 0.0, "repetitionPenalty": 1.0},
+    "vqa": {"temperature": 0.0, "repetitionPenalty": 1.0},
+    "freeform": {"temperature": 1.0, "repetitionPenalty": 1.05},
+    None: {"temperature": 1.0, "repetitionPenalty": 1.05},  # no task known: as freeform
+}
+
+
 class EvaluationBlock(_Block):
+    """How answers are generated (evaluation during training, `vray eval` / `predict`, and serving's defaults)."""
+
     maxNewTokens: int = Field(512, ge=1)
     topK: int = Field(50, ge=0, description="0 disables top-k")
     topP: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, in (0, 1]")
-    temperature: float = Field(1.0, ge=0, description="0 means greedy decoding")
-    repetitionPenalty: float = Field(1.05, gt=0, description="must be > 0; 1.0 is off, 1.1-1.3 discourages repeats")
+    temperature: float | None = Field(None, ge=0, description="0 means greedy decoding (default: 0 for "
+                                      "phrase_grounding and vqa, 1.0 for freeform)")
+    repetitionPenalty: float | None = Field(None, gt=0, description="must be > 0; 1.0 is off, 1.1-1.3 discourages "
+                                            "repeats (default: 1.0 for phrase_grounding and vqa, 1.05 for freeform)")
     maxSamples: int | None = Field(256, ge=1, description="held-out samples scored at each evaluation during training "
                                    "(the first N of the eval set; null: all of them)")
+    batchSize: int | None = Field(None, ge=1, description="held-out samples generated together per rank during "
+                                  "training (default: the plan's micro-batch, which fits beside training)")
+
+    def for_task(self, task: str | None) -> EvaluationBlock:
+        """The block with the task's sampling defaults (`TASK_SAMPLING`) where the spec set no value."""
+        unset = {k: v for k, v in TASK_SAMPLING.get(task, TASK_SAMPLING[None]).items() if getattr(self, k) is None}
+        return self.model_copy(update=unset) if unset else self
 
 
 class LoraBlock(_Block):
@@ -188,7 +210,8 @@ class ModelBlock(_Block):
 
 class MediaBlock(_Block):
     minPixels: int | None = Field(None, ge=1)
-    maxPixels: int | None = Field(None, ge=1)
+    maxPixels: int | None = Field(None, ge=1, description="pixels of one image after resizing (default: the "
+                                  "family's, 1280 visual tokens for the Qwen families)")
     maxFrames: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -196,6 +219,22 @@ class MediaBlock(_Block):
         if self.minPixels and self.maxPixels and self.minPixels > self.maxPixels:
             raise ValueError(f"minPixels ({self.minPixels}) is larger than maxPixels ({self.maxPixels})")
         return self
+
+    def default_cap(self, arch: registry.Architecture) -> int | None:
+        """Without a maxPixels of the spec's own: the family's default size (`vray.archs.vision.default_max_pixels`,
+        never below minPixels), which caps what the checkpoint's processor allows; None otherwise."""
+        if self.maxPixels is not None:
+            return None
+        from vray.archs.vision import default_max_pixels
+
+        default = default_max_pixels(arch)
+        return None if default is None else max(default, self.minPixels or 0)
+
+    def for_arch(self, arch: registry.Architecture) -> MediaBlock:
+        """The block with the family's default maxPixels filled in when the spec sets none (what the planner and
+        the data check's estimate size an image by)."""
+        cap = self.default_cap(arch)
+        return self if cap is None else self.model_copy(update={"maxPixels": cap})
 
 
 class ClusterBlock(_Block):
@@ -335,7 +374,9 @@ class RunSpec(_Block):
         return None
 
     def resolved(self, now: datetime | None = None) -> RunSpec:
-        """A copy with every default filled in: task, system prompt, name, output and model source."""
+        """A copy with every default filled in: task, system prompt, name, output, model source and the task's
+        sampling settings. media.maxPixels stays unset: the family's default caps the checkpoint's own size where a
+        processor is loaded (`vray.models.loader.load_processor`)."""
         task = self.effective_task
         updates: dict[str, Any] = {"task": task}
         if self.systemPrompt is None and task:
@@ -349,7 +390,13 @@ class RunSpec(_Block):
             updates["model"] = ModelBlock(source=self.arch.repo_id, revision=self.model.revision)
         if self.lora.targets is None and self.arch.lora_supported:
             updates["lora"] = self.lora.model_copy(update={"targets": self.arch.lora_targets})
+        updates["evaluation"] = self.evaluation.for_task(task)
         return self.model_copy(update=updates)
+
+    @property
+    def media_limits(self) -> MediaBlock:
+        """The media block with the family's default image size filled in (the planner's sample image)."""
+        return self.media.for_arch(self.arch)
 
     @property
     def run_dir(self) -> str:

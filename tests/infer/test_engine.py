@@ -73,8 +73,8 @@ def test_base_model_target_uses_registry_defaults(grounding_engine):
     t = grounding_engine.target
     assert t.architecture == "qwen3vl:2B" and t.adapter is None and t.checkpoint == "base"
     assert t.system_prompt and "bounding box" in t.system_prompt
-    s = grounding_engine.settings({})
-    assert (s.max_new_tokens, s.temperature, s.top_k, s.repetition_penalty) == (512, 1.0, 50, 1.05)
+    s = grounding_engine.settings({})  # grounding decodes greedily unless a request or the spec says otherwise
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.repetition_penalty) == (512, 0.0, 50, 1.0)
     s = grounding_engine.settings({"max_tokens": 3, "temperature": 0})
     assert s.max_new_tokens == 3 and s.generate_kwargs()["do_sample"] is False
     with pytest.raises(RequestError, match="top_p: got 0"):

@@ -198,3 +198,37 @@ def test_bad_network_device_options_are_refused(monkeypatch):
             render_spec("jobs/qwen3-vl-32b-full.yaml", "A100-40GB", 8, rdma=(bad,))
     with pytest.raises(VrayError, match="--efa .*GPU worker pods"):
         render_spec("jobs/tiny-cpu.yaml", None, efa=1)
+
+
+def test_token_auth_set_overrides_replica_resources_and_pods_that_need_shared_storage(rendered, monkeypatch):
+    import shlex
+
+    from vray.k8s import render_spec
+    from vray.serve.options import ReplicaSize
+
+    for r in rendered:
+        for kind, m in r.manifests.items():
+            cluster = m["spec"].get("rayClusterSpec") or m["spec"].get("rayClusterConfig") or m["spec"]
+            assert cluster["authOptions"] == {"mode": "token"}, (r.folder, kind)  # the operator makes the token
+    # The replicas' sized accelerator type (which Ray never adds to a node by itself) is declared by their group.
+    service = next(r for r in rendered if "rayservice" in r.manifests).manifests["rayservice"]["spec"]
+    asked = yaml.safe_load(service["serveConfigV2"])["applications"][0]["deployments"][0]["ray_actor_options"]
+    (group,) = service["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["resources"] == {f"accelerator_type:{asked['accelerator_type']}": "1"}
+    assert ReplicaSize(1, 0, None).ray_actor_options() == {"num_cpus": 1}  # a CPU replica asks for nothing else
+
+    # `--set` overrides are what the RayJob trains with, quoted for the shell.
+    monkeypatch.chdir(REPO)
+    sets = ["hyperparameters.epochs=3", "systemPrompt=Answer in one word.", "name=ignored"]
+    manifests, command = render_spec("jobs/qwen3.5-4b-lora.yaml", "L4-24GB", 1, kinds=("rayjob",), overrides=sets)
+    words = shlex.split(manifests["rayjob"]["spec"]["entrypoint"])
+    assert words[:2] == ["vray", "train"] and "hyperparameters.epochs=3" in words
+    assert "systemPrompt=Answer in one word." in words and words[-2:] == ["--set", "name=ignored"]
+    assert "--set hyperparameters.epochs=3" in command
+
+    # A CPU plan runs one pod per worker: a node-local run directory would be split over the pods.
+    many = ["cluster.workers=2", "output=/home/ray/runs"]
+    with pytest.raises(VrayError, match="2 pods.*s3://BUCKET/runs.*shared volume"):
+        render_spec("jobs/tiny-cpu.yaml", None, overrides=many)
+    assert render_spec("jobs/tiny-cpu.yaml", None, overrides=["cluster.workers=2", "output=s3://b/runs"])[0]
+    assert render_spec("jobs/tiny-cpu.yaml", None, overrides=["output=/home/ray/runs"])[0]  # one pod: its own disk

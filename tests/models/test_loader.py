@@ -21,6 +21,37 @@ def test_media_max_pixels_bounds_the_patch_grid(family):
         assert h * w * ip.patch_size**2 > budget / 2  # the budget is used, not ignored
 
 
+def test_an_image_defaults_to_1280_visual_tokens_of_its_family(tmp_path):
+    import json
+    import shutil
+
+    from vray.archs import registry
+    from vray.spec import validate_spec
+
+    image = [Image.new("RGB", (4096, 3072))]  # 12.6 MP
+    for name, size, family, unit in (("qwen2.5vl", "3B", "qwen2_5_vl", 28), ("qwen3vl", "2B", "qwen3_vl", 32)):
+        arch = registry.get(name, size)
+        # A checkpoint whose own processor allows 16384 visual tokens an image, as the published ones do.
+        folder = shutil.copytree(tiny_checkpoint(family), tmp_path / family)
+        config = json.loads((folder / "processor_config.json").read_text())
+        config["image_processor"]["size"] = {"longest_edge": 16384 * unit * unit, "shortest_edge": 4 * unit * unit}
+        (folder / "processor_config.json").write_text(json.dumps(config))
+
+        def tokens(media: MediaBlock, source=folder) -> int:
+            ip = load_processor(source, media, arch=arch).image_processor
+            t, h, w = ip(images=image, return_tensors="pt")["image_grid_thw"][0].tolist()
+            return h * w // ip.merge_size**2
+
+        spec = validate_spec({"architecture": {"name": name, "size": size}}).resolved()
+        assert spec.media.maxPixels is None and spec.media_limits.maxPixels == 1280 * unit * unit  # the planner's
+        assert 1100 < tokens(spec.media) <= 1280, family
+        assert tokens(MediaBlock(maxPixels=4096 * 4096)) > 10_000  # what a spec sets is honoured
+        # A checkpoint that allows fewer pixels than the default keeps its own bound.
+        assert tokens(MediaBlock(), tiny_checkpoint(family)) <= 65536 // unit**2
+    assert MediaBlock(minPixels=2_000_000).default_cap(registry.get("qwen3vl", "2B")) == 2_000_000
+    assert MediaBlock().default_cap(registry.get("internvl3.5", "8B")) is None  # tiles bound InternVL
+
+
 @pytest.mark.parametrize("family,arch", [("qwen2_5_vl", ("qwen2.5vl", "3B")), ("qwen3_5", ("qwen3.5", "0.8B"))])
 def test_a_model_built_without_weights_fills_like_from_pretrained(family, arch):
     """The FSDP2 path (built on meta, then each parameter filled from the checkpoint) gives the same weights as

@@ -1,6 +1,7 @@
 """Evaluation on 2 gloo ranks where it used to hang or gather too much: an eval set smaller than the world (a rank
 with nothing to evaluate), held-out data mixing image and text-only samples under sharded engines, the sample cap,
-and the whole-model gather of sharded engines (once per evaluation) against the layer-by-layer path (`synced`).
+the evaluation's own batch size, and the whole-model gather of sharded engines (once per evaluation) against the
+layer-by-layer path (`synced`).
 
 One process group runs the cells in turn; a hang fails the test at its timeout instead of blocking the suite."""
 
@@ -25,6 +26,7 @@ CELLS = {
     "fsdp2-mixed-capped": ("fsdp2", 4, (1,), 3, True),
     "fsdp2-one-sample-synced": ("fsdp2", 1, (), None, False),
 }
+EVAL_BATCH = {"fsdp2-mixed-capped": 2, "fsdp2-one-sample-synced": 2}  # evaluation.batchSize (default: micro-batch, 1)
 
 
 def entry(config):
@@ -61,7 +63,7 @@ def _spec(name: str, strategy: str, train: str, eval_: str, cap: int | None, out
         "compute": {"precisionType": "BFloat16"}, "task": "vqa", "data": {"train": train, "eval": eval_},
         "hyperparameters": {"epochs": 1, "learningRate": 1e-3, "batchSize": 2},
         "lora": {"dropout": 0.0}, "evaluation": {"maxNewTokens": 2, "temperature": 0, "repetitionPenalty": 1.0,
-                                                 "maxSamples": cap},
+                                                 "maxSamples": cap, "batchSize": EVAL_BATCH.get(name)},
         "cluster": {"workers": 2, "strategy": strategy}, "output": output, "name": name,
     }
 

@@ -39,6 +39,10 @@ class Family:
     vision_modules: tuple[str, ...]
     projector_modules: tuple[str, ...]
     notes: str = ""
+    # Visual tokens one image is resized to at most when the spec sets no media.maxPixels (dynamic-resolution
+    # towers). The top of the 256-1280 token range Qwen's model cards recommend; the checkpoints' own
+    # preprocessor configs allow 16384. None: the family tiles images, and its tiling bounds the count.
+    image_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Architecture:
     vision_modules: tuple[str, ...]
     projector_modules: tuple[str, ...]
     box_convention: str
+    image_tokens: int | None = None  # the family's default visual-token cap per image (`Family.image_tokens`)
     is_moe: bool = False
     gated: bool = False
     recommended: bool = False
@@ -165,17 +170,17 @@ FAMILIES: dict[str, Family] = {
         Family(
             "qwen3.5", "Qwen3.5", ("0.8B", "2B", "4B", "9B", "27B", "35B-A3B"), "4B", BOX_QWEN3_REL1000, True,
             "model.language_model", _QWEN_VISION, ("model.visual.merger",),
-            "hybrid Gated DeltaNet + gated attention (3:1); post-trained Qwen/Qwen3.5-{size} line",
+            "hybrid Gated DeltaNet + gated attention (3:1); post-trained Qwen/Qwen3.5-{size} line", 1280,
         ),
         Family(
             "qwen3vl", "Qwen3-VL", ("2B", "4B", "8B", "32B", "30B-A3B", "235B-A22B"), "4B", BOX_QWEN3_REL1000, True,
             "model.language_model", _QWEN_VISION, ("model.visual.merger", "model.visual.deepstack_merger_list"),
-            "*-Instruct line only; DeepStack",
+            "*-Instruct line only; DeepStack", 1280,
         ),
         Family(
             "qwen2.5vl", "Qwen2.5-VL", ("3B", "7B", "32B", "72B"), "7B", BOX_QWEN25_ABS, True,
             "model.language_model", _QWEN_VISION, ("model.visual.merger",),
-            "*-Instruct line only; absolute-pixel boxes",
+            "*-Instruct line only; absolute-pixel boxes", 1280,
         ),
         Family(
             "nvila-lite", "NVILA-Lite", ("2B",), "2B", BOX_NVILA_REL1, False,
@@ -185,12 +190,12 @@ FAMILIES: dict[str, Family] = {
         Family(
             "cosmos-reason1", "Cosmos-Reason1", ("7B",), "7B", BOX_QWEN25_ABS, True,
             "model.language_model", _QWEN_VISION, ("model.visual.merger",),
-            "Qwen2.5-VL architecture; reasoning traces",
+            "Qwen2.5-VL architecture; reasoning traces", 1280,
         ),
         Family(
             "cosmos-reason2", "Cosmos-Reason2", ("2B", "8B"), "2B", BOX_QWEN3_REL1000, True,
             "model.language_model", _QWEN_VISION, ("model.visual.merger", "model.visual.deepstack_merger_list"),
-            "Qwen3-VL architecture; physical reasoning, CoT; gated on the hub (needs HF_TOKEN)",
+            "Qwen3-VL architecture; physical reasoning, CoT; gated on the hub (needs HF_TOKEN)", 1280,
         ),
         Family(
             "internvl3.5", "InternVL3.5", ("8B",), "8B", BOX_INTERNVL_REL1000, True,
@@ -254,6 +259,7 @@ def _build(family: Family, size: str) -> Architecture:
         vision_modules=family.vision_modules,
         projector_modules=family.projector_modules,
         box_convention=family.box_convention,
+        image_tokens=family.image_tokens,
         is_moe=model_type.endswith("_moe"),
         gated=family.name == "cosmos-reason2",
         recommended=size == family.recommended_size,

@@ -86,6 +86,14 @@ def visual_grid(v: VisionDims, pixels: int, frames: int = 0) -> VisualGrid:
     return VisualGrid(side, side, units * per_tile_tokens, units * per_tile)
 
 
-def visual_tokens(arch: Architecture, width: int, height: int) -> int:
-    """Visual tokens of one width x height image for an architecture."""
-    return visual_grid(vision_dims(arch.config), width * height).tokens
+def default_max_pixels(arch: Architecture) -> int | None:
+    """The pixels one image is resized to at most when the spec sets no media.maxPixels: the family's token cap
+    (`Family.image_tokens`) in pixels. None for tiled towers."""
+    return pixels_for_tokens(arch, arch.image_tokens) if arch.image_tokens else None
+
+
+def visual_tokens(arch: Architecture, width: int, height: int, max_pixels: int | None = None) -> int:
+    """Visual tokens of one width x height image for an architecture, resized to at most `max_pixels` (default:
+    the family's default cap)."""
+    cap = max_pixels or default_max_pixels(arch)
+    return visual_grid(vision_dims(arch.config), min(width * height, cap) if cap else width * height).tokens

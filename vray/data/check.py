@@ -147,13 +147,14 @@ def _check_sample(sample: Sample, where: str, arch: Architecture, collator: Any,
     return issues, tokens
 
 
-def counting_processor(source: str, revision: str | None = None, media: Any = None) -> tuple[Any, str | None]:
-    """(the processor that counts a sample's tokens exactly, None) or, when the model is out of reach (an offline
-    hub), (None, why): token counts are then estimated."""
+def counting_processor(source: str, revision: str | None = None, media: Any = None,
+                       arch: Architecture | None = None) -> tuple[Any, str | None]:
+    """(the processor that counts a sample's tokens exactly, with the family's default image size when `arch` is
+    given, None) or, when the model is out of reach (an offline hub), (None, why): token counts are then estimated."""
     from vray.models.loader import load_processor, resolve_processor_source
 
     try:
-        return load_processor(resolve_processor_source(source, revision), media), None
+        return load_processor(resolve_processor_source(source, revision), media, arch=arch), None
     except VrayError as exc:
         return None, str(exc)
 

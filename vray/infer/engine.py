@@ -115,8 +115,10 @@ class ModelEngine:
         self.allowed_image_hosts = tuple(allowed_image_hosts)
         self.limits = limits
         weights = target.weights or resolve_source(target.base_source)  # full weights need no base model
-        # images resized as the run trained on them, and to at most the visual tokens one request's image may have
-        self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch))
+        # images resized as the run trained on them (by default at most the family's default size), and to at most
+        # the visual tokens one request's image may have
+        self.processor = load_processor(target.adapter or weights, target.media, limits.processor_pixels(self.arch),
+                                        arch=self.arch)
         self.processor.tokenizer.padding_side = "left"
         # no token spells more characters than the longest in the vocabulary: bounds a prompt before tokenizing
         self.chars_per_token = max(map(len, self.processor.tokenizer.get_vocab()), default=1)

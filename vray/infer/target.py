@@ -35,7 +35,7 @@ class ServeTarget:
     quantization: QuantizationBlock | None = None  # a QLoRA adapter runs on the 4-bit base it was trained on
     serving: ServingBlock | None = None  # the run's serving block (replicas, batching, limits)
     stored: str | None = None  # the checkpoint folder as the run stores it: a remote one is fetched on each node
-    media: MediaBlock | None = None  # the run's image sizes (what it trained on); None: the processor's own
+    media: MediaBlock | None = None  # the run's image sizes (what it trained on); unset: the family's default
 
     @property
     def base_id(self) -> str:
@@ -80,15 +80,16 @@ def run_target(spec: RunSpec, plan: Plan | None, checkpoint: str | None = None, 
         trains_adapter = adapter is not None
     else:
         trains_adapter = spec.trainingMode.type == "LoRA"
+    task = spec.effective_task or info.get("task")
     return ServeTarget(
         model_id=name or spec.name or Path(checkpoint or "").name,
         architecture=spec.arch.key,
         base_source=spec.model.source or spec.arch.repo_id,
         adapter=adapter,
         weights=weights,
-        task=spec.effective_task or info.get("task"),
+        task=task,
         system_prompt=spec.systemPrompt,
-        evaluation=spec.evaluation,
+        evaluation=spec.evaluation.for_task(task),  # a resolved spec has them already; a rendered one not yet
         checkpoint=label,
         quantization=spec.quantization if (trains_adapter and spec.quantization.enabled) else None,
         serving=_serving_of(spec, plan),
@@ -170,7 +171,7 @@ def resolve_target(path_or_source: str, architecture: str | None = None, task: s
         weights=None,
         task=task,
         system_prompt=DEFAULT_SYSTEM_PROMPTS.get(task) if task else None,
-        evaluation=EvaluationBlock(),
+        evaluation=EvaluationBlock().for_task(task),
         checkpoint="base",
     )
 

@@ -3,6 +3,7 @@ KubeRay CRD schemas."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,15 @@ def render_spec(spec_file: str, gpu: str | None, gpus_per_node: int | None = Non
     stem = Path(spec_file).stem
     opts = RenderOptions(name=name or spec.name or k8s_name(stem), spec_ref=spec_file, image=image or DEFAULT_IMAGE,
                          namespace=namespace, working_dir=working_dir, cluster_selector=cluster_selector,
-                         efa=efa, rdma=devices)
+                         efa=efa, rdma=devices, overrides=tuple(overrides or ()))
     chosen = tuple(kinds or KINDS)
     if kinds is None and "://" not in spec.storage:
         chosen = ("raycluster", "rayjob")  # a RayService needs the run in shared storage
     command = " ".join(["vray k8s render", spec_file] + ([f"--gpu {kind}"] if kind else [])
                        + ([f"--gpus-per-node {gpus_per_node}"] if gpus_per_node else [])
                        + ([f"--nodes {nodes}"] if nodes else []) + ([f"--efa {efa}"] if efa else [])
-                       + [f"--rdma {r}" for r in rdma] + [f"--kind {k}" for k in chosen])
+                       + [f"--rdma {r}" for r in rdma] + [f"--set {shlex.quote(o)}" for o in overrides or ()]
+                       + [f"--kind {k}" for k in chosen])
     return render(spec, plan, opts, chosen), command
 
 

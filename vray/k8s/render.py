@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ SECRET = "vray-secrets"  # keys: hf-token, aws-access-key-id, aws-secret-access-
 CACHE = "/home/ray/.cache"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 KINDS = ("raycluster", "rayjob", "rayservice")
+# Ray token authentication (KubeRay >= 1.5.1, Ray >= 2.52): the operator creates a Secret named after the cluster
+# holding a random token and sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from that Secret) on every Ray container,
+# the autoscaler, and a RayJob's submitter; its own dashboard client sends the token too.
+AUTH_OPTIONS = {"mode": "token"}
 
 
 def ray_version() -> str:
@@ -59,6 +64,7 @@ class RenderOptions:
     ttl_seconds: int = 3600
     efa: int = 0  # EFA interfaces per GPU pod (vpc.amazonaws.com/efa), for NCCL over aws-ofi-nccl
     rdma: tuple[tuple[str, int], ...] = ()  # (device-plugin resource, count) per GPU pod, for NCCL over InfiniBand
+    overrides: tuple[str, ...] = ()  # `--set KEY=VALUE` given to the renderer: the RayJob trains with them too
 
 
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -138,7 +144,8 @@ def _head(image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _worker_group(gpu: GPU | None, gpus_per_pod: int, pods: int, min_pods: int, max_pods: int, image: str,
                   env: list[dict[str, Any]], cpus_per_pod: int,
-                  devices: tuple[dict[str, str], list[dict[str, Any]], bool] = ({}, [], False)) -> dict[str, Any]:
+                  devices: tuple[dict[str, str], list[dict[str, Any]], bool] = ({}, [], False),
+                  resources: dict[str, str] | None = None) -> dict[str, Any]:
     extra_limits, extra_env, ipc_lock = devices
     if gpu is not None:
         memory_gib = max(16, int(gpu.host_memory_per_gpu * gpus_per_pod * 0.85 / 2**30))
@@ -164,13 +171,18 @@ def _worker_group(gpu: GPU | None, gpus_per_pod: int, pods: int, min_pods: int, 
     }
     if gpu is not None:
         pod["tolerations"] = [dict(GPU_TOLERATION)]
-    return {"groupName": group, "replicas": pods, "minReplicas": min_pods, "maxReplicas": max_pods, "numOfHosts": 1,
-            "rayStartParams": {}, "template": {"spec": pod}}
+    out: dict[str, Any] = {"groupName": group, "replicas": pods, "minReplicas": min_pods, "maxReplicas": max_pods,
+                           "numOfHosts": 1, "rayStartParams": {}, "template": {"spec": pod}}
+    if resources:  # Ray resources the pods start with, which the autoscaler counts before a pod exists
+        out["resources"] = dict(resources)
+    return out
 
 
 def cluster_spec(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None, serve: bool = False,
-                 pods: tuple[int, int, int] | None = None, gpus_per_pod: int | None = None) -> dict[str, Any]:
-    """A RayCluster spec: head without work, one worker group sized from the plan (or for serving replicas)."""
+                 pods: tuple[int, int, int] | None = None, gpus_per_pod: int | None = None,
+                 resources: dict[str, str] | None = None) -> dict[str, Any]:
+    """A RayCluster spec: head without work, one worker group sized from the plan (or for serving replicas, with
+    the Ray `resources` they ask for), Ray token authentication on (`AUTH_OPTIONS`)."""
     env = _env(spec, serve)
     devices: tuple[dict[str, str], list[dict[str, Any]], bool] = ({}, [], False)
     if not serve:  # serving replicas run no collectives across pods
@@ -189,11 +201,21 @@ def cluster_spec(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None
         cpus = plan.cpus_per_worker + 1
     return {
         "rayVersion": ray_version(),
+        "authOptions": dict(AUTH_OPTIONS),
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"version": "v2", "upscalingMode": "Default", "idleTimeoutSeconds": 300},
         "headGroupSpec": _head(opts.image, env),
-        "workerGroupSpecs": [_worker_group(gpu, per_pod, replicas, low, high, opts.image, env, cpus, devices)],
+        "workerGroupSpecs": [_worker_group(gpu, per_pod, replicas, low, high, opts.image, env, cpus, devices,
+                                           resources)],
     }
+
+
+def training_pods(plan: Plan) -> int:
+    """Worker pods the training runs on: a GPU plan packs a node's GPUs into one pod; a CPU plan runs one pod per
+    worker."""
+    if plan.device == "gpu":
+        return math.ceil(plan.num_workers / max(1, min(plan.gpus_per_node, plan.num_workers)))
+    return plan.num_workers
 
 
 def raycluster(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None) -> dict[str, Any]:
@@ -203,8 +225,10 @@ def raycluster(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None) 
 
 
 def entrypoint(opts: RenderOptions, run_name: str) -> str:
-    """The RayJob's command: train the spec under a fixed run name (so serving can find the run)."""
-    return f"vray train {opts.spec_ref} --set name={run_name}"
+    """The RayJob's command: train the spec with the renderer's `--set` overrides (the spec the manifests were
+    planned for), under a fixed run name (so serving can find the run)."""
+    sets = [f"--set {shlex.quote(o)}" for o in opts.overrides if o.partition("=")[0].strip() != "name"]
+    return " ".join(["vray train", shlex.quote(opts.spec_ref), *sets, f"--set {shlex.quote(f'name={run_name}')}"])
 
 
 def rayjob(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None, run_name: str) -> dict[str, Any]:
@@ -228,6 +252,14 @@ def rayjob(plan: Plan, spec: RunSpec, opts: RenderOptions, gpu: GPU | None, run_
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _meta(opts, "-train"), "spec": job}
 
 
+def replica_resources(actor_options: dict[str, Any]) -> dict[str, str]:
+    """The Ray resources a serving replica asks for beyond CPUs and GPUs, which its worker group must declare: the
+    KubeRay autoscaler sizes a group from its pods' CPU / GPU limits and its `resources`, and Ray adds only the bare
+    GPU name (`accelerator_type:A100`) to a node by itself, never the sized one a replica asks for (A100-80G)."""
+    kind = actor_options.get("accelerator_type")
+    return {f"accelerator_type:{kind}": "1"} if kind else {}
+
+
 def rayservice(plan: Plan, spec: RunSpec, opts: RenderOptions, run_uri: str, run_name: str) -> dict[str, Any]:
     """A RayService serving the trained run (`<output>/<name>`) with the run's serving block."""
     from vray.infer.target import run_target
@@ -244,7 +276,8 @@ def rayservice(plan: Plan, spec: RunSpec, opts: RenderOptions, run_uri: str, run
     replica = options.replica
     gpu = gpu_named(replica.gpu) if replica.gpu else None
     cluster = cluster_spec(plan, spec, opts, gpu, serve=True, pods=(max(s.minReplicas, 1), s.minReplicas, s.maxReplicas),
-                           gpus_per_pod=replica.num_gpus or None)
+                           gpus_per_pod=replica.num_gpus or None,
+                           resources=replica_resources(replica.ray_actor_options()))
     body = {"serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False), "rayClusterConfig": cluster}
     return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": _meta(opts, "-serve"), "spec": body}
 
@@ -262,7 +295,7 @@ def render(spec: RunSpec, plan: Plan, opts: RenderOptions, kinds: tuple[str, ...
     gpu = gpu_named(plan.gpu) if plan.device == "gpu" and plan.gpu else None
     run_name = spec.name or opts.name
     run_uri = spec.run_dir_of(run_name)
-    require_shared_storage(run_uri, plan.nodes, mounts_of_this_machine=False)
+    require_shared_storage(run_uri, training_pods(plan), mounts_of_this_machine=False)
     out: dict[str, dict[str, Any]] = {}
     if "raycluster" in kinds:
         out["raycluster"] = raycluster(plan, spec, opts, gpu)

@@ -12,14 +12,15 @@ from torch import nn
 from vray.models.quantized import keep_4bit_layout
 from vray.spec import EvaluationBlock
 
-_DEFAULTS = EvaluationBlock()
+_DEFAULTS = EvaluationBlock().for_task(None)
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     """max_new_tokens, temperature (0 = greedy), top_p, top_k (0 = off), repetition_penalty."""
 
-    # The defaults are the spec's evaluation defaults: one place says what an unset setting means.
+    # The defaults are the spec's evaluation defaults when no task is known: one place says what an unset
+    # setting means.
     max_new_tokens: int = _DEFAULTS.maxNewTokens
     temperature: float = _DEFAULTS.temperature
     top_p: float = _DEFAULTS.topP
@@ -29,7 +30,10 @@ class GenerationSettings:
 
     @classmethod
     def from_evaluation(cls, evaluation: EvaluationBlock) -> GenerationSettings:
-        """From a spec's `evaluation` block."""
+        """From a spec's `evaluation` block, with its task's defaults already applied (`EvaluationBlock.for_task`,
+        which a resolved spec and a ServeTarget have done): nothing here decides what an unset value means."""
+        if evaluation.temperature is None or evaluation.repetitionPenalty is None:
+            raise ValueError("an evaluation block without its task's defaults; apply EvaluationBlock.for_task first")
         return cls(
             max_new_tokens=evaluation.maxNewTokens,
             temperature=evaluation.temperature,

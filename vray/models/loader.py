@@ -155,10 +155,17 @@ def require_source(source: str, revision: str | None = None, what: str = "model.
             hf_hub_download(source, "config.json", revision=revision, token=os.environ.get("HF_TOKEN"))
 
 
-def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int | None = None) -> Any:
+def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int | None = None,
+                   arch: Architecture | None = None) -> Any:
     """The checkpoint's processor, with the spec's media limits applied to image resizing; `max_pixels` caps the
-    pixels one image is resized to on top of them (a server's bound on the visual tokens of one image)."""
+    pixels one image is resized to on top of them (a server's bound on the visual tokens of one image). With
+    `arch` and no `media.maxPixels`, the family's default size (`MediaBlock.default_cap`) caps the checkpoint's
+    own (16384 visual tokens an image for the Qwen families)."""
     from transformers import AutoProcessor
+
+    if arch is not None:
+        cap = (media or MediaBlock()).default_cap(arch)
+        max_pixels = min(p for p in (max_pixels, cap) if p) if (max_pixels or cap) else None
 
     processor = AutoProcessor.from_pretrained(path)
     ip = getattr(processor, "image_processor", None)

@@ -64,8 +64,9 @@ def workload_of(spec: RunSpec) -> Workload:
 
 
 def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
-    """The sample shape a spec's media limits imply."""
-    return sample_shape(profile, spec.media.minPixels, spec.media.maxPixels, spec.media.maxFrames)
+    """The sample shape a spec's media limits (with the family's default image size) imply."""
+    media = spec.media_limits
+    return sample_shape(profile, media.minPixels, media.maxPixels, media.maxFrames)
 
 
 
@@ -281,11 +282,10 @@ def _suggestions(spec: RunSpec, profile: ArchProfile, w: Workload, sample: Sampl
         if sp.total_params >= profile.total_params:
             continue
         sw = workload_of(spec.model_copy(update={"architecture": spec.architecture.model_copy(update={"size": size})}))
-        if search(sp, sw, sample_shape(sp, spec.media.minPixels, spec.media.maxPixels, spec.media.maxFrames),
-                  inv, effective) is not None:
+        if search(sp, sw, sample_of(spec, sp), inv, effective) is not None:
             out.append(f"architecture.size: {size} fits this inventory")
             break
-    if spec.media.maxPixels is None or spec.media.maxPixels > 512 * 512:
+    if (spec.media_limits.maxPixels or 1024 * 1024) > 512 * 512:
         out.append("smaller images (media.maxPixels) shorten the sequence and its activations")
     return out
 

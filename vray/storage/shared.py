@@ -32,9 +32,10 @@ def require_shared_storage(uri: str, nodes: int, mounts_of_this_machine: bool = 
         return
     if not mounts_of_this_machine:
         raise VrayError(
-            f"the plan spans {nodes} nodes but the run directory {uri} is a local path, and the pods share no folder "
-            "with this machine; set output (or VRAY_STORAGE) to s3://BUCKET/runs so every node writes to the same "
-            "run directory"
+            f"the run's workers run in {nodes} pods but the run directory {uri} is a local path, which each pod "
+            "would have for itself; set output (or VRAY_STORAGE) to s3://BUCKET/runs so every pod writes to the same "
+            "run directory, or mount one shared volume (NFS, a ReadWriteMany PersistentVolumeClaim) at that path in "
+            "every pod and render with VRAY_SHARED_STORAGE=1"
         )
     kind = mount_type(uri) or "unknown"
     if kind.startswith(NETWORK_FILESYSTEMS):

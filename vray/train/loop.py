@@ -8,6 +8,7 @@ scheduler, in that order, then restores a checkpoint; `train()` runs the epochs 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -119,7 +120,7 @@ class CollatorFactory:
     def __call__(self) -> Collator:
         from vray.models.loader import resolve_processor_source
 
-        processor = load_processor(resolve_processor_source(self.source, self.revision), self.media)
+        processor = load_processor(resolve_processor_source(self.source, self.revision), self.media, arch=self.arch)
         return Collator(processor, self.arch, self.system_prompt, max_tokens=self.max_tokens,
                         max_frames=self.media.maxFrames)
 
@@ -209,7 +210,7 @@ class Recipe:
 
     def _setup_model(self, restore: Path | None) -> None:
         self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
-        self.processor = load_processor(self.model_path, self.spec.media)
+        self.processor = load_processor(self.model_path, self.spec.media, arch=self.arch)
         full = self.spec.trainingMode.type == "Full"
         # Full fine-tuning resumes from the checkpoint's own weights when they are in Hugging Face form (ddp); the
         # sharded engines restore theirs in `Engine.load`, as LoRA loads its adapter onto the base later.
@@ -272,6 +273,16 @@ class Recipe:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run every remaining step; evaluate and checkpoint at the interval. Returns the last metrics."""
+        try:
+            last = self._train()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the records queued before the failure, without hiding it
+                self.metrics_log.close()
+            raise
+        self.metrics_log.close()  # every queued record written
+        return last
+
+    def _train(self) -> dict[str, Any]:
         epochs = self.spec.hyperparameters.epochs
         self.metrics_log.write({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                                 "epochs": epochs, "workers": self.world_size, "strategy": self.engine.name,
@@ -304,7 +315,6 @@ class Recipe:
                 checkpoint = self.save_checkpoint({**last, **evaluation})
                 self.reporter.report({**last, **evaluation}, checkpoint)
         self.save_final()
-        self.metrics_log.close()
         return last
 
     def _at_checkpoint(self) -> bool:
@@ -349,19 +359,29 @@ class Recipe:
     # ---- evaluation ----------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """Held-out loss and the task's metrics over the first `evaluation.maxSamples` held-out samples, summed
-        exactly over every rank's share.
+        exactly over every rank's share, generated `evaluation.batchSize` samples at a time.
+
+        Generation runs here, on the training thread, with the step's weights: under zero3 and fsdp2 it is a
+        collective (layers gathered, or the whole model gathered once), and a second thread issuing collectives
+        would interleave with the training's on the same process group. Scoring (parsing answers, matching boxes)
+        runs on a scorer thread while the next batch generates, and the one all-reduce of the sums comes after the
+        last batch, on every rank alike. Rank 0's writes of the result go through the metrics log's writer thread.
 
         Every forward runs on the unwrapped model (a DDP forward takes part in a collective, which a rank without
         held-out samples would never join). Sharded engines gather the whole model once where it fits in memory
         (every forward is then local: ranks may run different numbers of batches, with or without images);
         otherwise every forward gathers each layer, so every rank runs as many batches as the others, padding with
         a copy of a held-out sample that is never scored."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         mine = self.data.eval[:self._eval_share()]
-        batch_size = max(1, self.plan.micro_batch)
+        batch_size = self.spec.evaluation.batchSize or max(1, self.plan.micro_batch)
         batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
         sums: dict[str, list[float]] = {"loss": [0.0, 0.0]}
+        scored: list[Future[dict[str, tuple[float, float]]]] = []
         started = time.time()
-        with evaluating(self.engine.model), self._autocast(), self.engine.generation(self._gather_for_eval()) as run:
+        with evaluating(self.engine.model), self._autocast(), self.engine.generation(self._gather_for_eval()) as run, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="vray-eval-score") as scorer:
             settings = self.generation
             if run.synced:
                 from dataclasses import replace
@@ -378,17 +398,17 @@ class Recipe:
                 prompts = [self.collator.encode(s, with_answer=False) for s in samples]
                 texts, _ = generate_texts(run.model, self.processor.tokenizer,
                                           self.collator.batch(prompts, left_pad=True), settings)
-                for sample, enc, text in zip(samples, prompts, texts):
-                    seen += 1
-                    if seen > len(mine):  # a filler copy
-                        continue
-                    sums["loss"][0] += loss
-                    sums["loss"][1] += 1
-                    for name, (n, d) in task_metrics.score_sample(self.task, text, sample, enc.reference, enc.geometries,
-                                                                    self.arch.box_convention).items():
-                        acc = sums.setdefault(name, [0.0, 0.0])
-                        acc[0] += n
-                        acc[1] += d
+                real = max(0, min(len(samples), len(mine) - seen))  # the rest are filler copies, never scored
+                seen += len(samples)
+                if real:
+                    scored.append(scorer.submit(self._score, samples[:real], prompts[:real], texts[:real]))
+                    sums["loss"][0] += loss * real
+                    sums["loss"][1] += real
+            for future in scored:
+                for name, (n, d) in future.result().items():
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += n
+                    acc[1] += d
         names = sorted(set().union(*all_gather_names(sorted(sums))))
         flat = all_reduce_sum([v for k in names for v in sums.get(k, [0.0, 0.0])], self.device)
         totals = {k: (flat[2 * i], flat[2 * i + 1]) for i, k in enumerate(names)}
@@ -396,6 +416,16 @@ class Recipe:
         out["eval/samples"] = totals["loss"][1]
         # How the evaluation ran: its wall time, and whether the sharded weights were gathered once for it.
         out.update(eval_seconds=time.time() - started, eval_gathers=run.gathers, eval_synced=int(run.synced))
+        return out
+
+    def _score(self, samples: list[Any], prompts: list[Encoded], texts: list[str]) -> dict[str, tuple[float, float]]:
+        """The task's metric sums (numerator, denominator) over one generated batch (on the scorer thread)."""
+        out: dict[str, tuple[float, float]] = {}
+        for sample, enc, text in zip(samples, prompts, texts):
+            for name, (n, d) in task_metrics.score_sample(self.task, text, sample, enc.reference, enc.geometries,
+                                                          self.arch.box_convention).items():
+                acc = out.get(name, (0.0, 0.0))
+                out[name] = (acc[0] + n, acc[1] + d)
         return out
 
     def _eval_share(self) -> int:
@@ -485,9 +515,11 @@ class Recipe:
 
     def save_final(self) -> None:
         """final/: the trained weights (adapter or full) in Hugging Face format, with the processor; waits until
-        every upload of the run's checkpoints has finished."""
+        every upload of the run's checkpoints has finished, then keeps the latest and the best N of them."""
         self._write("final", self._info({}), final=True)
         self.checkpoints.wait()
+        if self.rank == 0:  # a checkpoint that was still uploading at its own retention counts now
+            self.checkpoints.retain(f"eval/{self.primary}", self.spec.checkpointing.keepBest)
 
     def _restore(self, folder: Path) -> None:
         """Weights, optimizer, scheduler, step, data position, best metric and this rank's RNG from a checkpoint.

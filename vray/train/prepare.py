@@ -72,7 +72,8 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
     not checked again."""
     from vray.data.check import check_dataset, counting_processor, shown_progress
     from vray.data.io import read_samples
-    processor, _ = counting_processor(spec.model.source or spec.arch.repo_id, spec.model.revision, spec.media)
+    processor, _ = counting_processor(spec.model.source or spec.arch.repo_id, spec.model.revision, spec.media,
+                                      spec.arch)
     budget = token_budget(spec)
     reports, parsed = [], {}
     for uri in (train, eval_path):

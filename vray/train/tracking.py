@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ class Trackers:
 
     def __init__(self, run_name: str, config: dict[str, Any]):
         self._mlflow: Any = None
+        self._mlflow_run: str | None = None  # MLflow's active run is per thread: metrics name the run they go to
         self._wandb: Any = None
         if os.environ.get("MLFLOW_TRACKING_URI"):
             try:
                 self._mlflow = self._open_mlflow(run_name, config)
+                active = self._mlflow.active_run()
+                self._mlflow_run = active.info.run_id if active is not None else None
             except ImportError:
                 self._mlflow = None
         if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
@@ -61,20 +66,39 @@ class Trackers:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
+            self._mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step,
+                                     run_id=self._mlflow_run)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        """End the runs (on the thread that opened them)."""
         if self._mlflow is not None and hasattr(self._mlflow, "end_run"):
             self._mlflow.end_run()
         if self._wandb is not None and hasattr(self._wandb, "finish"):
             self._wandb.finish()
 
 
+def _warning(message: str) -> dict[str, Any]:
+    return {"time": time.time(), "event": "warning", "message": message}
+
+
+class _NoTrackers:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl, written by rank 0 (the driver renders progress from it): appended locally; on a remote run
-    directory written to a local file and uploaded whole every few seconds and at checkpoints."""
+    directory written to a local file and uploaded whole every few seconds and at checkpoints.
+
+    `write` appends the record to the local file (so the log always holds every step up to the latest checkpoint)
+    and queues the rest: one writer thread feeds TensorBoard and the trackers (MLflow / W&B calls go over the
+    network) and uploads, so the other ranks never wait at their next collective for rank 0's I/O. `close` drains
+    the queue. A tracker that fails is dropped with a warning line; the training goes on."""
 
     def __init__(self, run: RunDir, rank: int, upload_every_s: float = 5.0):
         self.run = run
@@ -86,21 +110,105 @@ class MetricsLog:
             self.path.write_text(run.read_text("metrics.jsonl"))
         self._tb: Any = None
         self._trackers: Any = None
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._file_lock = threading.Lock()  # the training thread's records and the writer's warnings
 
+    # ---- the training thread ---------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record and queue it for TensorBoard, the trackers and the upload (rank 0; other ranks write
+        nothing)."""
         if self.rank != 0:
             return
+        self._raise()
+        if self._trackers is None and record.get("step") is not None:
+            try:  # once, on this thread: Ray's integrations read the worker's context
+                self._trackers = Trackers(self.run.name, {"run": self.run.uri})
+            except Exception as exc:  # noqa: BLE001 - an unreachable tracker server must not stop the training
+                self._trackers = _NoTrackers()
+                self._append(_warning(f"experiment tracking is off: {type(exc).__name__}: {exc}"))
         record = {"time": time.time(), **record}
-        with open(self.path, "a") as fh:
+        self._append(record)
+        self._submit("record", record)
+
+    def flush(self) -> None:
+        """Upload the log (and TensorBoard events) of a remote run directory, on the writer thread."""
+        if self.rank != 0:
+            return
+        self._submit("flush", None)
+
+    def drain(self) -> None:
+        """Wait until every queued record is published."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Publish what is queued, upload, and close TensorBoard and the trackers (once)."""
+        if self.rank != 0 or self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(("close", None))
+            self._thread.join()
+            self._thread = None
+        else:
+            self._flush()
+        if self._tb:
+            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
+        self._raise()
+
+    def _submit(self, kind: str, item: Any) -> None:
+        self._raise()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vray-metrics", daemon=True)
+            self._thread.start()
+        self._queue.put((kind, item))
+
+    def _raise(self) -> None:
+        if self._error is not None:  # TensorBoard or an upload failed (a full disk, storage refused): stop here
+            error, self._error = self._error, None
+            raise error
+
+    # ---- the writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            kind, item = self._queue.get()
+            try:
+                if kind == "record":
+                    self._publish(item)
+                elif kind == "flush":
+                    self._flush()
+                else:
+                    self._flush()
+                    return
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread at its next write
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self._file_lock, open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+    def _publish(self, record: dict[str, Any]) -> None:
         self._tensorboard(record)
         if record.get("step") is not None:
-            if self._trackers is None:
-                self._trackers = Trackers(self.run.name, {"run": self.run.uri})
+            self._track(record)
+        if not self.run.local and time.time() - self._last_upload > self.upload_every_s:
+            self._flush()
+
+    def _track(self, record: dict[str, Any]) -> None:
+        try:
             numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k not in ("time", "step")}
             self._trackers.log(numeric, int(record["step"]))
-        if not self.run.local and time.time() - self._last_upload > self.upload_every_s:
-            self.flush()
+        except Exception as exc:  # noqa: BLE001 - a tracker server that is down must not stop the training
+            self._trackers = _NoTrackers()
+            self._append(_warning(f"experiment tracking stopped: {type(exc).__name__}: {exc}"))
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         step = record.get("step")
@@ -119,10 +227,7 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key not in ("time", "step"):
                     self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
-    def flush(self) -> None:
-        """Upload the log (and TensorBoard events) of a remote run directory."""
-        if self.rank != 0:
-            return
+    def _flush(self) -> None:
         if self._tb:
             self._tb.flush()
         if not self.run.local:
@@ -132,16 +237,12 @@ class MetricsLog:
                 self.run.upload(file, f"tensorboard/{file.name}")
             self._last_upload = time.time()
 
-    def close(self) -> None:
-        self.flush()
-        if self._tb:
-            self._tb.close()
-        if self._trackers is not None:
-            self._trackers.close()
-
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
-        if self.rank != 0 or not self.path.exists():
+        if self.rank != 0:
+            return
+        self.drain()  # no upload reads the file while it is rewritten
+        if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():

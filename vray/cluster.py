@@ -113,12 +113,13 @@ def owns_cluster() -> bool:
 def _quiet_auth_warning() -> Iterator[None]:
     """Ray logs a warning of its own when a local cluster starts with token authentication; vray says it in one line."""
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    only_errors = logging.Filter()
+    only_errors.filter = lambda record: record.levelno >= logging.ERROR  # type: ignore[method-assign]
+    logger.addFilter(only_errors)  # a filter, since ray.init may set the logger's level itself
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(only_errors)
 
 
 def connect(address: str | None, **init_kwargs: Any) -> None:

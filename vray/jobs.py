@@ -44,7 +44,8 @@ def client(address: str | None) -> Any:
     url = dashboard_address(address)
     token = use_ray_token()
     # the job SDK's INFO lines (files left out of the upload, the log stream's websocket closing) are not the user's
-    for name in ("ray.dashboard", "ray._private.runtime_env"):
+    # (the two SDK modules set their loggers to INFO themselves when imported, above)
+    for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given (a shell inside a
     # cluster exports RAY_ADDRESS=<gcs>); vray has already chosen, with --address first, so hide them meanwhile.

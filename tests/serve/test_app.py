@@ -140,11 +140,14 @@ def _stats(adapter: str = "") -> dict:
     from ray import serve
 
     handle = serve.get_deployment_handle("ModelServer", app_name="vray").options(multiplexed_model_id=adapter)
-    for _ in range(40):
+    deadline = time.time() + 120  # loading the adapter takes a while on a busy machine
+    while True:
         stats = handle.generation_stats.remote().result()
         if not adapter or adapter in stats["adapters"]:
             return stats
-    raise AssertionError(f"no replica has {adapter!r} loaded")
+        if time.time() > deadline:
+            raise AssertionError(f"no replica has {adapter!r} loaded")
+        time.sleep(0.1)
 
 
 def _routed_by_adapter(adapter: str, pid: int) -> None:

@@ -217,13 +217,25 @@ def forwarded_env(gpu: bool = False) -> dict[str, str]:
     return env
 
 
+def joined_cluster() -> bool:
+    """Whether this process's work runs on a Ray cluster it joins (its workers elsewhere, with an environment of
+    their own), rather than on a local one it started or none: the one rule for where a check of what the workers
+    can load belongs."""
+    import ray
+
+    if ray.is_initialized():
+        return not owns_cluster()
+    return running_cluster_address() is not None
+
+
 def on_a_worker(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> Any:
-    """`fn(*args)` in one Ray task of one CPU, on a node that runs the cluster's work and with the environment `env`
-    the workers get: for a check that must see what a worker sees (its cache, its network), not what the driver
-    does. A VrayError it raises is raised here as itself. Ray must be up."""
+    """`fn(*args)` in one Ray task of one CPU, on a node that runs the cluster's work and with the environment the
+    workers get (`env`, by default `forwarded_env()`): for a check that must see what a worker sees (its cache, its
+    network), not what the driver does. A VrayError it raises is raised here as itself. Ray must be up."""
     import ray
 
     options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
+    env = forwarded_env() if env is None else env
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
     result, error = ray.get(ray.remote(_result_or_error).options(**options).remote(fn, *args))

@@ -147,14 +147,14 @@ def require_loadable_where_served(target: ServeTarget, verbose: bool = False) ->
     """Refuse, before deploying, a model the replicas could not load: checked in one Ray task with their environment
     on the cluster they will join (a driver without hub access does not refuse a cluster that has it), or here,
     where a cluster started for them runs."""
-    from vray.cluster import ensure_ray, forwarded_env, on_a_worker, running_cluster_address
+    from vray.cluster import ensure_ray, joined_cluster, on_a_worker
     from vray.infer.target import require_loadable
 
-    if running_cluster_address() is None:
+    if not joined_cluster():
         require_loadable(target)
         return
     ensure_ray(verbose)
-    on_a_worker(require_loadable, target, env=forwarded_env())
+    on_a_worker(require_loadable, target)
 
 
 def serve_config_file(path: Path, *, detach: bool = False, insecure: bool = False, verbose: bool = False,

@@ -143,12 +143,12 @@ def require_model(spec: RunSpec, use_ray: bool = False) -> None:
     """Refuse a model the workers could not load, before any work, where it will be loaded: on a cluster this
     process joined (`use_ray`), in one Ray task with the workers' environment, so a driver without hub access does
     not refuse a cluster that has it; on this machine for a local cluster it started, or without Ray."""
-    from vray.cluster import forwarded_env, on_a_worker, owns_cluster
+    from vray.cluster import joined_cluster, on_a_worker
     from vray.models.loader import require_source
 
     source = spec.model.source or spec.arch.repo_id
-    if use_ray and not owns_cluster():
-        on_a_worker(require_source, source, spec.model.revision, env=forwarded_env())
+    if use_ray and joined_cluster():
+        on_a_worker(require_source, source, spec.model.revision)
     else:
         require_source(source, spec.model.revision)
 

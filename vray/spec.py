@@ -201,6 +201,9 @@ class DataBlock(_Block):
     maxTokens: int | None = Field(None, ge=16, description="token budget of one sample (default: the model's context)")
     preprocessors: int | None = Field(None, ge=0, le=64, description="Ray Data preprocessing actors per training worker "
                                       "(0: threads inside the worker; default 1 on GPUs, 0 on CPU workers)")
+    packTokens: int | None = Field(None, ge=0, description="padding-free packing: the samples of a micro-batch are "
+                                   "concatenated into rows of at most this many tokens (default: the planner's "
+                                   "choice; 0: no packing, micro-batches padded to their longest sample)")
 
 
 class ModelBlock(_Block):
@@ -245,9 +248,19 @@ class ClusterBlock(_Block):
     cpusPerWorker: int | None = Field(None, ge=1)
     strategy: Strategy | None = Field(
         None, description="use this engine instead of the planner's choice")
-    gradientCheckpointing: Literal["auto", "on", "off"] = Field(
-        "auto", description="recompute activations in the backward pass (auto: the planner turns it on only when "
-        "memory needs it; off on CPU workers)")
+    gradientCheckpointing: str = Field(
+        "auto", pattern=r"^(auto|on|off|every:[1-9][0-9]*)$",
+        description="recompute activations in the backward pass: auto (the planner decides, by estimated step "
+        "time within memory; off on CPU workers), on (every decoder layer and vision block), off, or every:k "
+        "(every k-th decoder layer)")
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """k of `gradientCheckpointing: every:k`, 1 for on, 0 for off, None for auto."""
+        setting = self.gradientCheckpointing
+        if setting.startswith("every:"):
+            return int(setting.split(":", 1)[1])
+        return {"on": 1, "off": 0}.get(setting)
 
 
 class ServingBlock(_Block):

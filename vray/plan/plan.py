@@ -34,6 +34,8 @@ class Plan:
     reason: str | None = None
     suggestions: tuple[str, ...] = ()
     load_peak_bytes: LoadPeak | None = None  # while loading the model: per GPU (per worker on CPU) and per node
+    checkpoint_every: int = 1  # with gradient_checkpointing: every k-th decoder layer is recomputed
+    pack_tokens: int | None = None  # padding-free packing: tokens of one packed row (None: padded micro-batches)
 
     @property
     def effective_batch(self) -> int:
@@ -71,6 +73,8 @@ class Plan:
             "grad_accum": self.grad_accum,
             "effective_batch": self.effective_batch,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_every": self.checkpoint_every,
+            "pack_tokens": self.pack_tokens,
             "per_gpu_bytes": self.per_gpu_bytes.to_dict() if self.per_gpu_bytes else None,
             "load_peak_bytes": self.load_peak_bytes.to_dict() if self.load_peak_bytes else None,
             "capacity_bytes": self.capacity_bytes,
@@ -107,4 +111,5 @@ class Plan:
             assumptions=d.get("assumptions") or {}, estimate=d.get("estimate"), deepspeed=d.get("deepspeed"),
             fsdp=d.get("fsdp"), reason=d.get("reason"), suggestions=tuple(d.get("suggestions") or ()),
             load_peak_bytes=LoadPeak(load["per_gpu"], load["per_host"]) if load else None,
+            checkpoint_every=d.get("checkpoint_every", 1), pack_tokens=d.get("pack_tokens"),
         )

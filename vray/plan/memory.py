@@ -14,8 +14,8 @@ the GPUs of a node for fsdp2-hybrid), with p the bytes of the run's precision (2
   DeepSpeed adds fp32 master weights (4T) under mixed precision; /S from ZeRO-1; torch optimizers keep a
   4-byte step counter per tensor.
 - activations: one micro-batch of the planned sample (the data's largest, or a packed row; see SampleShape)
-  through every decoder layer, per layer type (full attention, gated attention, Gated DeltaNet with its fp32
-  chunk states, dense or MoE MLP), the LoRA adapters' saved tensors, and the label-only loss. Adapters run in
+  through every decoder layer, per layer type (full attention, gated attention, Gated DeltaNet as its fused
+  kernels run it, dense or MoE MLP), the LoRA adapters' saved tensors, and the label-only loss. Adapters run in
   the compute dtype under autocast over fp32 master weights, so an adapted Linear saves no fp32 copy of its
   input (it shares the base Linear's): only the rank-wide output of A at p and, with dropout, the dropped
   input at p plus its mask. The loss never holds full-vocabulary logits: it gathers the hidden rows of the
@@ -24,7 +24,8 @@ the GPUs of a node for fsdp2-hybrid), with p the bytes of the run's precision (2
   their fp32 gradient and the matmul's output at p. Gradient checkpointing `every:k` recomputes every k-th
   decoder layer (layers 0, k, 2k, ...: ceil(L / k) of L; k = 1 is all of them): a recomputed layer keeps only
   its input (hidden x p per token), the other k - 1 of every k keep all they save, and the backward holds one
-  recomputed layer at a time on top. Vision blocks that train are counted in full (an upper bound when they are
+  recomputed layer at a time (with the running gradient of the hidden states, 2 x hidden x p per token) on top;
+  the loss's chunks are freed before that, so the step's peak takes the larger of the two, not their sum. Vision blocks that train are counted in full (an upper bound when they are
   checkpointed too). The frozen vision tower
   saves nothing for backward; its forward peak counts when it exceeds the language model's.
 - other: a stated framework overhead (256 MiB of allocator slack and workspaces) plus each engine's
@@ -367,8 +368,13 @@ def layer_activation_bytes(profile: ArchProfile, w: Workload, kind: str, lora: t
     ab = w.p
     if kind == "linear_attention":
         kd, vd, hv = t.linear_key_heads * t.linear_key_dim, t.linear_value_heads * t.linear_value_dim, t.linear_value_heads
-        attn = 2 * h + 3 * (2 * kd + vd) + 2 * kd + 3 * vd + 2 * hv
-        extra = hv * t.linear_key_dim * t.linear_value_dim * 4 / 64  # fp32 recurrent state per 64-token chunk
+        # With the fused kernels the GPU image ships (causal-conv1d, flash-linear-attention): the convolution's
+        # input, the l2-normalised q and k and v the chunked kernel keeps, z, the core output and the gated norm's
+        # output, a and b; the kernel keeps its chunk-local fp32 matrix (64 per token and head) and recomputes the
+        # chunk states in backward. (The torch fallback also keeps the convolution's output before and after its
+        # activation, and upcasts: more than this.)
+        attn = 2 * h + (2 * kd + vd) + 2 * kd + vd + 3 * vd + 2 * hv
+        extra = hv * 64 * 4
     else:
         gate = 2 if t.attn_output_gate else 1
         attn = 2 * h + q * gate + 2 * kv + (q + kv) + q + (2 * q if t.attn_output_gate else 0)
@@ -398,14 +404,17 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     tokens = b * seq
     per_layer = _per_layer_bytes(profile, w)
     k = layout.checkpoint_k
+    logits = loss_bytes(t.hidden, t.vocab, tokens, ab)
+    final = tokens * 2 * t.hidden * ab  # the final norm's input and output (the embeddings are layer 0's input)
     if k:  # every k-th layer (0, k, 2k, ...) keeps only its input; one is recomputed at a time in backward
         recomputed = set(range(0, t.layers, k))
         kept = sum(b_ for i, b_ in enumerate(per_layer) if i not in recomputed)
-        lm = tokens * (len(recomputed) * t.hidden * ab + kept + max(per_layer[i] for i in recomputed))
+        held = tokens * (len(recomputed) * t.hidden * ab + kept) + final
+        # The loss's chunks are freed before the first layer is recomputed; that layer's backward holds what it
+        # saves plus the running gradient of the hidden states (and its residual branch).
+        redo = tokens * (max(per_layer[i] for i in recomputed) + 2 * t.hidden * ab)
     else:
-        lm = tokens * sum(per_layer)
-    lm += tokens * 4 * t.hidden * ab  # embeddings, merged visual tokens, final norm
-    logits = loss_bytes(t.hidden, t.vocab, tokens, ab)
+        held, redo = tokens * sum(per_layer) + final, 0
     patches = b * sample.vision_patches
     vision_mlp = 3 if v.mlp == "swiglu" else 2
     vision_block = patches * (6 * v.hidden + vision_mlp * v.intermediate) * ab
@@ -418,10 +427,10 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     projector = 0
     if w.mode == "full":  # the projector trains: its inputs are saved
         projector = b * sample.visual_tokens * (3 * v.merge * v.merge * v.hidden + 2 * t.hidden) * ab
-    lm_phase = lm + logits + vision_saved + projector
+    lm_phase = held + max(logits, redo) + vision_saved + projector
     peak = max(lm_phase, vision_peak)
-    return int(peak), {"language_model": int(lm), "logits": int(logits), "vision": int(max(vision_saved, vision_peak)),
-                       "projector": int(projector)}
+    return int(peak), {"language_model": int(held), "recompute": int(redo), "logits": int(logits),
+                       "vision": int(max(vision_saved, vision_peak)), "projector": int(projector)}
 
 
 def loss_bytes(hidden: int, vocab: int, tokens: int, p: int) -> int:

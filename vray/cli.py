@@ -94,7 +94,8 @@ def train(
         prepared = prepare(spec, skip_invalid=skip_invalid, console=err, use_ray=True)
     err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
               f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
-              f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}")
+              f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}; sized for "
+              f"{prepared.plan.assumptions.get('sample_from', 'the assumed sample')}")
     run = run_training(prepared, err, resume_from=resume_from, verbose=verbose)
     best = run.best_checkpoint()
     if best is not None:

@@ -56,7 +56,8 @@ MFU_SOURCE = ("dense: NeMo AutoModel reports Qwen2.5-7B LoRA at 423 TFLOP/s on o
               "(benchmarks/gpu_check.py)")
 # Sparse MoE language models (routed experts: Qwen3-VL-30B-A3B, Qwen3.5-35B-A3B, ...), counted on the active
 # parameters: several-fold below dense. Megatron-Bridge's verification card for Qwen3.6-35B-A3B LoRA on 16 H100s
-# reports about 110 TFLOP/s per GPU (about 11% of 989) with expert parallelism and grouped GEMMs; vray has no
+# reports about 110 TFLOP/s per GPU (about 11% of 989) with expert parallelism and grouped GEMMs (the card's figure
+# as quoted; its page was not found among the stored sources, unlike NeMo's table above); vray has no
 # expert parallelism, so 0.11 is its figure for the engines that keep the experts whole on each GPU (ddp; Qwen
 # supports its MoE fine-tuning on ZeRO-2, QwenLM/Qwen3-VL#1619) and less for sharded engines, which all-gather
 # every expert of a layer (8 of 256 used per token) on the forward, the recompute and the backward (a field

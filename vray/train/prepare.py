@@ -163,11 +163,14 @@ def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None, data: Any = 
     `dataset` is (training samples, where the number comes from); without it the training file is counted. `data`
     (vray.plan.planner.DataSizes, from the data check) is what activations are sized for."""
     from vray.data.io import count_rows
-    from vray.plan.planner import cpu_plan, plan_run
+    from vray.plan.planner import cpu_plan, cpu_profile, plan_run, sample_of
 
     inventory = gpu_inventory(spec)
     if inventory is None:
-        return cpu_plan(spec)
+        if data is None:
+            return cpu_plan(spec)
+        profile = cpu_profile(spec)  # the checkpoint the CPU workers load, sized for the data's longest sample
+        return cpu_plan(spec, sample=sample_of(spec, profile, data), profile=profile)
     plan = plan_run(spec, inventory, dataset or count_rows(spec.data.train), data)
     if not plan.fits:
         lines = "\n".join(f"  - {s}" for s in plan.suggestions)
@@ -176,13 +179,14 @@ def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None, data: Any = 
 
 
 def plan_checked(spec: RunSpec, inventory: Any, skip_invalid: bool = False, console: Console | None = None) -> Plan:
-    """`vray plan`'s plan: with training data named, its rows checked first (as `vray train` does) and the plan sized
-    for them; without, for the assumed sample. Not refused when it does not fit (the caller shows why)."""
+    """`vray plan`'s plan: with local training data (a file or a synthetic dataset), its rows checked first (as
+    `vray train` does) and the plan sized for them; otherwise for the assumed sample (remote data is checked by
+    `vray train`, on the cluster's CPUs). Not refused when it does not fit (the caller shows why)."""
     from vray.data.io import count_rows
     from vray.plan.planner import plan_run
 
-    if not spec.data.train:
-        return plan_run(spec, inventory, None)
+    if not spec.data.train or "://" in spec.data.train:
+        return plan_run(spec, inventory, count_rows(spec.data.train))
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, None, skip_invalid, console)
     kept = data.samples[train]

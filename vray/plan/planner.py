@@ -395,11 +395,6 @@ def _suggestions(spec: RunSpec, profile: ArchProfile, w: Workload, sample: Sampl
     return out
 
 
-def _packing(spec: RunSpec) -> int | None:
-    """data.packTokens: None (the planner's choice), 0 (no packing), or the packed row's tokens."""
-    return spec.data.packTokens
-
-
 def _layout_summary(c: _Candidate, effective: int, timing: dict[str, float], pack_tokens: int | None) -> dict[str, Any]:
     layout = c.layout
     return {"strategy": layout.strategy, "num_workers": layout.workers, "nodes": layout.nodes,
@@ -443,7 +438,7 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
             return _not_fitting(spec, inventory, profile, sample, samples,
                                 f"cluster.workers asks for {workers} GPUs but the inventory has {inventory.max_gpus}",
                                 [f"at most {inventory.max_gpus} workers"])
-    pack = _packing(spec)
+    pack = spec.data.packTokens  # None: the planner's choice; 0: no packing; P: rows of P tokens
     sized, max_micro, time_sample = sample, None, None
     if pack:  # a row of `pack` tokens: memory for one row (micro-batch 1)
         if sample.sequence > pack:
@@ -475,14 +470,15 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
     micro = layout.micro_batch
     if pack:  # the samples of a micro-batch that one row holds at the longest sample's length
         micro = max(d for d in _divisors(per_worker) if d <= max(1, pack // max(1, sample.sequence)))
+    engine_layout = replace(layout, micro_batch=micro)  # the engines' batch split is the plan's
     return Plan(
         fits=True, strategy=layout.strategy, device="gpu", num_workers=layout.workers, nodes=layout.nodes,
         gpus_per_node=inventory.gpus_per_node, micro_batch=micro, grad_accum=per_worker // micro,
         gradient_checkpointing=layout.gradient_checkpointing, cpus_per_worker=spec.cluster.cpusPerWorker or 2,
         gpu=gpu.name, per_gpu_bytes=est.memory, capacity_bytes=est.capacity, margin_bytes=est.margin,
         assumptions=_assumptions(spec, profile, sized, samples, est), estimate=timing,
-        deepspeed=deepspeed_config(layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
-        fsdp=fsdp_settings(layout, w) if layout.strategy.startswith("fsdp2") else None,
+        deepspeed=deepspeed_config(engine_layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
+        fsdp=fsdp_settings(engine_layout, w) if layout.strategy.startswith("fsdp2") else None,
         load_peak_bytes=est.load, checkpoint_every=layout.checkpoint_every,
         pack_tokens=_pack_tokens(pack, layout, sized), layouts=layouts,
     )

@@ -94,7 +94,8 @@ def train(
         prepared = prepare(spec, skip_invalid=skip_invalid, console=err, use_ray=True)
     err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
               f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
-              f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}")
+              f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}; sized for "
+              f"{prepared.plan.assumptions.get('sample_from', 'the assumed sample')}")
     run = run_training(prepared, err, resume_from=resume_from, verbose=verbose)
     best = run.best_checkpoint()
     if best is not None:
@@ -115,6 +116,7 @@ def plan(
     set_: list[str] = typer.Option([], "--set", help="override any key of the spec"),
     as_json: bool = typer.Option(False, "--json", help="print the plan object"),
     table: bool = typer.Option(False, "--table", help="the architecture-to-VRAM table of all 21 checkpoints"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="plan without the rows the data check refuses"),
 ) -> None:
     """Size a run: GPUs, strategy, batch split and placement, with the per-GPU memory breakdown. Exit 2 if it does not fit."""
     _quiet_libraries()
@@ -122,10 +124,9 @@ def plan(
         _print_vram_table(as_json)
         return
     from vray.cluster import inventory_from_cluster
-    from vray.data.io import count_rows
     from vray.plan.gpus import Inventory
-    from vray.plan.planner import plan_run
     from vray.spec import load_spec
+    from vray.train.prepare import plan_checked
 
     spec = load_spec(spec_file, run_json=run_json, overrides=set_)
     if workers is not None:
@@ -136,7 +137,7 @@ def plan(
         inventory = Inventory.for_spec(spec, gpu, gpus_per_node, nodes)
         if inventory is None:
             raise VrayError("give --gpu KIND (or cluster.gpu in the spec), or --from-cluster ADDRESS")
-    result = plan_run(spec, inventory, count_rows(spec.data.train))
+    result = plan_checked(spec, inventory, skip_invalid, console=err)
     if as_json:
         typer.echo(result.to_json())
     else:
@@ -152,7 +153,8 @@ def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inv
     out.print(f"[bold]{spec.arch.display}[/bold] ({spec.arch.repo_id}): {mode}, {spec.compute.precisionType}, "
               f"{spec.hyperparameters.optimizer}; effective batch {spec.hyperparameters.effective_batch}")
     out.print(f"inventory: {inventory.describe()}")
-    out.print(f"sample: {a['sample']} -> {a['visual_tokens']} visual tokens, sequence {a['sequence']}")
+    out.print(f"sample: {a['sample']} -> {a['visual_tokens']} visual tokens, sequence {a['sequence']}; sized from "
+              f"{a['sample_from']}")
     if a.get("assumed_config_fields"):
         out.print(f"[yellow]assumed config fields: {', '.join(a['assumed_config_fields'])}[/yellow]")
     if not result.fits:
@@ -175,10 +177,17 @@ def _print_plan(spec, inventory, result) -> None:  # noqa: ANN001 - RunSpec, Inv
         out.print(f"load peak (while the model loads): {load.per_gpu / gib:.2f} GiB per GPU, "
                   f"{load.per_host / gib:.1f} GiB of host memory per node "
                   f"(node: {inventory.host_memory_per_gpu * inventory.gpus_per_node / gib:.0f} GiB)")
-    gc = "on" if result.gradient_checkpointing else "off"
+    gc = "off"
+    if result.gradient_checkpointing:
+        gc = "on (every layer)" if result.checkpoint_every == 1 else f"every {result.checkpoint_every} layers"
+    packed = f"; packed rows of {result.pack_tokens} tokens" if result.pack_tokens else "; padded micro-batches"
     out.print(f"plan: [bold]{result.strategy}[/bold] on {result.num_workers} GPU(s) over {result.nodes} node(s); "
               f"micro-batch {result.micro_batch} x accumulation {result.grad_accum} x {result.num_workers} worker(s) "
-              f"= {result.effective_batch}; gradient checkpointing {gc}")
+              f"= {result.effective_batch}; gradient checkpointing {gc}{packed}")
+    fewest = result.layouts.get("minimum")
+    if fewest and fewest["num_workers"] != result.num_workers:
+        out.print(f"fewest GPUs: {fewest['num_workers']} ({fewest['strategy']}, {fewest['step_seconds']:.2f} s/step, "
+                  f"{fewest['gpu_hours']:.2f} GPU-hours)")
     if a.get("cpu_bytes_per_rank"):
         out.print(f"offloaded to CPU memory: {a['cpu_bytes_per_rank'] / gib:.1f} GiB per GPU rank "
                   f"({a['cpu_bytes_per_rank'] * min(result.num_workers, result.gpus_per_node) / gib:.0f} GiB per node)")

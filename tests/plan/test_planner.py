@@ -1,4 +1,5 @@
-"""The planner: fits within capacity, fewest GPUs, batch preserved, multi-node cases, what would fit, CLI."""
+"""The planner: fits within capacity, fewest GPUs on an open-ended inventory and the fastest width on a cluster,
+batch preserved, multi-node cases, what would fit, CLI."""
 
 from __future__ import annotations
 
@@ -68,10 +69,14 @@ def test_multi_node_cases_plan(name, size, mode, kind, gpn):
         assert d["deepspeed"]["train_batch_size"] == 32 and d["deepspeed"]["zero_optimization"]["stage"] == 3
 
 
-def test_fewest_gpus_then_fastest_strategy():
+def test_fewest_gpus_when_open_ended_the_fastest_width_on_a_cluster():
     spec = _spec("qwen2.5vl", "7B")
     plan = plan_run(spec, Inventory(gpu("A100-80GB")))
     assert (plan.num_workers, plan.strategy) == (1, "ddp")
+    # One node of 8: the data-parallel width with the fastest step among the divisors of the effective batch (8).
+    node = plan_run(spec, Inventory(gpu("A100-80GB"), 8, 1))
+    assert (node.num_workers, node.strategy, node.effective_batch) == (8, "ddp", 8)
+    assert node.layouts["minimum"]["num_workers"] == 1
     full = _spec("qwen2.5vl", "7B", "Full")
     plan = plan_run(full, Inventory(gpu("A100-80GB")))
     _check_invariants(full, plan, Inventory(gpu("A100-80GB")))
@@ -178,6 +183,8 @@ def test_cli_plan_human_and_json(tmp_path):
     assert 0 < d["load_peak_bytes"]["per_gpu"] + d["margin_bytes"] <= d["capacity_bytes"]
     assert d["nodes"] >= 2 and d["assumptions"]["sequence"] == 512 + d["assumptions"]["visual_tokens"]
     assert {"step_seconds", "hours", "gpu_hours"} <= set(d["estimate"])
+    assert d["assumptions"]["sample_from"].startswith("assumed: no data at hand")
+    assert d["minimum"]["num_workers"] == d["num_workers"] and d["fastest"]["num_workers"] >= d["num_workers"]
 
 
 def test_cli_plan_exit_codes_and_human_output(tmp_path):
@@ -193,6 +200,7 @@ def test_cli_plan_exit_codes_and_human_output(tmp_path):
     assert human.exit_code == 0, human.output
     assert "per GPU (A100-40GB)" in human.output and "headroom" in human.output and "plan: " in human.output
     assert "load peak (while the model loads)" in human.output and "GiB of host memory per node" in human.output
+    assert "sized from assumed: no data at hand" in human.output
     nofit = runner.invoke(app, ["plan", str(spec), "--gpu", "T4-16GB", "--nodes", "1", "--json"])
     assert nofit.exit_code == 2 and json.loads(nofit.output)["fits"] is False
     nvila = tmp_path / "nvila.yaml"

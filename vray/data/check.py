@@ -46,6 +46,7 @@ class Report:
     rows: int = 0
     issues: list[Issue] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    token_rows: list[str] = field(default_factory=list)  # the row of each entry of `tokens`
     budget: int | None = None
     token_counts: str = "processor"  # "processor" (exact) or "estimated"
     cached: str | None = None  # the cache entry this report was read from (None: checked now)
@@ -257,11 +258,11 @@ def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str
         results = ray_map(check_rows, checker, batches, local=not is_remote(parsed.source),
                           finished=lambda n: progress(n, total) if progress is not None else None,
                           sizes=[len(b) for b in batches])
-        for batch in results:
-            _add(report, batch)
+        for rows_of, batch in zip(batches, results):
+            _add(report, batch, rows_of)
     else:
         for batch in batches:
-            _add(report, checker.check(batch))
+            _add(report, checker.check(batch), batch)
             done += len(batch)
             if progress is not None:
                 progress(done, total)
@@ -272,11 +273,12 @@ def check_dataset(uri: str, arch: Architecture, processor: Any = None, task: str
     return report
 
 
-def _add(report: Report, results: list[tuple[list[Issue], int | None]]) -> None:
-    for issues, tokens in results:
+def _add(report: Report, results: list[tuple[list[Issue], int | None]], rows: list[tuple[Any, str]]) -> None:
+    for (issues, tokens), (_, where) in zip(results, rows):
         report.issues.extend(issues)
         if tokens is not None:
             report.tokens.append(tokens)
+            report.token_rows.append(where)
 
 
 # ---- the cache of reports ------------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def load_cached(key: str) -> Report | None:
     try:
         raw = json.loads(path.read_text())
         report = Report(raw["source"], rows=raw["rows"], issues=[Issue(**i) for i in raw["issues"]],
-                        tokens=list(raw["tokens"]), budget=raw["budget"], token_counts=raw["token_counts"])
+                        tokens=list(raw["tokens"]), token_rows=list(raw.get("token_rows") or []), budget=raw["budget"], token_counts=raw["token_counts"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     report.cached = str(path)
@@ -388,7 +390,7 @@ def store_cached(key: str, report: Report) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"source": report.source, "rows": report.rows, "budget": report.budget,
-                                   "token_counts": report.token_counts, "tokens": report.tokens,
+                                   "token_counts": report.token_counts, "tokens": report.tokens, "token_rows": report.token_rows,
                                    "issues": [asdict(i) for i in report.issues]}))
         os.replace(tmp, path)
     except OSError:

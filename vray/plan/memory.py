@@ -13,12 +13,21 @@ the GPUs of a node for fsdp2-hybrid), with p the bytes of the run's precision (2
 - optimizer: AdamW / Adam two fp32 moments (8 bytes), SGD one (4), Adafactor factored second moments;
   DeepSpeed adds fp32 master weights (4T) under mixed precision; /S from ZeRO-1; torch optimizers keep a
   4-byte step counter per tensor.
-- activations: one micro-batch of the assumed sample (text tokens plus visual tokens) through every
-  decoder layer, per layer type (full attention, gated attention, Gated DeltaNet with its fp32 chunk
-  states, dense or MoE MLP), LoRA's fp32 input copies, and the logits buffer (tokens x vocabulary x 12
-  bytes: bf16 logits, fp32 log-probabilities, fp32 and bf16 gradients). Gradient checkpointing keeps only
-  each layer's input plus one layer recomputed. The frozen vision tower saves nothing for backward; its
-  forward peak counts when it exceeds the language model's.
+- activations: one micro-batch of the planned sample (the data's largest, or a packed row; see SampleShape)
+  through every decoder layer, per layer type (full attention, gated attention, Gated DeltaNet as its fused
+  kernels run it, dense or MoE MLP), the LoRA adapters' saved tensors, and the label-only loss. Adapters run in
+  the compute dtype under autocast over fp32 master weights, so an adapted Linear saves no fp32 copy of its
+  input (it shares the base Linear's): only the rank-wide output of A at p and, with dropout, the dropped
+  input at p plus its mask. The loss never holds full-vocabulary logits: it gathers the hidden rows of the
+  label positions (at most every token; the plan takes all) and their gradient at p, and builds
+  `loss_chunk_rows(vocab)` rows of fp32 logits at a time (vray.models.loss_chunks): the chunk's fp32 logits,
+  their fp32 gradient and the matmul's output at p. Gradient checkpointing `every:k` recomputes every k-th
+  decoder layer (layers 0, k, 2k, ...: ceil(L / k) of L; k = 1 is all of them): a recomputed layer keeps only
+  its input (hidden x p per token), the other k - 1 of every k keep all they save, and the backward holds one
+  recomputed layer at a time (with the running gradient of the hidden states, 2 x hidden x p per token) on top;
+  the loss's chunks are freed before that, so the step's peak takes the larger of the two, not their sum. Vision blocks that train are counted in full (an upper bound when they are
+  checkpointed too). The frozen vision tower
+  saves nothing for backward; its forward peak counts when it exceeds the language model's.
 - other: a stated framework overhead (256 MiB of allocator slack and workspaces) plus each engine's
   buffers: DeepSpeed communication buckets, ZeRO-3 live and prefetched parameters, FSDP2's unsharded
   working set (see fsdp2_buffer_bytes).
@@ -42,6 +51,7 @@ from functools import lru_cache
 
 from vray.archs.registry import LoraSelection, lora_selection
 from vray.archs.vision import visual_grid
+from vray.models.loss_chunks import loss_chunk_rows
 from vray.models.sharded import LOAD_CHUNK_BYTES
 from vray.plan.profile import ArchProfile
 
@@ -50,7 +60,6 @@ GIB = 1024**3
 FRAMEWORK_OVERHEAD = 256 * MIB
 MARGIN_SHARE = 0.05
 MARGIN_FIXED = 1 * GIB
-LOGITS_BYTES_PER_ENTRY = 12
 QUANT_BLOCK = 64  # bitsandbytes 4-bit block size
 QUANT_NESTED_BLOCK = 256  # double quantization groups 256 absmax values
 QUANT_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per quantized Linear: nested code table, 4-bit code table, offset
@@ -99,18 +108,25 @@ class SampleShape:
     frames: int
     visual_tokens: int
     vision_patches: int
+    sized_from: str = "assumed: no data at hand (512 text tokens + one image at the media limits)"
+    sequence_tokens: int | None = None  # exact tokens of the sample (text + visual) when the data check counted them
 
     @property
     def sequence(self) -> int:
         """Tokens the language model sees."""
-        return self.text_tokens + self.visual_tokens
+        return self.sequence_tokens if self.sequence_tokens is not None else self.text_tokens + self.visual_tokens
 
     def describe(self) -> dict[str, int | str]:
         """For `assumptions` in a plan."""
         media = f"{self.images} image(s) of {self.image_width}x{self.image_height} px"
         if self.frames:
             media = f"a video of {self.frames} frames of {self.image_width}x{self.image_height} px"
-        return {"sample": f"{self.text_tokens} text tokens + {media}", "text_tokens": self.text_tokens,
+        if self.images > 1:
+            media = f"{self.images} images of at most {self.image_width}x{self.image_height} px"
+        what = f"{self.text_tokens} text tokens + {media}"
+        if self.sequence_tokens is not None:
+            what = f"{self.sequence_tokens} tokens with {media}"
+        return {"sample": what, "sample_from": self.sized_from, "text_tokens": self.text_tokens,
                 "images": self.images, "image_width": self.image_width, "image_height": self.image_height,
                 "frames": self.frames, "visual_tokens": self.visual_tokens, "vision_patches": self.vision_patches,
                 "sequence": self.sequence}
@@ -154,6 +170,12 @@ class Layout:
     gpus_per_node: int
     micro_batch: int
     gradient_checkpointing: bool
+    checkpoint_every: int = 1  # with gradient_checkpointing: every k-th decoder layer (and vision block) recomputed
+
+    @property
+    def checkpoint_k(self) -> int:
+        """k of the checkpointing policy: 0 without checkpointing, 1 for every layer, k for every k-th."""
+        return max(1, self.checkpoint_every) if self.gradient_checkpointing else 0
 
     @property
     def nodes(self) -> int:
@@ -183,6 +205,29 @@ def sample_shape(profile: ArchProfile, min_pixels: int | None = None, max_pixels
         pixels = min(pixels, 448 * 448) if not max_pixels else min(pixels, max_pixels)
     grid = visual_grid(v, pixels, frames)
     return SampleShape(text_tokens, 0 if frames else 1, grid.width, grid.height, frames, grid.tokens, grid.patches)
+
+
+def data_sample_shape(profile: ArchProfile, tokens: int, images: int, sized_from: str, min_pixels: int | None = None,
+                      max_pixels: int | None = None, max_frames: int | None = None, video: bool = False) -> SampleShape:
+    """The sample of a checked dataset: `tokens` (text and visual, as the processor counted the longest sample) with
+    `images` images per sample at most (or a video), each at most what the media limits allow (the vision tower's
+    patches are sized so; the language model sees exactly `tokens`)."""
+    one = sample_shape(profile, min_pixels, max_pixels, max_frames if video else None, text_tokens=0)
+    count = 1 if video else images
+    visual = min(tokens, one.visual_tokens * count)
+    patches = one.vision_patches * count if count else 0
+    return SampleShape(tokens - visual, 0 if video else images, one.image_width, one.image_height,
+                       one.frames if video else 0, visual, patches, sized_from, tokens)
+
+
+def packed_row(sample: SampleShape, tokens: int) -> SampleShape:
+    """One packed row of `tokens` tokens made of samples shaped like `sample` (its text, visual tokens and vision
+    patches scaled by tokens / sample.sequence): what a packed micro-batch holds."""
+    f = tokens / max(1, sample.sequence)
+    visual = min(tokens, math.ceil(sample.visual_tokens * f))
+    return replace(sample, text_tokens=tokens - visual, images=math.ceil(sample.images * f), visual_tokens=visual,
+                   vision_patches=math.ceil(sample.vision_patches * f), sequence_tokens=tokens,
+                   sized_from=f"a packed row of {tokens} tokens ({sample.sized_from})")
 
 
 # ---- parameters --------------------------------------------------------------------------------------
@@ -323,8 +368,13 @@ def layer_activation_bytes(profile: ArchProfile, w: Workload, kind: str, lora: t
     ab = w.p
     if kind == "linear_attention":
         kd, vd, hv = t.linear_key_heads * t.linear_key_dim, t.linear_value_heads * t.linear_value_dim, t.linear_value_heads
-        attn = 2 * h + 3 * (2 * kd + vd) + 2 * kd + 3 * vd + 2 * hv
-        extra = hv * t.linear_key_dim * t.linear_value_dim * 4 / 64  # fp32 recurrent state per 64-token chunk
+        # With the fused kernels the GPU image ships (causal-conv1d, flash-linear-attention): the convolution's
+        # input, the l2-normalised q and k and v the chunked kernel keeps, z, the core output and the gated norm's
+        # output, a and b; the kernel keeps its chunk-local fp32 matrix (64 per token and head) and recomputes the
+        # chunk states in backward. (The torch fallback also keeps the convolution's output before and after its
+        # activation, and upcasts: more than this.)
+        attn = 2 * h + (2 * kd + vd) + 2 * kd + vd + 3 * vd + 2 * hv
+        extra = hv * 64 * 4
     else:
         gate = 2 if t.attn_output_gate else 1
         attn = 2 * h + q * gate + 2 * kv + (q + kv) + q + (2 * q if t.attn_output_gate else 0)
@@ -335,8 +385,9 @@ def layer_activation_bytes(profile: ArchProfile, w: Workload, kind: str, lora: t
     else:
         mlp = 2 * h + 4 * t.intermediate
     inputs, modules = lora
-    # fp32 input copy (plus a dropout mask) and the rank-wide fp32 output of A, for each adapted Linear.
-    adapters = inputs * (4 + (1 if w.lora_dropout > 0 else 0)) + 4 * w.lora_rank * modules
+    # Adapters run at the compute dtype under autocast (fp32 masters): A shares the base Linear's saved input and
+    # saves its rank-wide output at p; dropout adds the dropped input at p and its one-byte mask.
+    adapters = inputs * (ab + 1 if w.lora_dropout > 0 else 0) + ab * w.lora_rank * modules
     return (attn + mlp) * ab + extra + adapters
 
 
@@ -352,17 +403,23 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     b, seq, ab = layout.micro_batch, sample.sequence, w.p
     tokens = b * seq
     per_layer = _per_layer_bytes(profile, w)
-    if layout.gradient_checkpointing:
-        lm = tokens * (t.layers * t.hidden * ab + max(per_layer))
+    k = layout.checkpoint_k
+    logits = loss_bytes(t.hidden, t.vocab, tokens, ab)
+    final = tokens * 2 * t.hidden * ab  # the final norm's input and output (the embeddings are layer 0's input)
+    if k:  # every k-th layer (0, k, 2k, ...) keeps only its input; one is recomputed at a time in backward
+        recomputed = set(range(0, t.layers, k))
+        kept = sum(b_ for i, b_ in enumerate(per_layer) if i not in recomputed)
+        held = tokens * (len(recomputed) * t.hidden * ab + kept) + final
+        # The loss's chunks are freed before the first layer is recomputed; that layer's backward holds what it
+        # saves plus the running gradient of the hidden states (and its residual branch).
+        redo = tokens * (max(per_layer[i] for i in recomputed) + 2 * t.hidden * ab)
     else:
-        lm = tokens * sum(per_layer)
-    lm += tokens * 4 * t.hidden * ab  # embeddings, merged visual tokens, final norm
-    logits = tokens * t.vocab * (LOGITS_BYTES_PER_ENTRY if w.mixed else 16)
+        held, redo = tokens * sum(per_layer) + final, 0
     patches = b * sample.vision_patches
     vision_mlp = 3 if v.mlp == "swiglu" else 2
     vision_block = patches * (6 * v.hidden + vision_mlp * v.intermediate) * ab
     if w.vision_trains:
-        vision_saved = v.depth * vision_block
+        vision_saved = v.depth * vision_block  # counted in full, checkpointed or not (an upper bound)
         vision_peak = 0
     else:
         vision_saved = 0
@@ -370,10 +427,18 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     projector = 0
     if w.mode == "full":  # the projector trains: its inputs are saved
         projector = b * sample.visual_tokens * (3 * v.merge * v.merge * v.hidden + 2 * t.hidden) * ab
-    lm_phase = lm + logits + vision_saved + projector
+    lm_phase = held + max(logits, redo) + vision_saved + projector
     peak = max(lm_phase, vision_peak)
-    return int(peak), {"language_model": int(lm), "logits": int(logits), "vision": int(max(vision_saved, vision_peak)),
-                       "projector": int(projector)}
+    return int(peak), {"language_model": int(held), "recompute": int(redo), "logits": int(logits),
+                       "vision": int(max(vision_saved, vision_peak)), "projector": int(projector)}
+
+
+def loss_bytes(hidden: int, vocab: int, tokens: int, p: int) -> int:
+    """The label-only loss's peak: the hidden rows of the label positions (at most `tokens`) and their gradient at
+    p, and one chunk of `loss_chunk_rows(vocab)` rows: fp32 logits, their fp32 gradient and the matmul's output at
+    p. No full-vocabulary logits are held."""
+    rows = min(tokens, loss_chunk_rows(vocab))
+    return int(tokens * hidden * 2 * p + rows * vocab * (4 + 4 + p))
 
 
 # ---- everything --------------------------------------------------------------------------------------
@@ -420,7 +485,8 @@ def load_peak(profile: ArchProfile, w: Workload, layout: Layout, device: str = "
     """The load-time peak of the loader each strategy runs (vray.models.loader), before the first step.
 
     P parameters, b bytes per parameter at the load dtype, W = layout.shard, R = ranks on one node, L = the largest
-    tensor's elements (4L: it in fp32, the cast's transient), M = the largest module's own parameters.
+    tensor's elements (4L: it read in the file's fp32, the cast's transient; 2L for a bf16 file, as the registry's
+    checkpoints are published), M = the largest module's own parameters.
     The checkpoint is read through a mmap (file-backed pages, not counted).
 
     - ddp / zero1 / zero2 (`from_pretrained` straight onto the device): per GPU the model at the load dtype + 4L;
@@ -443,7 +509,9 @@ def load_peak(profile: ArchProfile, w: Workload, layout: Layout, device: str = "
     s, p = layout.shard, w.p
     full = split.trainable if split.base_trainable else 0  # base weights that train (adapters come after the load)
     chunk = min(LOAD_CHUNK_BYTES, 4 * profile.largest_tensor)  # never more than one tensor (in fp32) at once
-    transient = 4 * profile.largest_tensor  # from_pretrained reads a tensor in the file's fp32, then casts it
+    # from_pretrained reads a tensor at the file's dtype, then casts it: the read copy is the transient (fp32 files:
+    # 4L; the registry's checkpoints are published in bf16: 2L)
+    transient = profile.stored_bytes * profile.largest_tensor
     # zero.Init allocates each module whole on the GPU before it partitions it; on a CPU worker those pages are
     # never written (the weights are read into the partitions), so only the read chunk counts there.
     gathered = profile.largest_module * p if device != "cpu" else chunk

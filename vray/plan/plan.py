@@ -36,6 +36,8 @@ class Plan:
     load_peak_bytes: LoadPeak | None = None  # while loading the model: per GPU (per worker on CPU) and per node
     checkpoint_every: int = 1  # with gradient_checkpointing: every k-th decoder layer is recomputed
     pack_tokens: int | None = None  # padding-free packing: tokens of one packed row (None: padded micro-batches)
+    # GPU plans: the fewest-GPU layout ("minimum") and the fastest one ("fastest"), each summarised
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def effective_batch(self) -> int:
@@ -83,6 +85,7 @@ class Plan:
             "estimate": self.estimate,
             "scaling_config": self.scaling_config,
         }
+        out.update(self.layouts)
         if self.deepspeed is not None:
             out["deepspeed"] = self.deepspeed
         if self.fsdp is not None:
@@ -112,4 +115,5 @@ class Plan:
             fsdp=d.get("fsdp"), reason=d.get("reason"), suggestions=tuple(d.get("suggestions") or ()),
             load_peak_bytes=LoadPeak(load["per_gpu"], load["per_host"]) if load else None,
             checkpoint_every=d.get("checkpoint_every", 1), pack_tokens=d.get("pack_tokens"),
+            layouts={k: d[k] for k in ("minimum", "fastest") if d.get(k)},
         )

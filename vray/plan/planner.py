@@ -1,11 +1,16 @@
-"""The planner: choose GPUs, strategy, batch split and placement for a run, or say what would fit.
+"""The planner: choose GPUs, strategy, batch split, checkpointing, packing and placement for a run, or say what
+would fit.
 
 A plan fits when the predicted step peak per GPU and the load-time peak per GPU, each plus the margin
 (5% of memory + 1 GiB), are within the GPU's memory, and the load-time peak of a node's ranks is within
-the node's CPU memory. Among plans that fit without CPU offload vray takes the fewest GPUs, then the fewest nodes, then
-the fastest estimated step; ZeRO-3 with CPU offload only when nothing else fits. The effective batch
-(batchSize x gradientAccumulation) is preserved as micro-batch x accumulation x workers; gradient
-checkpointing is switched on only when it is needed to fit (or is faster at the larger micro-batch it allows).
+the node's CPU memory. Activations are sized for the data: the longest sample the data check counted (its exact
+tokens, with the most images a sample has), or one packed row of `pack_tokens`; an assumed sample only when no
+data is at hand. The effective batch (batchSize x gradientAccumulation) is preserved as micro-batch x
+accumulation x workers. Among plans that fit without CPU offload: on an inventory of known size (a cluster, this
+machine, or `--nodes`) vray takes the fastest estimated step among the data-parallel widths that divide the
+effective batch; on an open-ended inventory (as many nodes as needed) the fewest GPUs, then the fewest nodes, then
+the fastest step. ZeRO-3 with CPU offload only when nothing else fits. Gradient checkpointing under `auto` is the
+policy (off, every k-th layer, every layer) whose largest fitting micro-batch gives the fastest estimated step.
 """
 
 from __future__ import annotations
@@ -17,31 +22,58 @@ from pathlib import Path
 from typing import Any
 
 from vray.archs import registry
-from vray.errors import VrayError
+from vray.errors import DataError, VrayError
 from vray.plan.engine_config import deepspeed_config, fsdp_settings
 from vray.plan.gpus import CATALOG, GPU, Inventory
-from vray.plan.memory import Estimate, Layout, SampleShape, Workload, cpu_estimate, estimate, sample_shape
+from vray.plan.memory import (
+    Estimate,
+    Layout,
+    SampleShape,
+    Workload,
+    cpu_estimate,
+    data_sample_shape,
+    estimate,
+    packed_row,
+    sample_shape,
+)
 from vray.plan.plan import Plan
 from vray.plan.profile import ArchProfile, arch_profile, checkpoint_profile
 from vray.spec import RunSpec
 
 DEFAULT_DATASET_SAMPLES = 1000
-# Assumed model-FLOPs utilisation per strategy (share of the GPU's dense bf16 TFLOP/s a step achieves).
+# Assumed model-FLOPs utilisation per strategy: the share of the GPU's dense bf16 TFLOP/s a step achieves at a
+# micro-batch of MFU_REFERENCE_TOKENS tokens (fewer tokens per micro-batch: see micro_batch_efficiency), counted on
+# the FLOPs the step runs (recompute included). Dense models: NeMo AutoModel's performance summary reports Qwen2.5
+# 7B LoRA on one H100 at 423 model TFLOP/s per GPU, 43% of 989 (GBS 32, MBS 2, 4096-token packed sequences, TE and
+# Triton kernels; docs.nvidia.com/nemo/automodel/nightly/performance-summary.html, "Fine-Tuning (LoRA)
+# Performance"). vray's ddp figure stays a little below that (0.40: SDPA or flash-attention, Liger where installed,
+# no TransformerEngine); the sharded engines lose more to their gathers.
 MFU = {"ddp": 0.40, "zero1": 0.38, "zero2": 0.36, "fsdp2-hybrid": 0.34, "fsdp2": 0.33, "zero3": 0.30,
        "zero3-offload": 0.08}
+MFU_SOURCE = ("dense: NeMo AutoModel reports Qwen2.5-7B LoRA at 423 TFLOP/s on one H100 (43% of 989; MBS 2 x 4096 "
+              "tokens, TE kernels; docs.nvidia.com/nemo/automodel/nightly/performance-summary.html); vray assumes 0.40 "
+              "under ddp at 8192 tokens per micro-batch, less for sharded engines, to be calibrated on GPU "
+              "(benchmarks/gpu_check.py)")
 # Sparse MoE language models (routed experts: Qwen3-VL-30B-A3B, Qwen3.5-35B-A3B, ...), counted on the active
-# parameters. Far below dense: the expert GEMMs are small and grouped, the router adds host syncs, and a sharded
-# engine all-gathers every expert of a layer (8 of 256 used per token: 32x the weights a token computes with) on
-# the forward, the recompute and the backward. Conservative figures, to be replaced by measurements
-# (benchmarks/gpu_check.py): zero3 0.10 (about a third of dense; the field report of 166 s per step for
-# Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3, hiyouga/LlamaFactory#9374, is far lower still, with the eager expert
-# loop vray replaces by grouped_mm); half of dense for the engines that keep the experts whole on each GPU
-# (Qwen supports its MoE fine-tuning on ZeRO-2, QwenLM/Qwen3-VL#1619).
-MOE_MFU = {"ddp": 0.20, "zero1": 0.19, "zero2": 0.18, "fsdp2-hybrid": 0.14, "fsdp2": 0.13, "zero3": 0.10,
-           "zero3-offload": 0.03}
-MOE_MFU_SOURCE = ("sparse MoE: conservative MFU on active parameters, far below dense (experts gathered whole by "
-                  "sharded engines, grouped expert GEMMs); zero3 0.10 against a field report of 166 s/step for "
-                  "Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3 (hiyouga/LlamaFactory#9374); to be calibrated on GPU")
+# parameters: several-fold below dense. Megatron-Bridge's verification card for Qwen3.6-35B-A3B LoRA on 16 H100s
+# reports about 110 TFLOP/s per GPU (about 11% of 989) with expert parallelism and grouped GEMMs (the card's figure
+# as quoted; its page was not found among the stored sources, unlike NeMo's table above); vray has no
+# expert parallelism, so 0.11 is its figure for the engines that keep the experts whole on each GPU (ddp; Qwen
+# supports its MoE fine-tuning on ZeRO-2, QwenLM/Qwen3-VL#1619) and less for sharded engines, which all-gather
+# every expert of a layer (8 of 256 used per token) on the forward, the recompute and the backward (a field
+# report: 166 s per step for Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3, hiyouga/LlamaFactory#9374).
+MOE_MFU = {"ddp": 0.11, "zero1": 0.105, "zero2": 0.10, "fsdp2-hybrid": 0.08, "fsdp2": 0.075, "zero3": 0.06,
+           "zero3-offload": 0.02}
+MOE_MFU_SOURCE = ("sparse MoE, on active parameters: Megatron-Bridge's verification card for Qwen3.6-35B-A3B LoRA on "
+                  "16 H100s reports about 110 TFLOP/s per GPU (11%) with expert parallelism; vray assumes 0.11 where "
+                  "experts stay whole (ddp), less where sharded engines gather them (zero3 0.06; field report of "
+                  "166 s/step for Qwen3-VL-30B-A3B on 8x H100 under ZeRO-3, hiyouga/LlamaFactory#9374); to be "
+                  "calibrated on GPU")
+# The tables' figures hold at this many tokens per micro-batch (NeMo's MBS 2 x 4096); a micro-batch of n tokens
+# runs at n / (n + MFU_HALF_TOKENS) of the rate, relative to the reference: small GEMMs leave the GPU idle, and
+# every micro-batch pays its launches and its gradient hooks. MFU_HALF_TOKENS is an assumption, to be calibrated.
+MFU_REFERENCE_TOKENS = 8192
+MFU_HALF_TOKENS = 1024
 CROSS_NODE_FACTOR = 0.85  # sharded all-gathers across nodes (not for fsdp2-hybrid, whose gathers stay in a node)
 PCIE_SHARDED_FACTOR = 0.7  # sharded strategies over PCIe-only GPUs
 STRATEGIES_BY_MODE = {
@@ -63,18 +95,39 @@ def workload_of(spec: RunSpec) -> Workload:
                     lora_experts=mode != "full" and spec.lora.experts)
 
 
-def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
-    """The sample shape a spec's media limits (with the family's default image size) imply."""
+@dataclass(frozen=True)
+class DataSizes:
+    """What the data check counted that the plan sizes for: the longest training sample's exact tokens (text and
+    visual, as the model's processor encodes it) and where it is, the mean (for the time estimate), and the most
+    images (or whether any video) one sample has."""
+
+    max_tokens: int
+    mean_tokens: float
+    max_images: int
+    video: bool
+    longest: str  # the row of the longest sample, e.g. "train.jsonl:17"
+    counted_with: str = "processor"  # "processor" (exact) or "estimated"
+
+    def describe(self) -> str:
+        how = "counted by the processor" if self.counted_with == "processor" else "estimated"
+        return f"the data: its longest sample ({self.longest}, {self.max_tokens} tokens {how})"
+
+
+def sample_of(spec: RunSpec, profile: ArchProfile, data: DataSizes | None = None) -> SampleShape:
+    """The sample activations are sized for: the data's longest sample (with the most images a sample has, each at
+    the media limits) when the data check has counted it, else the assumed sample the media limits imply."""
     media = spec.media_limits
+    if data is not None:
+        return data_sample_shape(profile, data.max_tokens, data.max_images, data.describe(), media.minPixels,
+                                 media.maxPixels, media.maxFrames, data.video)
     return sample_shape(profile, media.minPixels, media.maxPixels, media.maxFrames)
 
 
-
-
-def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool) -> float:
+def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool,
+                     checkpoint_every: int = 1) -> float:
     """Training FLOPs of one sample: 2 x active parameters per token forward, backward 2x (full) or 1x (frozen
-    weights: input gradients only), one more forward under gradient checkpointing; attention scores and the
-    vision tower on top."""
+    weights: input gradients only), the forward of the recomputed layers once more under gradient checkpointing
+    (all of them, or ceil(L / k) of L for every:k); attention scores and the vision tower on top."""
     t = profile.text
     seq = sample.sequence
     lm_params = profile.active_language_params
@@ -83,25 +136,45 @@ def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gra
     full_layers = sum(1 for k in t.layer_kinds if k == "full_attention")
     forward = seq * 2 * lm_params + full_layers * 2 * seq * seq * t.heads * t.head_dim
     backward = (2.0 if w.mode == "full" else 1.0) * forward
-    recompute = forward if gradient_checkpointing else 0.0
+    recompute = forward * recompute_share(t.layers, checkpoint_every) if gradient_checkpointing else 0.0
     vision = 2 * (profile.params_of("vision") + profile.params_of("projector")) * sample.vision_patches
     return forward + backward + recompute + vision * (3 if w.vision_trains else 1)
 
 
+def recompute_share(layers: int, k: int) -> float:
+    """Share of the decoder layers recomputed under every:k (k = 1: all; 0: none)."""
+    return 0.0 if k <= 0 else math.ceil(layers / k) / max(1, layers)
+
+
+def micro_batch_efficiency(tokens: int) -> float:
+    """The share of the MFU table's rate a micro-batch of `tokens` tokens runs at (1 at MFU_REFERENCE_TOKENS and
+    above)."""
+    rate = lambda n: n / (n + MFU_HALF_TOKENS)  # noqa: E731
+    return min(1.0, rate(max(1, tokens)) / rate(MFU_REFERENCE_TOKENS))
+
+
 def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, gpu: GPU,
-                  effective_batch: int, samples: int, epochs: int) -> dict[str, float]:
-    """Step time, total hours and GPU-hours at the assumed MFU of the strategy."""
+                  effective_batch: int, samples: int, epochs: int, time_sample: SampleShape | None = None
+                  ) -> dict[str, float]:
+    """Step time, total hours and GPU-hours at the assumed MFU of the strategy, scaled by the micro-batch's
+    efficiency (tokens per micro-batch: micro-batch x the sized sample, or one packed row) and paying for what
+    checkpointing recomputes. The FLOPs are those of `time_sample` (the data's mean sample, when packed) or of the
+    sized sample (padded micro-batches pay for their padding)."""
     mfu = mfu_table(profile)[layout.strategy]
     if layout.nodes > 1 and layout.strategy not in ("ddp", "zero1", "zero2", "fsdp2-hybrid"):
         mfu *= CROSS_NODE_FACTOR
     if gpu.interconnect == "pcie" and layout.strategy != "ddp":
         mfu *= PCIE_SHARDED_FACTOR
-    flops = effective_batch * flops_per_sample(profile, w, sample, layout.gradient_checkpointing)
+    micro_tokens = layout.micro_batch * sample.sequence
+    mfu *= micro_batch_efficiency(micro_tokens)
+    flops = effective_batch * flops_per_sample(profile, w, time_sample or sample, layout.gradient_checkpointing,
+                                               layout.checkpoint_every)
     step_s = flops / (layout.workers * gpu.tflops * 1e12 * mfu)
     steps = epochs * math.ceil(samples / effective_batch)
     hours = steps * step_s / 3600
     return {"step_seconds": round(step_s, 4), "steps": steps, "hours": round(hours, 4),
-            "gpu_hours": round(hours * layout.workers, 4), "mfu": round(mfu, 3)}
+            "gpu_hours": round(hours * layout.workers, 4), "mfu": round(mfu, 3), "micro_batch_tokens": micro_tokens,
+            "recompute_share": round(recompute_share(profile.text.layers, layout.checkpoint_k), 3)}
 
 
 def mfu_table(profile: ArchProfile) -> dict[str, float]:
@@ -109,8 +182,17 @@ def mfu_table(profile: ArchProfile) -> dict[str, float]:
     return MOE_MFU if profile.text.moe else MFU
 
 
-# cluster.gradientCheckpointing -> the settings the search tries, in order (without it first: it costs a forward).
-CHECKPOINTING_CHOICES = {"auto": (False, True), "on": (True,), "off": (False,)}
+# The every:k settings `auto` tries besides off (0) and every layer (1).
+AUTO_CHECKPOINT_EVERY = (8, 4, 3, 2)
+
+
+def checkpoint_choices(setting: str) -> tuple[int, ...]:
+    """cluster.gradientCheckpointing -> the k the search tries (0: off, 1: every layer, k: every k-th layer)."""
+    if setting == "auto":
+        return (0, *AUTO_CHECKPOINT_EVERY, 1)
+    if setting.startswith("every:"):
+        return (int(setting.split(":", 1)[1]),)
+    return {"on": (1,), "off": (0,)}[setting]
 
 
 def _divisors(n: int) -> list[int]:
@@ -167,45 +249,62 @@ class _Candidate:
 
 def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, workers: int,
                       per_worker: int, strategies: tuple[str, ...], effective: int, samples: int,
-                      epochs: int, checkpointing: str = "auto") -> _Candidate | None:
-    found: list[_Candidate] = []
+                      epochs: int, checkpointing: str = "auto", max_micro: int | None = None,
+                      time_sample: SampleShape | None = None) -> _Candidate | None:
+    """The fastest (strategy, checkpointing, micro-batch) on this many workers: for each strategy and checkpointing
+    policy its largest micro-batch that fits, then the fastest estimated step (ties: less recompute)."""
+    found: list[tuple[float, float, _Candidate]] = []
+    micros = sorted((m for m in _divisors(per_worker) if max_micro is None or m <= max_micro), reverse=True)
     for strategy in strategies:
         if _not_offered(strategy, workers, inv.gpus_per_node, w):
             continue
-        for gc in CHECKPOINTING_CHOICES[checkpointing]:
-            for micro in sorted(_divisors(per_worker), reverse=True):
-                layout = Layout(strategy, workers, inv.gpus_per_node, micro, gc)
+        for k in checkpoint_choices(checkpointing):
+            for micro in micros:
+                layout = Layout(strategy, workers, inv.gpus_per_node, micro, k > 0, max(k, 1))
                 est = estimate(profile, w, layout, sample, inv.gpu.memory_bytes, inv.host_memory_per_gpu)
                 if est.fits:
-                    secs = step_estimate(profile, w, layout, sample, inv.gpu, effective, samples, epochs)["step_seconds"]
-                    found.append(_Candidate(layout, est, secs))
+                    secs = step_estimate(profile, w, layout, sample, inv.gpu, effective, samples, epochs,
+                                         time_sample)["step_seconds"]
+                    found.append((secs, recompute_share(profile.text.layers, k), _Candidate(layout, est, secs)))
                     break
-    return min(found, key=lambda c: c.step_seconds) if found else None
+    return min(found, key=lambda f: f[:2])[2] if found else None
 
 
 def search(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory, effective: int,
            workers: int | None = None, samples: int = DEFAULT_DATASET_SAMPLES, epochs: int = 1,
-           allow_offload: bool = True, only: str | None = None, checkpointing: str = "auto") -> _Candidate | None:
-    """The cheapest layout that fits, or None: the fewest GPUs without offload; with offload, the fastest.
-    `checkpointing` is `cluster.gradientCheckpointing`: auto tries without it first, on / off force it."""
+           allow_offload: bool = True, only: str | None = None, checkpointing: str = "auto",
+           fastest: bool = False, max_micro: int | None = None, time_sample: SampleShape | None = None
+           ) -> _Candidate | None:
+    """The layout that fits, or None. Without offload: with `fastest`, the fastest estimated step among the worker
+    counts that divide the effective batch (within the inventory); otherwise the fewest GPUs (then the fastest
+    layout at that count). With offload (only when nothing else fits), the fastest. `checkpointing` is
+    `cluster.gradientCheckpointing` (auto: the fastest policy that fits; on / off / every:k force it);
+    `max_micro` caps the micro-batch (1 for a packed row)."""
     if workers is not None:
         counts = [workers]
     else:
         counts = [n for n in _divisors(effective) if n <= inv.max_gpus]
     strategies = tuple(s for s in STRATEGIES_BY_MODE[w.mode] if only is None or s == only)
     offload = tuple(s for s in OFFLOAD[w.mode] if only is None or s == only)
+
+    def best(n: int, engines: tuple[str, ...]) -> _Candidate | None:
+        return _best_for_workers(profile, w, sample, inv, n, effective // n, engines, effective, samples, epochs,
+                                 checkpointing, max_micro, time_sample)
+
+    found: list[_Candidate] = []
     for n in counts:
-        best = _best_for_workers(profile, w, sample, inv, n, effective // n, strategies, effective, samples, epochs,
-                                 checkpointing)
-        if best is not None:
-            return best
+        c = best(n, strategies)
+        if c is not None and not fastest:
+            return c
+        if c is not None:
+            found.append(c)
+    if found:
+        return min(found, key=lambda c: (c.step_seconds, c.layout.workers))
     if not (allow_offload and offload):
         return None
     # Offload is the last resort; every GPU it spreads over shortens the CPU round trips, so take the fastest.
-    offloaded = [_best_for_workers(profile, w, sample, inv, n, effective // n, offload, effective, samples, epochs,
-                                   checkpointing) for n in counts]
-    found = [c for c in offloaded if c is not None]
-    return min(found, key=lambda c: c.step_seconds) if found else None
+    offloaded = [c for c in (best(n, offload) for n in counts) if c is not None]
+    return min(offloaded, key=lambda c: c.step_seconds) if offloaded else None
 
 
 def min_gpus_ignoring_batch(profile: ArchProfile, w: Workload, sample: SampleShape, inv: Inventory) -> int | None:
@@ -231,14 +330,20 @@ def _assumptions(spec: RunSpec, profile: ArchProfile, sample: SampleShape, sampl
         "margin": "5% of GPU memory + 1 GiB (CUDA context, NCCL, fragmentation)",
         "offload_host_memory": "80% of the node's CPU memory per GPU (catalog: a usual 8-GPU cloud node)",
         "framework_overhead": "256 MiB per GPU, plus the engine's buffers, counted in 'other'",
-        "mfu": mfu_table(profile), "logits": "tokens x vocabulary x 12 bytes",
+        "mfu": mfu_table(profile), "mfu_source": MOE_MFU_SOURCE if profile.text.moe else MFU_SOURCE,
+        "mfu_micro_batch": f"the table's rate at {MFU_REFERENCE_TOKENS} tokens per micro-batch; n tokens run at "
+                           f"n/(n+{MFU_HALF_TOKENS}) of it, relative to {MFU_REFERENCE_TOKENS}",
+        "logits": "label-only loss: the label positions' hidden rows and their gradient (all tokens counted), plus "
+                  "loss_chunk_rows(vocabulary) rows of fp32 logits, their fp32 gradient and the matmul output at a "
+                  "time; never the full-vocabulary logits",
+        "lora_adapters": "compute dtype under autocast over fp32 master adapters: no fp32 input copies",
+        "checkpointing": "every:k recomputes layers 0, k, 2k, ... (ceil(L/k) of L; on = every layer): they keep "
+                         "only their input, the others all they save; the recompute costs their forward again",
         "load": "load peak per GPU (+ the margin) and per node (ranks x per-rank host bytes, within the node's CPU "
                 "memory) while the model loads: the whole model at the load dtype + its largest tensor in fp32 for "
                 "ddp / zero1 / zero2; the ZeRO-3 partition + the largest module gathered; FSDP2 shards + one "
                 "256 MiB read chunk",
     }
-    if profile.text.moe:
-        out["mfu_source"] = MOE_MFU_SOURCE
     if arch.assumed:
         out["assumed_config_fields"] = sorted(arch.assumed)
     if est is not None:
@@ -290,14 +395,31 @@ def _suggestions(spec: RunSpec, profile: ArchProfile, w: Workload, sample: Sampl
     return out
 
 
-def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | None = None) -> Plan:
+def _layout_summary(c: _Candidate, effective: int, timing: dict[str, float], pack_tokens: int | None) -> dict[str, Any]:
+    layout = c.layout
+    return {"strategy": layout.strategy, "num_workers": layout.workers, "nodes": layout.nodes,
+            "micro_batch": layout.micro_batch, "grad_accum": effective // (layout.micro_batch * layout.workers),
+            "gradient_checkpointing": layout.gradient_checkpointing, "checkpoint_every": layout.checkpoint_every,
+            "pack_tokens": pack_tokens, "per_gpu_total_bytes": c.est.memory.total, "step_seconds": timing["step_seconds"],
+            "hours": timing["hours"], "gpu_hours": timing["gpu_hours"]}
+
+
+def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | None = None,
+             data: DataSizes | None = None) -> Plan:
     """The plan for a spec on an inventory; `fits` is False (with reason and suggestions) when nothing fits.
     `dataset` is (training samples, where the number comes from), counted by the caller
-    (`vray.data.io.count_rows`); without it the estimate assumes DEFAULT_DATASET_SAMPLES."""
+    (`vray.data.io.count_rows`); without it the estimate assumes DEFAULT_DATASET_SAMPLES. `data` is what the data
+    check counted (the longest sample and the most images per sample); without it an assumed sample is sized.
+
+    Packing (data.packTokens unset): micro-batches are packed rows of micro-batch x the longest sample's tokens
+    (`pack_tokens`), which never splits a sample; data.packTokens: P sizes one row of P tokens (micro-batch 1 of
+    memory) and is refused when the longest sample is longer; 0 pads micro-batches instead.
+    On an inventory of known size the plan is the fastest layout (`fastest`), on an open-ended one the fewest
+    GPUs (`minimum`); both are in the plan."""
     arch = spec.arch
     profile = arch_profile(arch)
     w = workload_of(spec)
-    sample = sample_of(spec, profile)
+    sample = sample_of(spec, profile, data)
     samples = dataset or (DEFAULT_DATASET_SAMPLES, "assumed (no local training data to count)")
     effective = spec.hyperparameters.effective_batch
     epochs = spec.hyperparameters.epochs
@@ -316,27 +438,57 @@ def plan_run(spec: RunSpec, inventory: Inventory, dataset: tuple[int, str] | Non
             return _not_fitting(spec, inventory, profile, sample, samples,
                                 f"cluster.workers asks for {workers} GPUs but the inventory has {inventory.max_gpus}",
                                 [f"at most {inventory.max_gpus} workers"])
-    best = search(profile, w, sample, inventory, effective, workers, samples[0], epochs, only=spec.cluster.strategy,
-                  checkpointing=spec.cluster.gradientCheckpointing)
-    if best is None:
+    pack = spec.data.packTokens  # None: the planner's choice; 0: no packing; P: rows of P tokens
+    sized, max_micro, time_sample = sample, None, None
+    if pack:  # a row of `pack` tokens: memory for one row (micro-batch 1)
+        if sample.sequence > pack:
+            raise DataError(f"data.packTokens: {pack} is shorter than the longest sample ({sample.sized_from}); one "
+                            f"packed row must hold a whole sample: set data.packTokens to at least {sample.sequence}, "
+                            "0 for no packing, or shorten the sample (media.maxPixels, data.maxTokens)")
+        sized, max_micro = packed_row(sample, pack), 1
+    if pack is None or pack:  # packed: the work is the data's mean sample, not the longest one padded
+        mean = data.mean_tokens if data is not None else sample.sequence
+        time_sample = packed_row(sample, max(1, round(mean)))
+    kwargs = dict(samples=samples[0], epochs=epochs, only=spec.cluster.strategy,
+                  checkpointing=spec.cluster.gradientCheckpointing, max_micro=max_micro, time_sample=time_sample)
+    minimum = search(profile, w, sized, inventory, effective, workers, **kwargs)
+    fastest = search(profile, w, sized, inventory, effective, workers, fastest=True, **kwargs) if minimum else None
+    if minimum is None or fastest is None:
         where = inventory.describe()
         reason = f"no layout of {arch.display} ({w.mode}, {w.precision}) fits {where} with the effective batch {effective}"
-        reason += _why_not(profile, w, sample, inventory, effective, workers, spec.cluster.strategy)
-        return _not_fitting(spec, inventory, profile, sample, samples, reason,
-                            _suggestions(spec, profile, w, sample, inventory))
+        reason += _why_not(profile, w, sized, inventory, effective, workers, spec.cluster.strategy)
+        return _not_fitting(spec, inventory, profile, sized, samples, reason,
+                            _suggestions(spec, profile, w, sized, inventory))
+    best = fastest if inventory.nodes is not None else minimum
+    layouts = {}
+    for name, c in (("minimum", minimum), ("fastest", fastest)):
+        t = step_estimate(profile, w, c.layout, sized, gpu, effective, samples[0], epochs, time_sample)
+        layouts[name] = _layout_summary(c, effective, t, _pack_tokens(pack, c.layout, sized))
     layout, est = best.layout, best.est
-    timing = step_estimate(profile, w, layout, sample, gpu, effective, samples[0], epochs)
-    accum = effective // (layout.micro_batch * layout.workers)
+    timing = step_estimate(profile, w, layout, sized, gpu, effective, samples[0], epochs, time_sample)
+    per_worker = effective // layout.workers
+    micro = layout.micro_batch
+    if pack:  # the samples of a micro-batch that one row holds at the longest sample's length
+        micro = max(d for d in _divisors(per_worker) if d <= max(1, pack // max(1, sample.sequence)))
+    engine_layout = replace(layout, micro_batch=micro)  # the engines' batch split is the plan's
     return Plan(
         fits=True, strategy=layout.strategy, device="gpu", num_workers=layout.workers, nodes=layout.nodes,
-        gpus_per_node=inventory.gpus_per_node, micro_batch=layout.micro_batch, grad_accum=accum,
+        gpus_per_node=inventory.gpus_per_node, micro_batch=micro, grad_accum=per_worker // micro,
         gradient_checkpointing=layout.gradient_checkpointing, cpus_per_worker=spec.cluster.cpusPerWorker or 2,
         gpu=gpu.name, per_gpu_bytes=est.memory, capacity_bytes=est.capacity, margin_bytes=est.margin,
-        assumptions=_assumptions(spec, profile, sample, samples, est), estimate=timing,
-        deepspeed=deepspeed_config(layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
-        fsdp=fsdp_settings(layout, w) if layout.strategy.startswith("fsdp2") else None,
-        load_peak_bytes=est.load,
+        assumptions=_assumptions(spec, profile, sized, samples, est), estimate=timing,
+        deepspeed=deepspeed_config(engine_layout, spec, profile, w) if layout.strategy.startswith("zero") else None,
+        fsdp=fsdp_settings(engine_layout, w) if layout.strategy.startswith("fsdp2") else None,
+        load_peak_bytes=est.load, checkpoint_every=layout.checkpoint_every,
+        pack_tokens=_pack_tokens(pack, layout, sized), layouts=layouts,
     )
+
+
+def _pack_tokens(pack: int | None, layout: Layout, sized: SampleShape) -> int | None:
+    """The plan's packed-row budget: data.packTokens, else micro-batch x the sized sample's tokens; None for 0."""
+    if pack == 0:
+        return None
+    return pack or layout.micro_batch * sized.sequence
 
 
 def _not_fitting(spec: RunSpec, inventory: Inventory, profile: ArchProfile, sample: SampleShape,
@@ -410,8 +562,9 @@ def cpu_plan(spec: RunSpec, cpus_available: int | None = None, sample: SampleSha
     per_group = workers // groups
     plan = Plan(
         fits=True, strategy=strategy, device="cpu", num_workers=workers, nodes=groups, gpus_per_node=0,
-        micro_batch=micro, grad_accum=accum, gradient_checkpointing=spec.cluster.gradientCheckpointing == "on",
-        cpus_per_worker=per_worker,
+        micro_batch=micro, grad_accum=accum, gradient_checkpointing=bool(spec.cluster.checkpoint_every),
+        cpus_per_worker=per_worker, checkpoint_every=max(1, spec.cluster.checkpoint_every or 1),
+        pack_tokens=spec.data.packTokens or None,
         assumptions={"device": f"{workers} CPU worker(s) x {per_worker} CPU, gloo process group; no GPU memory model"},
     )
     return with_engine_settings(with_cpu_memory(plan, spec, per_group, sample, profile), spec, per_group)
@@ -442,7 +595,8 @@ def with_cpu_memory(plan: Plan, spec: RunSpec, per_group: int, sample: SampleSha
     (vray.plan.memory.cpu_estimate). A CPU plan has no capacity to fit, so `fits` stays True."""
     prof = profile or cpu_profile(spec)
     shape = sample or sample_of(spec, prof)
-    layout = Layout(plan.strategy, plan.num_workers, per_group, plan.micro_batch, plan.gradient_checkpointing)
+    layout = Layout(plan.strategy, plan.num_workers, per_group, plan.micro_batch, plan.gradient_checkpointing,
+                    plan.checkpoint_every)
     memory, load, parts = cpu_estimate(prof, workload_of(spec), layout, shape)
     assumptions = {**plan.assumptions, **shape.describe(), "activation_parts": parts,
                    "memory_model": "per CPU worker, anonymous memory beyond the process's fixed overhead: the step "

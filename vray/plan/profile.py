@@ -80,6 +80,7 @@ class ArchProfile:
     text: TextDims
     vision: VisionDims
     layer_params: tuple[int, ...]  # parameters of each decoder layer
+    stored_bytes: int = 4  # bytes per element in the checkpoint's files (registry checkpoints: bf16, as published)
 
     def role(self, name: str) -> str:
         """'projector', 'vision', 'lm_head' or 'language' for a parameter or module name."""
@@ -205,9 +206,11 @@ def profile_model(model: nn.Module, arch: Architecture, config: dict | None = No
 @cache
 def arch_profile(arch: Architecture) -> ArchProfile:
     """The profile of a registry checkpoint from its real config on the meta device."""
+    from dataclasses import replace
+
     from vray.archs.params import build_meta_model
 
-    return profile_model(build_meta_model(arch), arch)
+    return replace(profile_model(build_meta_model(arch), arch), stored_bytes=2)
 
 
 def checkpoint_profile(folder: Path, arch: Architecture) -> ArchProfile:

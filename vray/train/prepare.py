@@ -89,6 +89,8 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
             console.print(f"data check of {report.source}: unchanged since it was last checked, its report is "
                           f"cached ({report.cached})", highlight=False)
         reports.append(report)
+    if spec.data.packTokens and train in parsed:
+        _refuse_longer_than_a_row(reports[0], parsed[train], spec.data.packTokens)
     errors = [i for r in reports for i in r.errors]
     skipped = sum(r.invalid_rows for r in reports)
     if errors and not skip_invalid:
@@ -107,6 +109,39 @@ def check_data(spec: RunSpec, train: str, eval_path: str | None, skip_invalid: b
     return DataCheck(tuple(reports), exclude, skipped, {uri: result.kept(exclude) for uri, result in parsed.items()})
 
 
+def _refuse_longer_than_a_row(report: Any, parsed: Any, pack: int) -> None:
+    """A training sample longer than data.packTokens is an error of its row: one packed row must hold it whole."""
+    from vray.data.check import Issue
+
+    ids = dict(zip(parsed.wheres, (s.id for s in parsed.samples)))
+    over = [(where, n) for where, n in zip(report.token_rows, report.tokens) if n > pack]
+    longest = max((n for _, n in over), default=0)
+    for where, n in over:
+        report.issues.append(Issue(where, "error", "longer than data.packTokens",
+                                   f"{n} tokens, longer than data.packTokens ({pack}): a packed row holds whole samples; "
+                                   f"set data.packTokens to at least {longest} (or 0: no packing), or shorten the "
+                                   "sample (media.maxPixels, fewer turns)", ids.get(where)))
+
+
+def data_sizes(data: DataCheck, train: str) -> Any:
+    """What the plan sizes for, from the data check of the training set: the longest kept sample's tokens and its
+    row, the mean, the most images one sample has; None when no token was counted."""
+    from vray.plan.planner import DataSizes
+
+    report = data.reports[0]
+    refused = {i.where for i in report.errors}
+    counted = [(n, where) for n, where in zip(report.tokens, report.token_rows or [""] * len(report.tokens))
+               if where not in refused]
+    if not counted:
+        return None
+    longest, where = max(counted)
+    samples = data.samples[train]
+    return DataSizes(max_tokens=longest, mean_tokens=sum(n for n, _ in counted) / len(counted),
+                     max_images=max((len(s.images) for s in samples), default=0),
+                     video=any(s.videos for s in samples), longest=where or Path(report.source).name,
+                     counted_with=report.token_counts)
+
+
 def gpu_inventory(spec: RunSpec) -> Any:
     """The GPUs a run may use: the spec's cluster block, else the Ray cluster it will join, else this machine."""
     from vray.cluster import cluster_gpu_inventory, local_gpu
@@ -123,20 +158,40 @@ def gpu_inventory(spec: RunSpec) -> Any:
     return None
 
 
-def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None) -> Plan:
+def plan_for(spec: RunSpec, dataset: tuple[int, str] | None = None, data: Any = None) -> Plan:
     """The plan for the GPUs the run may use, or CPU workers when there are none. A PlanError when it does not fit.
-    `dataset` is (training samples, where the number comes from); without it the training file is counted."""
+    `dataset` is (training samples, where the number comes from); without it the training file is counted. `data`
+    (vray.plan.planner.DataSizes, from the data check) is what activations are sized for."""
     from vray.data.io import count_rows
-    from vray.plan.planner import cpu_plan, plan_run
+    from vray.plan.planner import cpu_plan, cpu_profile, plan_run, sample_of
 
     inventory = gpu_inventory(spec)
     if inventory is None:
-        return cpu_plan(spec)
-    plan = plan_run(spec, inventory, dataset or count_rows(spec.data.train))
+        if data is None:
+            return cpu_plan(spec)
+        profile = cpu_profile(spec)  # the checkpoint the CPU workers load, sized for the data's longest sample
+        return cpu_plan(spec, sample=sample_of(spec, profile, data), profile=profile)
+    plan = plan_run(spec, inventory, dataset or count_rows(spec.data.train), data)
     if not plan.fits:
         lines = "\n".join(f"  - {s}" for s in plan.suggestions)
         raise PlanError(f"{plan.reason}" + (f"\nwhat would fit:\n{lines}" if lines else "") + "\n(`vray plan` shows the breakdown)")
     return plan
+
+
+def plan_checked(spec: RunSpec, inventory: Any, skip_invalid: bool = False, console: Console | None = None) -> Plan:
+    """`vray plan`'s plan: with local training data (a file or a synthetic dataset), its rows checked first (as
+    `vray train` does) and the plan sized for them; otherwise for the assumed sample (remote data is checked by
+    `vray train`, on the cluster's CPUs). Not refused when it does not fit (the caller shows why)."""
+    from vray.data.io import count_rows
+    from vray.plan.planner import plan_run
+
+    if not spec.data.train or "://" in spec.data.train:
+        return plan_run(spec, inventory, count_rows(spec.data.train))
+    train, eval_path = data_paths(spec)
+    data = check_data(spec, train, None, skip_invalid, console)
+    kept = data.samples[train]
+    return plan_run(spec, inventory, (len(kept), f"rows of {Path(data.reports[0].source).name} the data check kept")
+                    if kept else count_rows(train), data_sizes(data, train))
 
 
 def require_model(spec: RunSpec, use_ray: bool = False) -> None:
@@ -167,7 +222,8 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
     train, eval_path = data_paths(spec)
     data = check_data(spec, train, eval_path, skip_invalid, console, use_ray)
     kept = data.samples[train]
-    plan = plan_for(spec, (len(kept), f"rows of {Path(data.reports[0].source).name} the data check kept"))
+    plan = plan_for(spec, (len(kept), f"rows of {Path(data.reports[0].source).name} the data check kept"),
+                    data_sizes(data, train))
     if plan.device == "gpu":  # a CPU plan's "nodes" are fsdp2-hybrid replica groups, packed wherever Ray puts them
         require_shared_storage(run.uri, plan.nodes)
     return PreparedRun(spec, plan, run, train, eval_path, data)

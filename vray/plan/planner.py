@@ -19,6 +19,7 @@ from typing import Any
 from vray.archs import registry
 from vray.errors import VrayError
 from vray.plan.engine_config import deepspeed_config, fsdp_settings
+from vray.plan.flops import count_flops
 from vray.plan.gpus import CATALOG, GPU, Inventory
 from vray.plan.memory import Estimate, Layout, SampleShape, Workload, cpu_estimate, estimate, sample_shape
 from vray.plan.plan import Plan
@@ -69,23 +70,11 @@ def sample_of(spec: RunSpec, profile: ArchProfile) -> SampleShape:
     return sample_shape(profile, media.minPixels, media.maxPixels, media.maxFrames)
 
 
-
-
-def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool) -> float:
-    """Training FLOPs of one sample: 2 x active parameters per token forward, backward 2x (full) or 1x (frozen
-    weights: input gradients only), one more forward under gradient checkpointing; attention scores and the
-    vision tower on top."""
-    t = profile.text
-    seq = sample.sequence
-    lm_params = profile.active_language_params
-    if profile.params_of("lm_head") == 0:  # tied: the embedding matrix is multiplied once more as the LM head
-        lm_params += t.hidden * t.vocab
-    full_layers = sum(1 for k in t.layer_kinds if k == "full_attention")
-    forward = seq * 2 * lm_params + full_layers * 2 * seq * seq * t.heads * t.head_dim
-    backward = (2.0 if w.mode == "full" else 1.0) * forward
-    recompute = forward if gradient_checkpointing else 0.0
-    vision = 2 * (profile.params_of("vision") + profile.params_of("projector")) * sample.vision_patches
-    return forward + backward + recompute + vision * (3 if w.vision_trains else 1)
+def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool,
+                     checkpoint_every: int = 1) -> float:
+    """Training FLOPs one sample costs the hardware (vray.plan.flops: its model FLOPs plus, under gradient
+    checkpointing, the recomputed layers' forward)."""
+    return count_flops(profile, w, sample, checkpoint_every if gradient_checkpointing else 0).hardware
 
 
 def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: SampleShape, gpu: GPU,

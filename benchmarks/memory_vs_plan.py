@@ -38,6 +38,7 @@ from train_throughput import (  # noqa: E402
     SMOKE_NOTE,
     benchmark_spec,
     checkpoint_for,
+    kernels,
     meta_profile,
     parse_common,
     shape_of,
@@ -85,7 +86,7 @@ def measure(arch_key: str, config: str, workdir: Path, smoke: bool, tokens: int,
     cuda = torch.cuda.is_available() and not smoke
     gpus = torch.cuda.device_count() if cuda else 0
     record: dict[str, Any] = {"architecture": arch.key, "config": config, "mode": "LoRA", "precision": "BFloat16",
-                              "batch": 1}
+                              "batch": 1, "kernels": kernels()}
     if config == "sharded":
         world = gpus if gpus >= 2 else (2 if sharded_cpu else 0)
         if world < 2:

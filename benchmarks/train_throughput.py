@@ -21,6 +21,8 @@ checkpointing; `six_nt_utilisation` is 6·N·T over the same peak (the common fu
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import sys
@@ -161,6 +163,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset(device: torch.device) -> None:
+    gc.collect()  # what the previous measurement left unreferenced goes before the peaks start again
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -172,6 +175,11 @@ def peaks(device: torch.device) -> dict[str, int | None]:
         return {"max_reserved_bytes": None, "max_allocated_bytes": None}
     return {"max_reserved_bytes": torch.cuda.max_memory_reserved(device),
             "max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+
+
+def kernels() -> dict[str, bool]:
+    """Which optional kernels this machine has (they change both speed and memory)."""
+    return {m: importlib.util.find_spec(m) is not None for m in ("flash_attn", "liger_kernel", "fla", "causal_conv1d")}
 
 
 def vray_steps(config: Any, warmup: int, steps: int) -> dict[str, Any]:
@@ -242,6 +250,7 @@ def hf_steps(folder: Path, spec: Any, encoded: list[Any], collator: Any, micro_b
         return total
 
     _reset(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # what vray's run left, if any
     losses = [step(i) for i in range(warmup)]
     _sync(device)
     started = time.perf_counter()
@@ -249,7 +258,7 @@ def hf_steps(folder: Path, spec: Any, encoded: list[Any], collator: Any, micro_b
     _sync(device)
     seconds = time.perf_counter() - started
     out = {"seconds_per_step": seconds / max(steps, 1), "timed_steps": steps, **peaks(device),
-           "losses": [round(v, 4) for v in losses], "micro_batch": micro_batch,
+           "losses": [round(v, 4) for v in losses], "micro_batch": micro_batch, "allocated_before_bytes": before,
            "gradient_checkpointing": gradient_checkpointing, "attn_implementation": model.config._attn_implementation}
     model = optimizer = None  # freed before the next measurement
     _reset(device)
@@ -311,7 +320,7 @@ def measure(arch_key: str, workdir: Path, smoke: bool, tokens: int, side: int, b
     name, size = arch_key.split(":")
     arch = registry.get(name, size)
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not smoke else torch.device("cpu")
-    record: dict[str, Any] = {"architecture": arch.key, "mode": "LoRA", "precision": "BFloat16"}
+    record: dict[str, Any] = {"architecture": arch.key, "mode": "LoRA", "precision": "BFloat16", "kernels": kernels()}
     started = time.time()
     folder, record["checkpoint"] = checkpoint_for(arch, workdir, smoke, layers, device)
     record["write_s"] = round(time.time() - started, 1)

@@ -77,3 +77,15 @@ def test_cpu_smoke_runs_without_ray_and_reports_every_part(tmp_path):
     experts = parts["fsdp2_lora_experts"]
     assert experts["expert_adapter_tensors"] > 0 and experts["expert_adapters_changed"] > 0
     assert experts["dtensor_parameters"] == experts["trainable_tensors"]
+
+
+def test_without_cuda_it_says_so_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path),
+                           "--wheels", str(tmp_path / "no-wheels")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device" in done.stdout
+    result = json.loads(next(tmp_path.glob("gpu_check-*.json")).read_text())
+    assert result["cpu_smoke"] is False and result["parts"]
+    assert all(p["status"] == "skipped" and p["why"].startswith("no GPU") for p in result["parts"].values())

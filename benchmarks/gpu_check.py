@@ -225,7 +225,8 @@ def part_main(args: argparse.Namespace) -> int:
             record = {"qlora_dequantize": part_qlora, "fsdp2_fused_adamw": part_fsdp2_fused_adamw,
                       "fsdp2_lora_experts": part_fsdp2_lora_experts}[args.part](args)
     except Exception as exc:  # noqa: BLE001 - a part's failure is a finding, recorded with its traceback
-        record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+        partial = json.loads(args.part_out.read_text()) if args.part_out.exists() else {}  # what it measured first
+        record = {**partial, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
                   "traceback": traceback.format_exc()[-4000:]}
     args.part_out.write_text(json.dumps(record, indent=2, default=str))
     return 0 if record.get("status") in ("ok", "skipped") else 1

@@ -368,6 +368,9 @@ def measure(arch_key: str, workdir: Path, smoke: bool, tokens: int, side: int, b
         except torch.cuda.OutOfMemoryError as exc:  # the plain loop not fitting is a finding
             plain = {"out_of_memory": str(exc)[:300]}
             _reset(device)
+        except Exception as exc:  # noqa: BLE001 - so is a plain loop that fails; vray's figures stand
+            plain = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+            _reset(device)
         record["hf"] = plain
         if "tokens_per_s" in plain:
             record["vray_over_hf_tokens_per_s"] = round(vray["tokens_per_s"] / max(plain["tokens_per_s"], 1e-9), 3)

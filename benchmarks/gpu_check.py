@@ -3,11 +3,15 @@
 It installs what the machine lacks from a folder of wheels (`benchmarks/gpu_wheels.sh` builds it), then runs each
 part in its own process, under its own time limit and within the run's 5-minute cap:
 
-- `train:qwen3vl:8B`, `train:qwen3.5:9B`: LoRA at bf16 on one GPU through vray's loader, engine (ddp, one rank),
-  collator and optimizer, on a real-shaped checkpoint with random weights (the real widths, vocabulary and vision
-  tower; the language model's first `--layers` layers only, as the output says). It measures the load peak, the step
-  peak (`max_memory_reserved` and `max_memory_allocated`) against the planner's prediction for the very sample it
-  trains on (its token count and image size), and tokens/s over the steps after a warm-up step.
+- `throughput:qwen3vl:8B` (benchmarks/train_throughput.py): Qwen3-VL-8B-shaped LoRA (real widths, vocabulary and
+  vision tower, random weights; all its layers unless `--layers`) at `--tokens` tokens with one `--image` px
+  picture, planned for that very sample: vray's training step against a plain Hugging Face loop on the same model
+  and data; tokens/s, strict MFU, HFU and the common 6·N·T figure (vray.plan.flops), step peaks against the
+  prediction.
+- `memory:qwen3.5:9B` (benchmarks/memory_vs_plan.py): Qwen3.5-9B bf16 LoRA at batch 1 on the same sample size,
+  planned for a 24 GB L4; `max_memory_reserved` and `max_memory_allocated` against the prediction for that sample.
+- `memory:sharded`: the same under fsdp2 over every visible GPU as local processes (skipped, with the reason, on
+  fewer than two GPUs).
 - `qlora_dequantize`: NF4 weights quantised on the GPU, dequantised on the GPU and on the CPU: bit-identical?
   (what a QLoRA export on the CPU relies on); and whether quantising on the CPU gives the same codes.
 - `fsdp2_fused_adamw`: one step of vray's FSDP2 engine on a 1-GPU mesh with the fused AdamW it uses on GPUs.
@@ -17,7 +21,7 @@ part in its own process, under its own time limit and within the run's 5-minute 
     python benchmarks/gpu_check.py --cpu-smoke --out /tmp/x     # the same code paths at tiny sizes on a CPU
 
 The result, per part what ran, what was skipped and why, goes to benchmarks/results/gpu_check-<date>.json
-(`--cpu-smoke`: benchmarks/results/tmp/, which git ignores).
+(`--cpu-smoke`, or a machine without CUDA, which it says and exits 0: benchmarks/results/tmp/, which git ignores).
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ for path in (str(HERE), str(ROOT)):  # results_io, and vray from the working tre
         sys.path.insert(0, path)
 
 CAP_S = 290  # the whole run, install included: under 5 minutes
-# Each part's own limit, in the order they run (the paths that never ran anywhere before the second model).
+# Each part's own limit, in the order they run: the figures first, the sharded configuration (several GPUs only) last.
 PARTS: dict[str, int] = {
-    "train:qwen3vl:8B": 100,
+    "throughput:qwen3vl:8B": 125,
+    "memory:qwen3.5:9B": 100,
     "qlora_dequantize": 30,
-    "fsdp2_fused_adamw": 45,
-    "fsdp2_lora_experts": 45,
-    "train:qwen3.5:9B": 100,
+    "fsdp2_fused_adamw": 40,
+    "fsdp2_lora_experts": 40,
+    "memory:sharded": 100,
 }
 # Importable module -> the distribution whose wheel brings it: what vray's per-worker code and these parts import
 # beyond torch and transformers.
@@ -130,15 +135,17 @@ def run_part(name: str, args: argparse.Namespace, limit: float) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         out = Path(tmp) / "part.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--part-out", str(out),
-                   "--layers", str(args.layers), "--tokens", str(args.tokens), "--image", str(args.image),
-                   "--steps", str(args.steps), "--workdir", tmp] + (["--cpu-smoke"] if args.cpu_smoke else [])
+                   "--tokens", str(args.tokens), "--image", str(args.image), "--steps", str(args.steps),
+                   "--workdir", tmp] + (["--layers", str(args.layers)] if args.layers else []) + (
+                       ["--cpu-smoke"] if args.cpu_smoke else [])
         started = time.time()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as exc:
             tail = (exc.stderr or b"")[-1500:]
-            return {"status": "timeout", "limit_s": round(limit), "stderr_tail": tail.decode(errors="replace")
-                    if isinstance(tail, bytes) else tail}
+            partial = json.loads(out.read_text()) if out.exists() else {}  # what the part measured before its limit
+            return {**partial, "status": "timeout", "limit_s": round(limit), "stderr_tail": tail.decode(
+                errors="replace") if isinstance(tail, bytes) else tail}
         record = json.loads(out.read_text()) if out.exists() else {"status": "failed"}
         record["seconds"] = round(time.time() - started, 1)
         if done.returncode != 0 and record.get("status") != "failed":
@@ -153,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, default=HERE / "wheels", help="folder of wheels to install from")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: the code paths only")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--layers", type=int, default=8, help="language-model layers kept of the real checkpoints")
-    parser.add_argument("--tokens", type=int, default=2048, help="text tokens of the training sample")
+    parser.add_argument("--layers", type=int, default=None, help="language-model layers kept of the real checkpoints "
+                        "(default: all)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens (text and visual) of each training sample")
     parser.add_argument("--image", type=int, default=896, help="side in pixels of the sample's square image")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cpu_smoke:
-        args.tokens, args.image, args.steps = min(args.tokens, 32), min(args.image, 56), min(args.steps, 1)
+        args.tokens, args.image, args.steps = min(args.tokens, 96), min(args.image, 56), min(args.steps, 1)
     if args.part:
         return part_main(args)
 
@@ -178,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     result.update(environment(args.cpu_smoke))
     import torch
 
+    no_gpu = not args.cpu_smoke and not torch.cuda.is_available()
+    if no_gpu:
+        print("no CUDA device on this machine: nothing is measured (--cpu-smoke runs the code paths on the CPU); "
+              "the result, every part skipped, goes to benchmarks/results/tmp/", flush=True)
     parts: dict[str, Any] = {}
     for name in PARTS:
         if name not in args.parts:
             parts[name] = {"status": "skipped", "why": "not asked for (--parts)"}
             continue
-        if not args.cpu_smoke and not torch.cuda.is_available():
+        if no_gpu:
             parts[name] = {"status": "skipped", "why": "no GPU (use --cpu-smoke for the code paths)"}
             continue
         left = CAP_S - (time.time() - started)
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.time() - started, 1)
     from results_io import write_result
 
-    out = args.out or (HERE / "results" / ("tmp" if args.cpu_smoke else ""))
+    out = args.out or (HERE / "results" / ("tmp" if args.cpu_smoke or no_gpu else ""))  # only GPU results commit
     write_result(out, "gpu_check", result)
     return 0 if all(p["status"] in ("ok", "skipped") for p in parts.values()) else 1
 
@@ -207,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
 def part_main(args: argparse.Namespace) -> int:
     record: dict[str, Any]
     try:
-        if args.part.startswith("train:"):
-            _, name, size = args.part.split(":")
-            record = part_train(name, size, args)
+        if args.part.startswith(("throughput:", "memory:")):
+            record = part_benchmark(args)
         else:
             record = {"qlora_dequantize": part_qlora, "fsdp2_fused_adamw": part_fsdp2_fused_adamw,
                       "fsdp2_lora_experts": part_fsdp2_lora_experts}[args.part](args)
     except Exception as exc:  # noqa: BLE001 - a part's failure is a finding, recorded with its traceback
-        record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+        partial = json.loads(args.part_out.read_text()) if args.part_out.exists() else {}  # what it measured first
+        record = {**partial, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
                   "traceback": traceback.format_exc()[-4000:]}
     args.part_out.write_text(json.dumps(record, indent=2, default=str))
     return 0 if record.get("status") in ("ok", "skipped") else 1
@@ -227,31 +239,6 @@ def _device(args: argparse.Namespace) -> Any:
         return torch.device("cpu")
     torch.cuda.set_device(0)
     return torch.device("cuda", 0)
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peaks(device: Any) -> dict[str, int | None]:
-    import torch
-
-    if device.type != "cuda":
-        return {"max_reserved_bytes": None, "max_allocated_bytes": None}
-    return {"max_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
-
-
-def _reset_peaks(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _sample(tokens: int, side: int) -> tuple[Any, Any]:
@@ -269,144 +256,36 @@ def _sample(tokens: int, side: int) -> tuple[Any, Any]:
     return sample, Image.new("RGB", (side, side), (120, 80, 200))
 
 
-def _batch(collator: Any, processor: Any, tokens: int, side: int, device: Any) -> tuple[dict[str, Any], Any]:
-    """The training batch (one sample) and its shape as the planner describes samples."""
-    import torch
-
-    from vray.plan.memory import SampleShape
-
+def _batch(collator: Any, tokens: int, side: int, device: Any) -> dict[str, Any]:
+    """A training batch of one sample."""
     sample, image = _sample(tokens, side)
-    encoded = collator.encode(sample, images=[image])
-    batch = {k: v.to(device) for k, v in collator.batch([encoded]).items()}
-    image_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
-    sequence = int(batch["input_ids"].shape[1])
-    visual = int((batch["input_ids"] == image_id).sum())
-    grid = batch.get("image_grid_thw")
-    patches = int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
-    patch = processor.image_processor.patch_size
-    height, width = (int(grid[0, 1]) * patch, int(grid[0, 2]) * patch) if grid is not None else (side, side)
-    shape = SampleShape(text_tokens=sequence - visual, images=1, image_width=width, image_height=height, frames=0,
-                        visual_tokens=visual, vision_patches=patches)
-    del torch
-    return batch, shape
+    return {k: v.to(device) for k, v in collator.batch([collator.encode(sample, images=[image])]).items()}
 
 
-def _meta_profile(folder: Path, arch: Any) -> Any:
-    """The planner's profile of exactly the checkpoint in `folder` (its layer count included)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def part_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """A stage of benchmarks/train_throughput.py or benchmarks/memory_vs_plan.py; what it measured so far is written
+    to the part's file after each phase, so a stage ended at its limit keeps it."""
+    import memory_vs_plan
+    import train_throughput
 
-    from vray.plan.profile import profile_model
+    def progress(record: dict[str, Any]) -> None:
+        args.part_out.write_text(json.dumps(record, indent=2, default=str))
 
-    config = json.loads((folder / "config.json").read_text())
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
-    return profile_model(model, arch, config)
-
-
-def _predicted_load(profile: Any, workload: Any) -> dict[str, Any] | None:
-    """The planner's load-time peak for this checkpoint on one GPU, where the planner has that model."""
-    import dataclasses
-
-    from vray.plan import memory
-
-    if not hasattr(memory, "load_peak"):
-        return None
-    peak = memory.load_peak(profile, workload, memory.Layout("ddp", 1, 1, 1, False))
-    return dataclasses.asdict(peak) if dataclasses.is_dataclass(peak) else {"value": peak}
-
-
-def part_train(name: str, size: str, args: argparse.Namespace) -> dict[str, Any]:
-    """LoRA at bf16 through vray's loader, engine, collator and optimizer: load peak, step peak against the plan's
-    prediction for this sample, tokens/s."""
-    import torch
-
-    from vray.archs import registry
-    from vray.data.collate import Collator
-    from vray.models.loader import load_processor, parameter_groups, prepare_for_training
-    from vray.models.tiny import tiny_checkpoint
-    from vray.plan.memory import Layout, estimate
-    from vray.plan.planner import flops_per_sample, workload_of
-    from vray.spec import validate_spec
-    from vray.testing.real_shaped import write_real_shaped_checkpoint
-    from vray.train.engines import build_engine
-    from vray.train.loop import build_optimizer
-
-    device = _device(args)
-    arch = registry.get(name, size)
-    text = arch.config.get("text_config", arch.config)
-    record: dict[str, Any] = {"architecture": arch.key, "mode": "LoRA", "precision": "BFloat16", "engine": "ddp (1 rank)"}
-    started = time.time()
-    if args.cpu_smoke:
-        folder = tiny_checkpoint(arch.model_type)
-        record["checkpoint"] = f"tiny:{arch.model_type} (smoke: not the real shape)"
+    kind, rest = args.part.split(":", 1)
+    common = {"workdir": args.workdir, "smoke": args.cpu_smoke, "tokens": args.tokens, "side": args.image,
+              "warmup": 1, "layers": args.layers, "progress": progress}
+    if kind == "throughput":
+        record = train_throughput.measure(rest, batch=1, steps=args.steps, **common)
+        ok = all(math.isfinite(v) for run in ("vray", "hf") for v in record.get(run, {}).get("losses", []))
+    elif rest == "sharded":
+        record = memory_vs_plan.measure("qwen3vl:8B", "sharded", steps=1, **common)
+        ok = record.get("status") in ("ok", "skipped")
     else:
-        folder = write_real_shaped_checkpoint(arch, args.workdir / "checkpoint", text_layers=args.layers,
-                                              device=str(device))
-        record["checkpoint"] = (f"real widths, vocabulary and vision tower, random weights; {args.layers} of "
-                                f"{text['num_hidden_layers']} language-model layers")
-        record["write_s"] = round(time.time() - started, 1)
-    spec = validate_spec({"architecture": {"name": name, "size": size}, "trainingMode": {"type": "LoRA"},
-                          "compute": {"precisionType": "BFloat16"}, "hyperparameters": {"batchSize": 1}})
-    _reset_peaks(device)
-    loaded = time.time()
-    model, autocast = prepare_for_training(folder, arch, "LoRA", "BFloat16", spec.quantization, spec.lora, device,
-                                           gradient_checkpointing=False)
-    model.train()
-    _sync(device)
-    record["load"] = {"seconds": round(time.time() - loaded, 1), **_peaks(device),
-                      "allocated_after_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None}
-    hp = spec.hyperparameters
-    engine = build_engine("ddp", model, lambda m: build_optimizer(
-        hp.optimizer, parameter_groups(m, arch, hp.learningRate), hp.learningRate, hp.weightDecay, device),
-        hp.maxGradNorm, device, "BFloat16")
-    engine.attach_scheduler(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    record["fused_optimizer"] = bool(engine.optimizer.defaults.get("fused"))
-    processor = load_processor(folder)
-    collator = Collator(processor, arch, "You are a GPU check.")
-    batch, shape = _batch(collator, processor, args.tokens, args.image, device)
-    record["sample"] = shape.describe()
-
-    profile = _meta_profile(folder, arch)
-    workload = workload_of(spec)
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 80 << 30
-    predicted = estimate(profile, workload, Layout("ddp", 1, 1, 1, False), shape, capacity)
-    record["predicted_step_bytes"] = predicted.memory.to_dict()
-    record["predicted_load_bytes"] = _predicted_load(profile, workload)
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = engine.module(**batch).loss
-        engine.backward(loss)  # one micro-batch on one rank: the mean over its answer tokens
-        engine.step()
-        return float(loss.detach())
-
-    _reset_peaks(device)
-    losses = [step()]  # warm-up: allocator, kernels, optimizer states
-    _sync(device)
-    timed = time.time()
-    losses += [step() for _ in range(args.steps)]
-    _sync(device)
-    seconds = time.time() - timed
-    peaks = _peaks(device)
-    record["step"] = {**peaks, "losses": [round(v, 4) for v in losses], "timed_steps": args.steps,
-                      "seconds_per_step": round(seconds / max(args.steps, 1), 4),
-                      "tokens_per_s": round(args.steps * shape.sequence / max(seconds, 1e-9), 1)}
-    flops = flops_per_sample(profile, workload, shape, False)
-    record["step"]["model_tflops_per_s"] = round(args.steps * flops / max(seconds, 1e-9) / 1e12, 2)
-    load_predicted = (record["predicted_load_bytes"] or {}).get("per_gpu")
-    if load_predicted and record["load"]["max_allocated_bytes"]:
-        record["load"]["predicted_over_measured"] = {
-            "reserved": round(load_predicted / record["load"]["max_reserved_bytes"], 4),
-            "allocated": round(load_predicted / record["load"]["max_allocated_bytes"], 4)}
-    if peaks["max_reserved_bytes"]:
-        total = predicted.memory.total
-        record["predicted_over_measured"] = {"reserved": round(total / peaks["max_reserved_bytes"], 4),
-                                             "allocated": round(total / peaks["max_allocated_bytes"], 4)}
-    record["status"] = "ok" if all(math.isfinite(v) for v in losses) else "failed"
-    if record["status"] == "failed":
-        record["error"] = f"non-finite loss: {losses}"
-    return record
+        record = memory_vs_plan.measure(rest, "single", steps=1, plan_gpu="L4-24GB", **common)
+        ok = all(math.isfinite(v) for v in record["measured"]["losses"])
+    if record.get("status") == "skipped":
+        return record
+    return {**record, "status": "ok" if ok else "failed", **({} if ok else {"error": "a non-finite loss"})}
 
 
 def part_qlora(args: argparse.Namespace) -> dict[str, Any]:
@@ -484,7 +363,7 @@ def _fsdp2_step(family: str, name: str, size: str, mode: str, experts: bool, arg
             units=shard_units(model, arch.language_model_prefix, arch.vision_modules))
         engine.attach_scheduler(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
         processor = load_processor(folder)
-        batch, _ = _batch(Collator(processor, arch, "You are a GPU check."), processor, 24, 56, device)
+        batch = _batch(Collator(processor, arch, "You are a GPU check."), 24, 56, device)
         trainable = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}
         before = {n: p.detach().full_tensor().float().clone() if hasattr(p, "full_tensor") else p.detach().float().clone()
                   for n, p in trainable.items()}

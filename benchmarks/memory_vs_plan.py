@@ -1,15 +1,20 @@
-"""Predicted vs measured peak GPU memory: real-shaped models with random weights, trained at the planned settings.
+"""Predicted against measured step memory, for the very sample trained: real-shaped checkpoints with random weights,
+vray's own training step, without Ray (benchmarks/gpu_check.py runs it as a stage).
 
-For each checkpoint x mode it builds the model from vray's shipped config (random weights, no download),
-saves it and loads it back through vray's loader (bf16 base + fp32 adapters, 4-bit NF4 under QLoRA, fp32
-master weights under full fine-tuning), asks the planner for the plan on this GPU, runs a few optimizer
-steps on a synthetic sample of the planned shape at the planned micro-batch and gradient checkpointing, and
-records `torch.cuda.max_memory_allocated()` against the plan's per-GPU total. No Ray is needed.
+The sample (one `--image` px picture and text filling `--tokens` tokens) is encoded by the run's collator; the plan is
+the planner's search for that exact shape on `--plan-gpu` (default: this machine's GPU), so its micro-batch and
+checkpointing are those that GPU would get; vray's training worker (`vray.train.loop.Recipe`) then runs a few steps of
+that plan on this machine's GPU. The prediction for the same sample and layout is compared with
+`torch.cuda.max_memory_reserved` (what decides an out-of-memory: the allocator's reservation) and
+`max_memory_allocated` (live tensors), and with the GPU's usable budget (its memory less the plan's margin).
 
-    python benchmarks/memory_vs_plan.py --models qwen2.5vl:3B qwen3vl:8B qwen3.5:4B --modes lora qlora full
-    python benchmarks/memory_vs_plan.py --tiny --device cpu     # a dry run of the code path on a CPU
+- `single`: one GPU, ddp (default: Qwen3.5-9B, bf16 LoRA, batch 1, 4096 tokens, planned for an L4's 24 GB: does
+  the reservation stay within the prediction?).
+- `sharded`: fsdp2 over every visible GPU as local processes (vray.train.local); skipped, with the reason, on a
+  machine with fewer than two GPUs (`--sharded-cpu` runs it over 2 gloo processes on the CPU, the code path only).
 
-Target: measured within 10% of predicted. Results go to benchmarks/results/memory_vs_plan-<gpu>-<date>.json.
+    python benchmarks/memory_vs_plan.py [--model qwen3.5:9B] [--plan-gpu L4-24GB] [--configs single sharded]
+    python benchmarks/memory_vs_plan.py --cpu-smoke            # tiny checkpoint on the CPU: the code path only
 """
 
 from __future__ import annotations
@@ -21,125 +26,146 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import torch
-from PIL import Image
-from results_io import write_result
+HERE = Path(__file__).resolve().parent
+for _path in (str(HERE), str(HERE.parent)):  # results_io, train_throughput, and vray from the working tree
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from vray.archs import registry
-from vray.cluster import local_gpu
-from vray.data.collate import Collator
-from vray.data.sample import Sample
-from vray.models.loader import load_processor, prepare_for_training
-from vray.models.tiny import tiny_checkpoint
-from vray.plan.gpus import Inventory
-from vray.plan.planner import plan_run
-from vray.spec import LoraBlock, validate_spec
-from vray.testing.real_shaped import write_real_shaped_checkpoint
+import torch  # noqa: E402
+from train_throughput import (  # noqa: E402
+    SMOKE_NOTE,
+    benchmark_spec,
+    checkpoint_for,
+    kernels,
+    meta_profile,
+    parse_common,
+    shape_of,
+    sized_plan,
+    vray_steps,
+    worker_config,
+    write_samples,
+)
 
-MODES = {"lora": ("LoRA", False), "qlora": ("LoRA", True), "full": ("Full", False)}
-
-
-def sample_for(plan_assumptions: dict) -> tuple[Sample, Image.Image]:
-    """A sample whose image yields the planned visual tokens and whose text fills the planned text tokens."""
-    image = Image.new("RGB", (plan_assumptions["image_width"] or 448, plan_assumptions["image_height"] or 448),
-                      (120, 80, 200))
-    words = max(1, plan_assumptions["text_tokens"] // 2)
-    question = " ".join(["colour"] * (words // 2))
-    answer = " ".join(["red"] * (words - words // 2))
-    sample = Sample.model_validate({"id": "bench", "task": "vqa", "images": ["in-memory"],
-                                    "conversation": [{"role": "user", "text": question},
-                                                     {"role": "assistant", "text": answer}]})
-    return sample, image
+CONFIGS = ("single", "sharded")
 
 
-def measure(arch_key: str, mode: str, device: torch.device, tiny: bool, steps: int, workdir: Path) -> dict:
+def _rank_entry(job: tuple[Any, str, int, int]) -> None:
+    """What each local process runs for the sharded configuration: vray's steps, its peaks into a file."""
+    import torch.distributed as dist
+
+    config, out, warmup, steps = job
+    record = vray_steps(config, warmup, steps)
+    Path(out, f"rank-{dist.get_rank()}.json").write_text(json.dumps(record))
+
+
+def compare(predicted: int, run: dict[str, Any], usable: int | None) -> dict[str, Any]:
+    """Prediction over measurement (reserved and allocated), and whether the reservation stays within them."""
+    reserved, allocated = run.get("max_reserved_bytes"), run.get("max_allocated_bytes")
+    if not reserved:
+        return {"measured": None, "why": "no CUDA device: nothing measured (CPU smoke run)"}
+    out = {"predicted_over_reserved": round(predicted / reserved, 4),
+           "predicted_over_allocated": round(predicted / allocated, 4),
+           "reserved_within_prediction": reserved <= predicted}
+    if usable:
+        out["reserved_within_usable_budget"] = reserved <= usable
+    return out
+
+
+def measure(arch_key: str, config: str, workdir: Path, smoke: bool, tokens: int, side: int, warmup: int, steps: int,
+            plan_gpu: str | None = None, layers: int | None = None, checkpointing: str = "auto",
+            sharded_cpu: bool = False, progress: Any = None) -> dict[str, Any]:
+    """One configuration: the plan for the trained sample, the prediction, the measured peaks."""
+    from vray.archs import registry
+    from vray.train.loop import CollatorFactory
+
+    progress = progress or (lambda record: None)
     name, size = arch_key.split(":")
     arch = registry.get(name, size)
-    training, quant = MODES[mode]
-    spec = validate_spec({"architecture": {"name": name, "size": size}, "trainingMode": {"type": training},
-                          "quantization": {"enabled": quant}, "hyperparameters": {"batchSize": 8}})
-    found = local_gpu()
-    gpu = found[0] if found else None
-    if gpu is None:
-        from vray.plan.gpus import gpu as catalog_gpu
-
-        gpu = catalog_gpu("A100-80GB")  # dry run: plan as if on an A100
-    plan = plan_run(spec, Inventory(gpu, 1, 1))
-    record: dict = {"architecture": arch_key, "mode": mode, "gpu": gpu.name, "fits": plan.fits}
-    if not plan.fits:
-        record["reason"] = plan.reason
-        return record
-    record.update(strategy=plan.strategy, micro_batch=plan.micro_batch, gradient_checkpointing=plan.gradient_checkpointing,
-                  predicted=plan.per_gpu_bytes.to_dict(), sample=plan.assumptions["sample"])
-    folder = tiny_checkpoint(arch.model_type) if tiny else write_real_shaped_checkpoint(arch, workdir / arch_key.replace(":", "-"))
-    processor = load_processor(folder)
-    model, autocast = prepare_for_training(folder, arch, training, spec.compute.precisionType,
-                                           {"enabled": quant, "type": "NF4"}, LoraBlock(), device,
-                                           plan.gradient_checkpointing)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
-    collator = Collator(processor, arch, "You are a benchmark.")
-    sample, image = sample_for(plan.assumptions)
-    encoded = collator.encode(sample, images=[image])
-    batch = {k: v.to(device) for k, v in collator.batch([encoded] * plan.micro_batch).items()}
-    record["measured_sequence"] = int(batch["input_ids"].shape[1])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.time()
-    for _ in range(steps):
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        record["measured_peak_bytes"] = peak
-        record["predicted_over_measured"] = round(plan.per_gpu_bytes.total / peak, 4)
-        record["within_10_percent"] = abs(plan.per_gpu_bytes.total - peak) <= 0.10 * peak
+    cuda = torch.cuda.is_available() and not smoke
+    gpus = torch.cuda.device_count() if cuda else 0
+    record: dict[str, Any] = {"architecture": arch.key, "config": config, "mode": "LoRA", "precision": "BFloat16",
+                              "batch": 1, "kernels": kernels()}
+    if config == "sharded":
+        world = gpus if gpus >= 2 else (2 if sharded_cpu else 0)
+        if world < 2:
+            record.update(status="skipped", why=f"{gpus} GPU(s) visible: a sharded plan needs two or more")
+            return record
+        engine, backend = "fsdp2", "nccl" if cuda else "gloo"
     else:
-        record["measured_peak_bytes"] = None  # a CPU dry run checks the code path only
-    record["seconds_per_step"] = round((time.time() - started) / steps, 3)
-    del model, optimizer, batch
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        world, engine, backend = 1, None, None
+    started = time.time()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    folder, record["checkpoint"] = checkpoint_for(arch, workdir, smoke, layers, device)
+    record["write_s"] = round(time.time() - started, 1)
+    count = (warmup + steps) * world
+    data = workdir / "data" / "train.jsonl"
+    spec = benchmark_spec(name, size, str(folder), data, workdir / "runs", world, tokens, checkpointing, None,
+                          engine=engine, workers=world)
+    collator = CollatorFactory.of(spec)()  # the training worker's own collator
+    samples = write_samples(workdir / "data", collator, count, tokens, side, 0.25)
+    data.write_text("".join(json.dumps(s.model_dump(mode="json", exclude_none=True)) + "\n" for s in samples))
+    shape, scored = shape_of(collator.encode(samples[0]))
+    profile = meta_profile(folder, arch)
+    plan, est = sized_plan(spec, profile, shape, world, gpu_name=plan_gpu, on_gpu=cuda)
+    record.update(sample={**shape.describe(), "scored_tokens": scored}, planned_for=plan.gpu,
+                  plan={"strategy": plan.strategy, "workers": plan.num_workers, "micro_batch": plan.micro_batch,
+                        "gradient_checkpointing": plan.gradient_checkpointing,
+                        "checkpoint_every": plan.checkpoint_every, "pack_tokens": plan.pack_tokens},
+                  predicted_step_bytes=est.memory.to_dict(), predicted_load_bytes=est.load.per_gpu,
+                  usable_bytes=est.capacity - est.margin, plan_fits=est.fits)
+    progress(record)
+    job = worker_config(spec, plan, samples, workdir / "rows")
+    if world == 1:
+        run = vray_steps(job, warmup, steps)
+    else:
+        from vray.train.local import run_workers
+
+        out = workdir / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        run_workers((job, str(out), warmup, steps), world, backend=backend, entry=_rank_entry, timeout_s=300)
+        ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
+        run = {**ranks[0], "ranks": world,
+               "max_reserved_bytes": max((r["max_reserved_bytes"] or 0) for r in ranks) or None,
+               "max_allocated_bytes": max((r["max_allocated_bytes"] or 0) for r in ranks) or None}
+    record["measured"] = run
+    record["comparison"] = compare(est.memory.total, run, est.capacity - est.margin if cuda else None)
+    record["status"] = "ok"
+    record["seconds"] = round(time.time() - started, 1)
     return record
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    from results_io import write_result
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["qwen2.5vl:3B", "qwen3vl:8B", "qwen3.5:4B"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true", help="tiny checkpoints (a dry run of the code path)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    parser.add_argument("--model", default="qwen3.5:9B")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--plan-gpu", default="L4-24GB", help="the catalog GPU the single-GPU plan is made for "
+                        "('local': this machine's)")
+    parser.add_argument("--sharded-cpu", action="store_true", help="the sharded configuration over 2 gloo processes")
+    args = parse_common(parser, argv, steps=2)
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in args.models:
-            for mode in args.modes:
-                try:
-                    rec = measure(key, mode, device, args.tiny, args.steps, Path(tmp))
-                except torch.cuda.OutOfMemoryError as exc:  # a plan that did not hold is a finding, not a crash
-                    rec = {"architecture": key, "mode": mode, "out_of_memory": str(exc)[:300]}
-                    torch.cuda.empty_cache()
-                print(json.dumps(rec), flush=True)
-                records.append(rec)
-    gpu_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu-dry-run"
-    result = {
-        "benchmark": "memory_vs_plan",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": gpu_name, "torch": torch.__version__, "tiny": args.tiny, "steps": args.steps,
-        "target": "measured peak within 10% of the plan's per-GPU total",
-        "records": records,
-    }
-    write_result(args.out, "memory_vs_plan", result, tag=gpu_name)
+    for config in args.configs:
+        with tempfile.TemporaryDirectory(prefix="vray-memory-") as tmp:
+            try:
+                rec = measure(args.model, config, Path(tmp), args.cpu_smoke, args.tokens, args.image, args.warmup,
+                              args.steps, None if args.plan_gpu == "local" or config == "sharded" else args.plan_gpu,
+                              args.layers, args.checkpointing, args.sharded_cpu)
+            except torch.cuda.OutOfMemoryError as exc:  # a plan that did not hold is a finding, not a crash
+                rec = {"architecture": args.model, "config": config, "status": "out_of_memory", "error": str(exc)[:300]}
+                torch.cuda.empty_cache()
+        print(json.dumps(rec, default=str), flush=True)
+        records.append(rec)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu_smoke else "cpu-smoke"
+    result = {"benchmark": "memory_vs_plan", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "cpu_smoke": args.cpu_smoke, "torch": torch.__version__,
+              **({"note": SMOKE_NOTE} if args.cpu_smoke else {}),
+              "question": "does max_memory_reserved stay within the plan's prediction for the same sample?",
+              "records": records}
+    out = args.out or str(HERE / "results" / ("tmp" if args.cpu_smoke else ""))
+    write_result(out, "memory_vs_plan", result, tag=device)
     return 0
 
 

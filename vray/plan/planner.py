@@ -24,6 +24,7 @@ from typing import Any
 from vray.archs import registry
 from vray.errors import DataError, VrayError
 from vray.plan.engine_config import deepspeed_config, fsdp_settings
+from vray.plan.flops import count_flops, recomputed_share
 from vray.plan.gpus import CATALOG, GPU, Inventory
 from vray.plan.memory import (
     Estimate,
@@ -125,25 +126,9 @@ def sample_of(spec: RunSpec, profile: ArchProfile, data: DataSizes | None = None
 
 def flops_per_sample(profile: ArchProfile, w: Workload, sample: SampleShape, gradient_checkpointing: bool,
                      checkpoint_every: int = 1) -> float:
-    """Training FLOPs of one sample: 2 x active parameters per token forward, backward 2x (full) or 1x (frozen
-    weights: input gradients only), the forward of the recomputed layers once more under gradient checkpointing
-    (all of them, or ceil(L / k) of L for every:k); attention scores and the vision tower on top."""
-    t = profile.text
-    seq = sample.sequence
-    lm_params = profile.active_language_params
-    if profile.params_of("lm_head") == 0:  # tied: the embedding matrix is multiplied once more as the LM head
-        lm_params += t.hidden * t.vocab
-    full_layers = sum(1 for k in t.layer_kinds if k == "full_attention")
-    forward = seq * 2 * lm_params + full_layers * 2 * seq * seq * t.heads * t.head_dim
-    backward = (2.0 if w.mode == "full" else 1.0) * forward
-    recompute = forward * recompute_share(t.layers, checkpoint_every) if gradient_checkpointing else 0.0
-    vision = 2 * (profile.params_of("vision") + profile.params_of("projector")) * sample.vision_patches
-    return forward + backward + recompute + vision * (3 if w.vision_trains else 1)
-
-
-def recompute_share(layers: int, k: int) -> float:
-    """Share of the decoder layers recomputed under every:k (k = 1: all; 0: none)."""
-    return 0.0 if k <= 0 else math.ceil(layers / k) / max(1, layers)
+    """Training FLOPs one sample costs the hardware (vray.plan.flops: its model FLOPs plus, under gradient
+    checkpointing, the recomputed layers' forward)."""
+    return count_flops(profile, w, sample, checkpoint_every if gradient_checkpointing else 0).hardware
 
 
 def micro_batch_efficiency(tokens: int) -> float:
@@ -174,7 +159,7 @@ def step_estimate(profile: ArchProfile, w: Workload, layout: Layout, sample: Sam
     hours = steps * step_s / 3600
     return {"step_seconds": round(step_s, 4), "steps": steps, "hours": round(hours, 4),
             "gpu_hours": round(hours * layout.workers, 4), "mfu": round(mfu, 3), "micro_batch_tokens": micro_tokens,
-            "recompute_share": round(recompute_share(profile.text.layers, layout.checkpoint_k), 3)}
+            "recompute_share": round(recomputed_share(profile.text.layers, layout.checkpoint_k), 3)}
 
 
 def mfu_table(profile: ArchProfile) -> dict[str, float]:
@@ -265,7 +250,7 @@ def _best_for_workers(profile: ArchProfile, w: Workload, sample: SampleShape, in
                 if est.fits:
                     secs = step_estimate(profile, w, layout, sample, inv.gpu, effective, samples, epochs,
                                          time_sample)["step_seconds"]
-                    found.append((secs, recompute_share(profile.text.layers, k), _Candidate(layout, est, secs)))
+                    found.append((secs, recomputed_share(profile.text.layers, k), _Candidate(layout, est, secs)))
                     break
     return min(found, key=lambda f: f[:2])[2] if found else None
 

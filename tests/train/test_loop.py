@@ -76,6 +76,7 @@ def test_metrics_show_learning_and_best_is_the_best(trained):
     records = run.read_metrics()
     start = next(r for r in records if r.get("event") == "start")
     assert start["total_steps"] == 18 and start["trainable_params"] < start["total_params"]
+    assert [r["path"] for r in records if r.get("event") == "loss_head"] == ["chunked"]  # logged once: label-only
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 18
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4

@@ -161,14 +161,15 @@ def _cache_key(family: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny `family` checkpoint (config, safetensors, tokenizer, processor) into `folder`."""
+def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
+    """Write a tiny `family` checkpoint (config, safetensors, tokenizer, processor) into `folder`; `vocab_size` gives
+    it a larger vocabulary than its tokenizer's (a real one, so that the logits weigh what they do at real size)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     tokenizer = build_tokenizer(family, corpus())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
-    cfg = tiny_config(family, vocab_size=len(tokenizer), token_ids=ids)
+    cfg = tiny_config(family, vocab_size=max(vocab_size or 0, len(tokenizer)), token_ids=ids)
     cfg.pop("_vray", None)
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)

@@ -52,7 +52,8 @@ from vray.train.engines import (
     shard_units,
     world,
 )
-from vray.train.loss import answer_tokens, token_loss_sum
+from vray.train.label_loss import LossHead
+from vray.train.loss import answer_tokens
 from vray.train.tracking import MetricsLog
 
 TRAINING_STATE = "training_state.pt"  # rank 0: scheduler, step, best metric
@@ -226,6 +227,7 @@ class Recipe:
         self.model = model
         self.trainable, self.total_params = trainable_parameters(model)
         self._kernel_notes()
+        self.loss_head = LossHead.install(model, self.device)  # the LM head at the answer positions only
 
     def _kernel_notes(self) -> None:
         """Qwen3.5's Gated DeltaNet is fast only with the flash-linear-attention kernels: say when they are missing."""
@@ -288,6 +290,7 @@ class Recipe:
                                 "epochs": epochs, "workers": self.world_size, "strategy": self.engine.name,
                                 "trainable_params": self.trainable, "total_params": self.total_params,
                                 "resumed_at": self.step})
+        self.metrics_log.write(self.loss_head.event())  # which loss the steps run (label-only, or why not)
         if self.step == 0 and self.evaluates:
             self.metrics_log.write({"step": 0, "epoch": 0, **self.validate()})
         started, steps_done = time.time(), 0
@@ -338,8 +341,7 @@ class Recipe:
             inputs = {k: v.to(self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(batches) - 1):
                 with self._autocast():
-                    out = self.engine.module(**inputs, **extra)
-                    loss_sum = token_loss_sum(out.logits, labels)
+                    out, loss_sum = self.loss_head.run(self.engine.module, {**inputs, **extra}, labels)
                 loss = loss_sum / tokens
                 if coef:
                     loss = loss + coef * out.aux_loss.float() / (len(batches) * self.world_size)

@@ -5,6 +5,9 @@ answer tokens' cross-entropy divided by the answer tokens of the whole step (cou
 all ranks before the first backward), so the gradient is that of the token mean over the effective batch: a
 sample with ten boxes weighs ten times a sample with one, however the samples fall into micro-batches and ranks.
 The engines undo their own averaging over ranks and accumulation (`Engine.backward`).
+
+The training step computes this sum without building the full logits (`vray.train.label_loss`); `token_loss_sum`
+here is the full-logit reference it equals, and the fallback for a head that is not a plain Linear.
 """
 
 from __future__ import annotations

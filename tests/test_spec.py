@@ -27,7 +27,7 @@ def test_defaults_follow_the_seed_advice():
     assert spec.hyperparameters.optimizer == "AdamW"
     assert spec.quantization.enabled is False and spec.quantization.type == "NF4"
     assert (spec.architecture.name, spec.architecture.size) == ("qwen3.5", "4B")
-    assert spec.lora.rank == 16 and spec.lora.alpha == 32 and spec.lora.dropout == 0.05
+    assert spec.lora.rank == 16 and spec.lora.alpha == 32 and spec.lora.dropout == 0.0
     # Enabling quantization without naming a type gives NF4.
     assert validate_spec({"quantization": {"enabled": True}}).quantization.type == "NF4"
 

@@ -162,7 +162,8 @@ class LoraBlock(_Block):
 
     rank: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="adapter dropout (default 0, as peft and Unsloth: the "
+                           "fast path, with no dropped copy of every adapted layer's input kept for the backward)")
     targets: tuple[str, ...] | None = None
     scope: tuple[Literal["language", "projector", "vision"], ...] = Field(
         ("language",), description="where adapters go: the language model, and optionally the projector and vision tower")

@@ -140,7 +140,7 @@ class Workload:
     precision: str  # "BFloat16" | "Float16" | "Float32"
     optimizer: str = "AdamW"
     lora_rank: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_regex: str | None = None
     train_vision: bool = False
     lora_scope: tuple[str, ...] = ("language",)

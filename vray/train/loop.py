@@ -45,6 +45,7 @@ from vray.train.engines import (
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
+    all_reduce_sum_,
     barrier,
     build_engine,
     evaluating,
@@ -53,7 +54,7 @@ from vray.train.engines import (
     world,
 )
 from vray.train.loss import answer_tokens, token_loss_sum
-from vray.train.tracking import MetricsLog
+from vray.train.tracking import MetricsLog, StepRecord
 
 TRAINING_STATE = "training_state.pt"  # rank 0: scheduler, step, best metric
 RNG_STATE = "rng-rank{rank}.pt"  # every rank: its own CPU, CUDA, Python and NumPy random streams
@@ -293,8 +294,12 @@ class Recipe:
         started, steps_done = time.time(), 0
         last: dict[str, Any] = {}
         batches = self.stream.steps(self.step, self.total_steps)
+        pending: StepRecord | None = None  # a GPU step's record, written once the next step is queued
         while self.step < self.total_steps:
             loss = self._train_step(next(batches))
+            if pending is not None:
+                self.metrics_log.write(pending.resolve())
+                pending = None
             self.step += 1
             steps_done += 1
             elapsed = time.time() - started
@@ -307,7 +312,12 @@ class Recipe:
                     **self.order.position(self.step).to_dict()}
             if self.device.type == "cuda":
                 last["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            self.metrics_log.write(last)
+            record = StepRecord(last)
+            if record.ready_now or self._at_checkpoint():
+                last = record.resolve()
+                self.metrics_log.write(last)
+            else:
+                pending = record
             if self._at_checkpoint():
                 evaluation = self.validate() if self.evaluates else {}
                 if evaluation:
@@ -322,20 +332,23 @@ class Recipe:
         at_interval = self.step % every == 0 if every else self.step % self.steps_per_epoch == 0
         return at_interval or self.step == self.total_steps
 
-    def _train_step(self, micro_batches: list[list[Encoded]]) -> float:
+    def _train_step(self, micro_batches: list[list[Encoded]]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches. Its gradient is that of the mean over every answer
         token of the step, on every rank (`vray.train.loss`); the step's micro-batches are collated first so the
-        token count (one all-reduce) is known before the first backward. Returns that token mean (the logged loss).
+        token count (one all-reduce) is known before the first backward. Returns that token mean (the logged loss), on
+        the device: nothing in the step waits for the GPU (pinned, non-blocking copies; sums kept on the device).
         A sparse-MoE model under full fine-tuning adds its router's load-balancing loss, averaged over the step's
         micro-batches and ranks, times its coefficient."""
         batches = [self.collator.batch(self.collator.with_vision(encoded)) for encoded in micro_batches]
-        tokens = max(all_reduce_sum([float(sum(answer_tokens(b["labels"]) for b in batches))], self.device)[0], 1.0)
+        counted = torch.tensor([float(sum(answer_tokens(b["labels"]) for b in batches))], dtype=torch.float64)
+        total = all_reduce_sum_(to_device(counted, self.device)).clamp_min(1.0)[0]
+        tokens = total.float()  # exact up to 2^24 answer tokens a step
         coef = self._router_aux_coef
         extra = {"output_router_logits": True} if coef else {}
-        summed = 0.0
+        summed = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
-            labels = batch.pop("labels").to(self.device)
-            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            labels = to_device(batch.pop("labels"), self.device)
+            inputs = {k: to_device(v, self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(batches) - 1):
                 with self._autocast():
                     out = self.engine.module(**inputs, **extra)
@@ -542,6 +555,14 @@ class Recipe:
         self.metrics_log.truncate_after(self.step)
         self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
                                 "saved_world_size": saved_world, **self.order.position(self.step).to_dict()})
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory without blocking (the copy is queued behind the
+    running kernels; the host waits for nothing); to the CPU as it is."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _rng_state() -> dict[str, Any]:

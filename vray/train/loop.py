@@ -25,6 +25,7 @@ from vray.data import metrics as task_metrics
 from vray.data.collate import Collator, Encoded
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
 from vray.errors import VrayError
+from vray.models import kernels
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
     DTYPES,
@@ -217,31 +218,19 @@ class Recipe:
         # sharded engines restore theirs in `Engine.load`, as LoRA loads its adapter onto the base later.
         in_hf_form = restore is not None and (restore / "config.json").exists()
         self.weights_path = restore if (full and in_hf_form) else self.model_path
+        # The GPU kernels this worker runs (flash-attention, Liger, grouped experts, compile); none on the CPU.
+        self.kernels = kernels.choose(self.arch, self.device, self.spec.compute.precisionType,
+                                      self.spec.compute.compile, self.plan.strategy)
         model, self.autocast_dtype = prepare_for_training(
             self.weights_path, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
             self.spec.quantization, self.spec.lora, self.device, self.plan.gradient_checkpointing,
             train_vision=self.spec.full.trainVision, strategy=self.plan.strategy,
-            deepspeed_config=self.plan.deepspeed,
+            deepspeed_config=self.plan.deepspeed, checkpoint_every=self.plan.checkpoint_every, kernels=self.kernels,
         )
         model.train()
         self.model = model
         self.trainable, self.total_params = trainable_parameters(model)
-        self._kernel_notes()
-
-    def _kernel_notes(self) -> None:
-        """Qwen3.5's Gated DeltaNet is fast only with the flash-linear-attention kernels: say when they are missing."""
-        if not self.arch.model_type.startswith("qwen3_5"):
-            return
-        try:
-            import fla  # noqa: F401
-
-            have = True
-        except ImportError:
-            have = False
-        if self.device.type == "cuda" and not have:
-            self.metrics_log.write({"event": "warning", "message": (
-                "flash-linear-attention is not installed: Qwen3.5's Gated DeltaNet layers run the slow PyTorch path "
-                "(pip install flash-linear-attention causal-conv1d)")})
+        kernels.report(self.kernels, self.metrics_log.write)  # metrics.jsonl, and each missing kernel on stderr
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         hp, full = self.spec.hyperparameters, self.spec.full
@@ -357,16 +346,17 @@ class Recipe:
                 if coef:
                     loss = loss + coef * out.aux_loss.float() / (len(batches) * self.world_size)
                 self.engine.backward(loss)
-            summed += float(loss_sum.detach())
+            summed += loss_sum.detach().double()
         self.engine.step()
-        return all_reduce_sum([summed], self.device)[0] / tokens
+        return all_reduce_sum_(summed) / total
 
     @functools.cached_property
     def _router_aux_coef(self) -> float:
         return router_aux_coef(self.spec, self.model.config)
 
     def _autocast(self) -> Any:
-        """bf16 / fp16 compute over fp32 master weights (full fine-tuning); nothing otherwise."""
+        """bf16 / fp16 compute over fp32 master weights (full fine-tuning, and LoRA's adapters); nothing in fp32 runs
+        or where DeepSpeed casts the LoRA model itself."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     # ---- evaluation ----------------------------------------------------------------------------

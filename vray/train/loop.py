@@ -187,6 +187,7 @@ class Recipe:
         self.primary = task_metrics.PRIMARY_METRIC[self.task]
         self.step = 0
         self.best_metric: float | None = None
+        self._pending: StepRecord | None = None  # a GPU step's record, written once the next step is queued
         self.metrics_log = MetricsLog(self.run, self.rank)
         self.checkpoints = CheckpointWriter(self.run, self.rank, barrier, self.world_size)
 
@@ -267,6 +268,9 @@ class Recipe:
             last = self._train()
         except BaseException:
             with contextlib.suppress(Exception):  # the records queued before the failure, without hiding it
+                if self._pending is not None:  # the last step's record, not yet written
+                    self.metrics_log.write(self._pending.resolve())
+            with contextlib.suppress(Exception):
                 self.metrics_log.close()
             raise
         self.metrics_log.close()  # every queued record written
@@ -283,12 +287,11 @@ class Recipe:
         started, steps_done = time.time(), 0
         last: dict[str, Any] = {}
         batches = self.stream.steps(self.step, self.total_steps)
-        pending: StepRecord | None = None  # a GPU step's record, written once the next step is queued
         while self.step < self.total_steps:
             loss = self._train_step(next(batches))
-            if pending is not None:
-                self.metrics_log.write(pending.resolve())
-                pending = None
+            if self._pending is not None:  # the previous step's record: its copies are done by now
+                self.metrics_log.write(self._pending.resolve())
+                self._pending = None
             self.step += 1
             steps_done += 1
             elapsed = time.time() - started
@@ -306,7 +309,7 @@ class Recipe:
                 last = record.resolve()
                 self.metrics_log.write(last)
             else:
-                pending = record
+                self._pending = record
             if self._at_checkpoint():
                 evaluation = self.validate() if self.evaluates else {}
                 if evaluation:

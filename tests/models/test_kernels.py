@@ -22,10 +22,14 @@ def gpu(monkeypatch, tmp_path):
     def on(major: int = 9):
         monkeypatch.setattr(kernels, "_capability", lambda device: (major, 0))
 
-    def install(*names: str):
+    def install(*names: str, distribution: str | None = None):
         for name in names:
             (tmp_path / name).mkdir()
             (tmp_path / name / "__init__.py").write_text("")
+        if distribution:
+            info = tmp_path / f"{distribution.replace('-', '_')}-1.0.dist-info"
+            info.mkdir()
+            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n")
         monkeypatch.syspath_prepend(str(tmp_path))
 
     on()
@@ -63,13 +67,15 @@ def test_flash_attention_is_chosen_when_installed_on_a_gpu_that_runs_it(gpu):
     on, install = gpu
     k = kernels.choose(QWEN3_VL, CUDA, "BFloat16")
     assert k.attention is None and "flash-attn is not installed" in k.warnings()[0]
-    install("flash_attn")
+    install("flash_attn")  # without the flash-attn distribution (flash-attn-4 installs flash_attn too): not FA2
+    assert kernels.choose(QWEN3_VL, CUDA, "BFloat16").attention is None
+    install(distribution="flash-attn")
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16").load_kwargs() == {"attn_implementation": "flash_attention_2"}
     assert kernels.choose(QWEN3_VL, CUDA, "Float32").attention is None  # fp32: SDPA, said so
     on(7)
     assert kernels.choose(QWEN3_VL, CUDA, "Float16").attention is None
     on(9)
-    install("flash_attn_interface")  # FlashAttention-3, on Hopper only
+    install("flash_attn_interface", distribution="flash-attn-3")  # FlashAttention-3, on Hopper only
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16").attention == "flash_attention_3"
     on(8)
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16").attention == "flash_attention_2"

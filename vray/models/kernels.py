@@ -36,6 +36,18 @@ def installed(module: str) -> bool:
         return False
 
 
+def distributed(name: str) -> bool:
+    """Whether the distribution `name` is installed (flash-attn and flash-attn-4 both install `flash_attn`:
+    transformers runs FlashAttention-2 only from the first)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
@@ -116,9 +128,9 @@ def _choose_attention(kernels: Kernels, arch: Architecture, device: torch.device
         why = "flash-attention needs bf16 or fp16 (compute.precisionType is Float32)"
     elif not _supports_flash(arch):
         why = f"{arch.transformers_class} has no flash-attention path in transformers"
-    elif major >= 9 and installed("flash_attn_interface"):
+    elif major >= 9 and installed("flash_attn_interface") and distributed("flash-attn-3"):
         kernels.attention = "flash_attention_3"
-    elif major >= 8 and installed("flash_attn"):
+    elif major >= 8 and installed("flash_attn") and distributed("flash-attn"):
         kernels.attention = "flash_attention_2"
     elif major < 8:
         why = f"flash-attention needs an Ampere or newer GPU (compute capability {major}.x)"

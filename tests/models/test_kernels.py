@@ -127,3 +127,13 @@ def test_compile_is_regional_and_only_under_ddp(gpu):
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16").compile is False  # off by default
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16", compile=True).compile is True
     assert kernels.choose(QWEN3_VL, CUDA, "BFloat16", compile=True, strategy="fsdp2").compile is False
+
+
+def test_compile_wraps_each_decoder_layer_and_nothing_else():
+    model = loader.load_model(loader.resolve_source("tiny:qwen3_vl"), QWEN3_VL, "Float32")
+    kernels.apply_compile(model, QWEN3_VL, kernels.Kernels())  # not chosen: nothing compiled
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+    kernels.apply_compile(model, QWEN3_VL, kernels.Kernels(compile=True))  # lazy: compiles at the first call
+    layers = kernels.decoder_layers(model, QWEN3_VL)
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) == len(layers)

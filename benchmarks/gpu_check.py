@@ -376,7 +376,7 @@ def _fsdp2_step(family: str, name: str, size: str, mode: str, experts: bool, arg
         changed = {n for n in trainable if not torch.equal(before[n], after[n])}
         record = {
             "checkpoint": f"tiny:{family}", "mode": mode, "mesh": [1], "loss": float(loss.detach()),
-            "grad_norm": norm, "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in trainable.values()),
+            "grad_norm": float(norm), "dtensor_parameters": sum(type(p).__name__ == "DTensor" for p in trainable.values()),
             "trainable_tensors": len(trainable), "changed_tensors": len(changed),
             "optimizer_fused": [bool(g.get("fused")) for g in engine.optimizer.param_groups],
         }

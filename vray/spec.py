@@ -97,6 +97,9 @@ class QuantizationBlock(_Block):
 
 class ComputeBlock(_Block):
     precisionType: Literal["BFloat16", "Float16", "Float32"] = "BFloat16"
+    compile: bool = Field(False, description=(
+        "compile each decoder layer with torch.compile on a GPU (regional compilation: one layer's compile time, "
+        "fused norms and elementwise ops); ddp plans only, ignored on the CPU"))
 
     @field_validator("precisionType", mode="before")
     @classmethod

@@ -38,3 +38,29 @@ def test_a_slow_or_failing_tracker_never_holds_the_training_thread(tmp_path, mon
     assert any(r.get("event") == "warning" and "tracker unreachable" in r["message"] for r in lines)
     assert logged == [1]  # the tracker that failed is dropped; the training goes on without it
     log.close()  # once is enough
+
+
+def test_rank_0_uploads_a_remote_log_only_from_the_writer_thread(monkeypatch):
+    run = RunDir.of("s3://bucket/run")
+    uploads: list[tuple[str, str]] = []
+    monkeypatch.setattr(RunDir, "exists", lambda self, rel: False)
+    monkeypatch.setattr(RunDir, "upload", lambda self, local, rel: uploads.append(
+        (threading.current_thread().name, open(local).read())) if rel == "metrics.jsonl" else None)
+    monkeypatch.setattr(tracking, "Trackers", lambda *a: tracking._NoTrackers())
+    log = tracking.MetricsLog(run, rank=0, upload_every_s=0.0)  # an upload after every record
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0})
+        log.flush()  # at a checkpoint: queued too
+    log.close()
+    assert uploads and {name for name, _ in uploads} == {"vray-metrics"}  # never the training thread
+    for _, text in uploads:  # each upload holds whole records
+        assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+    assert len(uploads[-1][1].splitlines()) == 5
+
+
+def test_a_step_record_of_cpu_values_is_read_at_once():
+    import torch
+
+    record = tracking.StepRecord({"step": 1, "loss": torch.tensor(0.25, dtype=torch.float64), "lr": 1e-4})
+    assert record.ready_now
+    assert record.resolve() == {"step": 1, "loss": 0.25, "lr": 1e-4}

@@ -14,6 +14,7 @@ from torch import nn
 from vray.archs.registry import Architecture
 from vray.errors import VrayError
 from vray.fs import filesystem
+from vray.models.kernels import Kernels, apply_after_load, apply_compile, decoder_layers
 from vray.models.quantized import keep_4bit_layout
 from vray.spec import LoraBlock, MediaBlock, QuantizationBlock
 
@@ -197,9 +198,12 @@ def check_device_precision(precision: str, device: torch.device) -> None:
         raise VrayError("compute.precisionType: this GPU has no bfloat16 support (pre-Ampere); use Float16")
 
 
-def model_kwargs(arch: Architecture, device: torch.device) -> dict[str, Any]:
-    """Loading options that depend on the device: on a GPU, the fused experts of sparse-MoE families run
-    transformers' grouped GEMM (`experts_implementation="grouped_mm"`) instead of a Python loop over experts."""
+def model_kwargs(arch: Architecture, device: torch.device, kernels: Kernels | None = None) -> dict[str, Any]:
+    """Loading options that depend on the device: the chosen kernels' (`vray.models.kernels`) when given; otherwise,
+    on a GPU, the fused experts of sparse-MoE families run transformers' grouped GEMM
+    (`experts_implementation="grouped_mm"`) instead of a Python loop over experts. None on the CPU."""
+    if kernels is not None:
+        return kernels.load_kwargs()
     if device.type == "cuda" and arch.model_type.endswith("_moe"):
         return {"experts_implementation": "grouped_mm"}
     return {}
@@ -215,7 +219,7 @@ def require_native(arch: Architecture) -> None:
 
 
 def load_model(path: Path, arch: Architecture, precision: str, quantization: QuantizationBlock | None = None,
-               device: torch.device | None = None) -> nn.Module:
+               device: torch.device | None = None, kernels: Kernels | None = None) -> nn.Module:
     """The model from a checkpoint folder at the run's precision (4-bit through bitsandbytes when asked).
 
     Each tensor goes from the memory-mapped safetensors file straight to `device` in `precision`: no rank holds a
@@ -226,7 +230,7 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: Qua
     require_native(arch)
     device = device or torch.device("cpu")
     check_device_precision(precision, device)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[precision], **model_kwargs(arch, device)}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[precision], **model_kwargs(arch, device, kernels)}
     if quantization is not None and quantization.enabled:
         from transformers import BitsAndBytesConfig
 
@@ -285,7 +289,28 @@ def apply_lora(model: nn.Module, arch: Architecture, lora: LoraBlock) -> nn.Modu
         target_parameters=list(EXPERT_PARAMETERS) if lora.experts else None,
         bias="none",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    _adapters_follow_autocast(model)
+    return model
+
+
+def _adapters_follow_autocast(model: nn.Module) -> None:
+    """Under autocast, the adapters' GEMMs take the layer's input as it is (bf16 / fp16) and autocast runs them in
+    the compute dtype over the fp32 master adapter weights. peft would first cast each input to the adapter's fp32
+    (a copy of every adapted Linear's input that autocast casts straight back); without autocast it still does,
+    so an fp32 adapter never meets a bf16 input."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "_cast_input_dtype"):
+            cast = module._cast_input_dtype
+
+            def follow(x: Any, dtype: torch.dtype, cast: Any = cast) -> Any:
+                if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+                    return x
+                return cast(x, dtype)
+
+            module._cast_input_dtype = follow
 
 
 def parameter_groups(model: nn.Module, arch: Architecture, lr: float, vision_lr: float | None = None,
@@ -328,8 +353,11 @@ def load_precision(mode: str, precision: str, strategy: str) -> str:
     return "Float32"
 
 
-def enable_gradient_checkpointing(model: nn.Module, arch: Architecture, reentrant: bool = False) -> None:
-    """Recompute every decoder layer (and vision block) in the backward pass instead of keeping its activations.
+def enable_gradient_checkpointing(model: nn.Module, arch: Architecture, reentrant: bool = False, every: int = 1) -> None:
+    """Recompute decoder layers (and vision blocks) in the backward pass instead of keeping their activations:
+    every decoder layer with `every` = 1, else only every `every`-th one (layers 0, k, 2k, ...: the others keep
+    their activations, which costs memory and saves their recompute). The vision blocks are checkpointed either
+    way (only while they train: a frozen tower runs without grad).
 
     Non-reentrant checkpointing (the default) needs no input that requires grad, so no input embedding is hooked.
     transformers hooks the input embeddings of every sub-model when checkpointing is enabled, and peft again when
@@ -337,7 +365,11 @@ def enable_gradient_checkpointing(model: nn.Module, arch: Architecture, reentran
     autograd graph, be recomputed and run a whole backward. Here the hook goes, for good (peft's later call
     included), on the language model's `embed_tokens` only and only for reentrant checkpointing, which needs it.
     The parts of the vision tower that do not train run without grad (`_frozen_vision_without_grad`)."""
+    if every < 1:
+        raise VrayError(f"cluster.gradientCheckpointing: every:{every} must recompute every k-th layer for k >= 1")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        layer.gradient_checkpointing = i % every == 0
 
     def hook_language_inputs_only() -> None:
         model.disable_input_require_grads()
@@ -393,7 +425,8 @@ def _run_without_grad_when_frozen(module: nn.Module) -> None:
 def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: str, quantization: QuantizationBlock | None,
                          lora: LoraBlock, device: torch.device, gradient_checkpointing: bool = False,
                          train_vision: bool = False, strategy: str = "ddp",
-                         deepspeed_config: dict[str, Any] | None = None) -> tuple[nn.Module, torch.dtype | None]:
+                         deepspeed_config: dict[str, Any] | None = None, checkpoint_every: int = 1,
+                         kernels: Kernels | None = None) -> tuple[nn.Module, torch.dtype | None]:
     """The model ready to train, and the autocast dtype its forward runs under (None: no autocast).
 
     How it is built follows the plan's engine, so that no rank ever holds the whole model when the plan shards it:
@@ -403,7 +436,11 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
     - fsdp2, fsdp2-hybrid: built on the meta device (`vray.models.sharded.build_empty`); the engine shards it and
       then reads each rank's rows of the weights (`vray.models.sharded.materialize_sharded`).
 
-    LoRA / QLoRA: the base at the run's precision (4-bit Linear weights under QLoRA), fp32 adapters.
+    LoRA / QLoRA: the base at the run's precision (4-bit Linear weights under QLoRA), fp32 master adapters whose
+    GEMMs run in the run's precision under autocast (DeepSpeed casts the module to it and keeps the fp32 masters
+    itself: no autocast there). `checkpoint_every`: with `gradient_checkpointing`, every k-th decoder layer is
+    recomputed (`enable_gradient_checkpointing`). `kernels`: the GPU kernels chosen for the run
+    (`vray.models.kernels.choose`; None: the defaults, as on the CPU).
     Full: trainable weights in fp32 where the engine keeps them as the master copy (`load_precision`), with the
     forward in the run's precision under autocast; frozen weights (the vision tower) stored at the run's precision.
     """
@@ -415,16 +452,20 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
         from vray.models import sharded
 
         if strategy.startswith("fsdp2"):
-            model = sharded.build_empty(path, DTYPES[loaded], **model_kwargs(arch, device))
+            model = sharded.build_empty(path, DTYPES[loaded], **model_kwargs(arch, device, kernels))
         else:
             if deepspeed_config is None:
                 raise VrayError(f"plan.strategy {strategy} needs the plan's DeepSpeed config")
-            model = sharded.build_partitioned(path, DTYPES[loaded], deepspeed_config, **model_kwargs(arch, device))
+            model = sharded.build_partitioned(path, DTYPES[loaded], deepspeed_config,
+                                              **model_kwargs(arch, device, kernels))
             sharded.materialize_partitioned(model, path)
     else:
-        model = load_model(path, arch, loaded, quantization, device)
+        model = load_model(path, arch, loaded, quantization, device, kernels)
+    if kernels is not None:
+        apply_after_load(model, arch, kernels)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model, arch)
+        enable_gradient_checkpointing(model, arch, every=checkpoint_every)
+    autocast = DTYPES[precision] if precision != "Float32" else None
     if not full:
         rng = torch.get_rng_state()
         model = apply_lora(model, arch, lora)
@@ -432,13 +473,17 @@ def prepare_for_training(path: Path, arch: Architecture, mode: str, precision: s
             from vray.models.sharded import LORA_RNG
 
             setattr(model, LORA_RNG, rng)
+    else:
+        model = apply_full(model, arch, train_vision)
+        dtype = DTYPES[precision]
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    if kernels is not None:
+        apply_compile(model, arch, kernels)
+    if not full and strategy.startswith("zero"):
         return model, None
-    model = apply_full(model, arch, train_vision)
-    dtype = DTYPES[precision]
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    return model, (dtype if precision != "Float32" else None)
+    return model, autocast
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -42,6 +42,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all ranks in place, on its device (no host sync); returns it."""
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_max(value: int, device: torch.device) -> int:
     """The largest `value` over all ranks."""
     t = torch.tensor([value], dtype=torch.int64, device=device)
@@ -125,13 +132,14 @@ class Engine:
         averages over ranks or accumulation steps scale the loss back up by as much."""
         loss.backward()
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def step(self) -> float:
-        """Clip, take an optimizer and scheduler step, zero the gradients; returns the gradient norm."""
+    def step(self) -> torch.Tensor:
+        """Clip, take an optimizer and scheduler step, zero the gradients; returns the gradient norm, a tensor on
+        the device (reading it with `float` waits for the step: the loop does not)."""
         norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -296,7 +304,7 @@ class DDPEngine(Engine):
         # DistributedDataParallel averages the gradients over the ranks; accumulation under no_sync sums them.
         self.scaler.scale(loss * world()[1]).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         norm = self._clip()
         self.scaler.step(self.optimizer)
@@ -342,10 +350,10 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss * world()[1], scale_wrt_gas=False)
         self.ds.step()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         self.scheduler.step()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return torch.as_tensor(norm if norm is not None else 0.0)
 
     # A LoRA checkpoint holds the adapter (fp32 master weights, Hugging Face form) and its optimizer states twice
     # over: DeepSpeed's own files for a resume at the same world size, and one world-size-independent file

@@ -25,6 +25,7 @@ from vray.data import metrics as task_metrics
 from vray.data.collate import Collator, Encoded
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
 from vray.errors import VrayError
+from vray.models import kernels
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
     DTYPES,
@@ -45,6 +46,7 @@ from vray.train.engines import (
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
+    all_reduce_sum_,
     barrier,
     build_engine,
     evaluating,
@@ -54,7 +56,7 @@ from vray.train.engines import (
 )
 from vray.train.label_loss import LossHead
 from vray.train.loss import answer_tokens
-from vray.train.tracking import MetricsLog
+from vray.train.tracking import MetricsLog, StepRecord
 
 TRAINING_STATE = "training_state.pt"  # rank 0: scheduler, step, best metric
 RNG_STATE = "rng-rank{rank}.pt"  # every rank: its own CPU, CUDA, Python and NumPy random streams
@@ -186,6 +188,7 @@ class Recipe:
         self.primary = task_metrics.PRIMARY_METRIC[self.task]
         self.step = 0
         self.best_metric: float | None = None
+        self._pending: StepRecord | None = None  # a GPU step's record, written once the next step is queued
         self.metrics_log = MetricsLog(self.run, self.rank)
         self.checkpoints = CheckpointWriter(self.run, self.rank, barrier, self.world_size)
 
@@ -217,32 +220,20 @@ class Recipe:
         # sharded engines restore theirs in `Engine.load`, as LoRA loads its adapter onto the base later.
         in_hf_form = restore is not None and (restore / "config.json").exists()
         self.weights_path = restore if (full and in_hf_form) else self.model_path
+        # The GPU kernels this worker runs (flash-attention, Liger, grouped experts, compile); none on the CPU.
+        self.kernels = kernels.choose(self.arch, self.device, self.spec.compute.precisionType,
+                                      self.spec.compute.compile, self.plan.strategy)
         model, self.autocast_dtype = prepare_for_training(
             self.weights_path, self.arch, self.spec.trainingMode.type, self.spec.compute.precisionType,
             self.spec.quantization, self.spec.lora, self.device, self.plan.gradient_checkpointing,
             train_vision=self.spec.full.trainVision, strategy=self.plan.strategy,
-            deepspeed_config=self.plan.deepspeed,
+            deepspeed_config=self.plan.deepspeed, checkpoint_every=self.plan.checkpoint_every, kernels=self.kernels,
         )
         model.train()
         self.model = model
         self.trainable, self.total_params = trainable_parameters(model)
-        self._kernel_notes()
+        kernels.report(self.kernels, self.metrics_log.write)  # metrics.jsonl, and each missing kernel on stderr
         self.loss_head = LossHead.install(model, self.device)  # the LM head at the answer positions only
-
-    def _kernel_notes(self) -> None:
-        """Qwen3.5's Gated DeltaNet is fast only with the flash-linear-attention kernels: say when they are missing."""
-        if not self.arch.model_type.startswith("qwen3_5"):
-            return
-        try:
-            import fla  # noqa: F401
-
-            have = True
-        except ImportError:
-            have = False
-        if self.device.type == "cuda" and not have:
-            self.metrics_log.write({"event": "warning", "message": (
-                "flash-linear-attention is not installed: Qwen3.5's Gated DeltaNet layers run the slow PyTorch path "
-                "(pip install flash-linear-attention causal-conv1d)")})
 
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         hp, full = self.spec.hyperparameters, self.spec.full
@@ -279,6 +270,9 @@ class Recipe:
             last = self._train()
         except BaseException:
             with contextlib.suppress(Exception):  # the records queued before the failure, without hiding it
+                if self._pending is not None:  # the last step's record, not yet written
+                    self.metrics_log.write(self._pending.resolve())
+            with contextlib.suppress(Exception):
                 self.metrics_log.close()
             raise
         self.metrics_log.close()  # every queued record written
@@ -298,6 +292,9 @@ class Recipe:
         batches = self.stream.steps(self.step, self.total_steps)
         while self.step < self.total_steps:
             loss = self._train_step(next(batches))
+            if self._pending is not None:  # the previous step's record: its copies are done by now
+                self.metrics_log.write(self._pending.resolve())
+                self._pending = None
             self.step += 1
             steps_done += 1
             elapsed = time.time() - started
@@ -310,7 +307,12 @@ class Recipe:
                     **self.order.position(self.step).to_dict()}
             if self.device.type == "cuda":
                 last["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            self.metrics_log.write(last)
+            record = StepRecord(last)
+            if record.ready_now or self._at_checkpoint():
+                last = record.resolve()
+                self.metrics_log.write(last)
+            else:
+                self._pending = record
             if self._at_checkpoint():
                 evaluation = self.validate() if self.evaluates else {}
                 if evaluation:
@@ -325,20 +327,23 @@ class Recipe:
         at_interval = self.step % every == 0 if every else self.step % self.steps_per_epoch == 0
         return at_interval or self.step == self.total_steps
 
-    def _train_step(self, micro_batches: list[list[Encoded]]) -> float:
+    def _train_step(self, micro_batches: list[list[Encoded]]) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches. Its gradient is that of the mean over every answer
         token of the step, on every rank (`vray.train.loss`); the step's micro-batches are collated first so the
-        token count (one all-reduce) is known before the first backward. Returns that token mean (the logged loss).
+        token count (one all-reduce) is known before the first backward. Returns that token mean (the logged loss), on
+        the device: nothing in the step waits for the GPU (pinned, non-blocking copies; sums kept on the device).
         A sparse-MoE model under full fine-tuning adds its router's load-balancing loss, averaged over the step's
         micro-batches and ranks, times its coefficient."""
         batches = [self.collator.batch(self.collator.with_vision(encoded)) for encoded in micro_batches]
-        tokens = max(all_reduce_sum([float(sum(answer_tokens(b["labels"]) for b in batches))], self.device)[0], 1.0)
+        counted = torch.tensor([float(sum(answer_tokens(b["labels"]) for b in batches))], dtype=torch.float64)
+        total = all_reduce_sum_(to_device(counted, self.device)).clamp_min(1.0)[0]
+        tokens = total.float()  # exact up to 2^24 answer tokens a step
         coef = self._router_aux_coef
         extra = {"output_router_logits": True} if coef else {}
-        summed = 0.0
+        summed = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
-            labels = batch.pop("labels").to(self.device)
-            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            labels = to_device(batch.pop("labels"), self.device)
+            inputs = {k: to_device(v, self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(batches) - 1):
                 with self._autocast():
                     out, loss_sum = self.loss_head.run(self.engine.module, {**inputs, **extra}, labels)
@@ -346,16 +351,17 @@ class Recipe:
                 if coef:
                     loss = loss + coef * out.aux_loss.float() / (len(batches) * self.world_size)
                 self.engine.backward(loss)
-            summed += float(loss_sum.detach())
+            summed += loss_sum.detach().double()
         self.engine.step()
-        return all_reduce_sum([summed], self.device)[0] / tokens
+        return all_reduce_sum_(summed) / total
 
     @functools.cached_property
     def _router_aux_coef(self) -> float:
         return router_aux_coef(self.spec, self.model.config)
 
     def _autocast(self) -> Any:
-        """bf16 / fp16 compute over fp32 master weights (full fine-tuning); nothing otherwise."""
+        """bf16 / fp16 compute over fp32 master weights (full fine-tuning, and LoRA's adapters); nothing in fp32 runs
+        or where DeepSpeed casts the LoRA model itself."""
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     # ---- evaluation ----------------------------------------------------------------------------
@@ -544,6 +550,14 @@ class Recipe:
         self.metrics_log.truncate_after(self.step)
         self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
                                 "saved_world_size": saved_world, **self.order.position(self.step).to_dict()})
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: to a GPU through pinned memory without blocking (the copy is queued behind the
+    running kernels; the host waits for nothing); to the CPU as it is."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -181,15 +182,14 @@ class MetricsLog:
             try:
                 if kind == "record":
                     self._publish(item)
-                elif kind == "flush":
+                else:  # flush, or close
                     self._flush()
-                else:
-                    self._flush()
-                    return
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread at its next write
                 self._error = exc
             finally:
                 self._queue.task_done()
+            if kind == "close":  # even when its last upload failed: `close` waits for this thread
+                return
 
     def _append(self, record: dict[str, Any]) -> None:
         with self._file_lock, open(self.path, "a") as fh:
@@ -231,7 +231,11 @@ class MetricsLog:
         if self._tb:
             self._tb.flush()
         if not self.run.local:
-            self.run.upload(self.path, "metrics.jsonl")
+            # A snapshot of whole lines: the training thread appends to the log while the upload reads it.
+            snapshot = self.path.with_name("metrics.upload.jsonl")
+            with self._file_lock:
+                shutil.copyfile(self.path, snapshot)
+            self.run.upload(snapshot, "metrics.jsonl")
             events = self.path.parent / "tensorboard"
             for file in events.glob("*") if events.exists() else []:
                 self.run.upload(file, f"tensorboard/{file.name}")
@@ -253,3 +257,38 @@ class MetricsLog:
             if rec.get("step") is None or rec["step"] <= step:
                 kept.append(line)
         self.path.write_text("".join(k + "\n" for k in kept))
+
+
+class StepRecord:
+    """One step's metrics record whose values may still be tensors on a GPU (the loss). They are copied to pinned
+    host memory without waiting, and `resolve` reads them one step later, when the next step is queued and the copy
+    is long done: the training thread never waits for the GPU to drain. Values on the CPU are read at once."""
+
+    def __init__(self, record: dict[str, Any]):
+        import torch
+
+        self.record = record
+        self._host: dict[str, Any] = {}
+        self._event: Any = None
+        for key, value in record.items():
+            if isinstance(value, torch.Tensor):
+                if value.device.type == "cuda":
+                    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                    host.copy_(value.detach(), non_blocking=True)
+                    self._host[key] = host
+                    self._event = self._event or torch.cuda.Event()
+                else:
+                    self._host[key] = value.detach()
+        if self._event is not None:
+            self._event.record()
+
+    @property
+    def ready_now(self) -> bool:
+        """Whether nothing waits on a GPU copy (a CPU run): the record can be written at its own step."""
+        return self._event is None
+
+    def resolve(self) -> dict[str, Any]:
+        """The record with plain numbers (waits for this step's copies only, not for later work)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return {**self.record, **{k: float(v) for k, v in self._host.items()}}

@@ -27,7 +27,8 @@ def test_training_a_multi_node_plan_needs_shared_storage(tmp_path, monkeypatch):
     raw = {"architecture": {"name": "qwen3vl", "size": "32B"}, "model": {"source": "tiny:qwen3_vl"},
            "trainingMode": {"type": "Full"}, "hyperparameters": {"batchSize": 16}, "task": "vqa",
            "data": {"train": "synthetic:vqa?train=16&eval=4"},
-           "cluster": {"gpu": "A100-40GB", "gpusPerNode": 8}, "output": str(tmp_path), "name": "multi"}
+           "cluster": {"gpu": "A100-40GB", "gpusPerNode": 8, "workers": 16}, "output": str(tmp_path), "name": "multi"}
+    # Sized from its (tiny) data the run would fit one node; 16 workers make it span two.
     with pytest.raises(VrayError, match="spans 2 nodes but the run directory .* node-local"):
         prepare(validate_spec(raw))
     monkeypatch.setenv("VRAY_SHARED_STORAGE", "1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,15 @@ class Encoded:
     reference: str  # the gold text of the last answer
     visual_tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    sample_id: str = ""
 
     @property
     def length(self) -> int:
         return int(self.tensors["input_ids"].shape[0])
+
+    @property
+    def has_visual(self) -> bool:
+        return any(key in self.tensors for key in _VISUAL)
 
 
 @dataclass
@@ -233,7 +239,8 @@ class Collator:
         ids = tensors["input_ids"]
         visual = int(((ids == self.processor.tokenizer.convert_tokens_to_ids(self.image_token))
                       | (ids == self.processor.tokenizer.convert_tokens_to_ids(self.video_token))).sum())
-        encoded = Encoded(tensors, geometries, answer_text(sample.answer, self.arch, geometries), visual, notes)
+        encoded = Encoded(tensors, geometries, answer_text(sample.answer, self.arch, geometries), visual, notes,
+                          sample.id)
         if self.max_tokens and encoded.length > self.max_tokens:
             raise DataError(
                 f"sample '{sample.id}' is {encoded.length} tokens ({visual} visual + {encoded.length - visual} text), over "
@@ -260,11 +267,11 @@ class Collator:
         every trainable parameter, so every rank must run the same modules in every micro-batch. The dummy follows
         every real token of its row and all its labels are ignored: under the causal mask no scored position sees
         it, so the loss is unchanged and its gradients to the vision side are exactly zero."""
-        if any(key in e.tensors for e in encoded for key in _VISUAL):
+        if any(e.has_visual for e in encoded):
             return encoded
         first = encoded[0]
         joined = Encoded(_concat([first.tensors, self.vision_dummy().tensors]), first.geometries, first.reference,
-                         first.visual_tokens, first.notes)
+                         first.visual_tokens, first.notes, first.sample_id)
         return [joined, *encoded[1:]]
 
     def batch(self, encoded: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
@@ -287,6 +294,48 @@ class Collator:
             else:
                 out[key] = torch.cat(values, dim=0)
         return out
+
+
+    def pack(self, encoded: list[Encoded],
+             positions: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One packed row: the samples end to end, no padding and no attention mask, with `position_ids` that
+        restart at every sample. `positions(tensors)` gives one sample's positions (`vray.models.packing`): [L] for
+        plain rotary families, [4, L] (text row, then the three mRoPE rows) for the mRoPE families; the row's
+        `position_ids` are [1, T] or [4, 1, T]. Attention then stays inside each sample (transformers derives the
+        sample boundaries from the text positions when the attention mask is None); visual tensors are
+        concatenated in sample order, as in `batch`."""
+        row = _concat([e.tensors for e in encoded])
+        row.pop("attention_mask", None)
+        out = {k: (v[None] if k in _PER_TOKEN or k == "labels" else v) for k, v in row.items()}
+        pos = torch.cat([positions(e.tensors) for e in encoded], dim=-1)
+        out["position_ids"] = pos[None] if pos.ndim == 1 else pos[:, None]
+        return out
+
+
+def pack_in_order(lengths: list[int], budget: int, visual: list[bool], extra: int = 0,
+                  names: list[str] | None = None) -> list[list[int]]:
+    """Greedy, order-keeping packing: the indexes of consecutive samples whose lengths sum to at most `budget`
+    tokens, one group per packed row. A group with no visual sample is charged `extra` tokens (the vision dummy
+    that `Collator.with_vision` appends to it) unless it holds a single sample, which always fits alone. A sample
+    longer than the budget is a DataError naming it."""
+    groups: list[list[int]] = []
+    used, has_visual = 0, False
+    for i, (n, vis) in enumerate(zip(lengths, visual)):
+        if n > budget:
+            name = names[i] if names else str(i)
+            raise DataError(
+                f"sample '{name}' is {n} tokens, over the packed row of {budget} tokens (data.packTokens or the "
+                f"plan's pack_tokens); raise data.packTokens, lower data.maxTokens so the data check refuses it, or "
+                f"shorten the sample", kind="over token budget")
+        cost = used + n + (0 if (has_visual or vis) else extra)
+        if groups and cost <= budget:
+            groups[-1].append(i)
+            used += n
+            has_visual = has_visual or vis
+        else:
+            groups.append([i])
+            used, has_visual = n, vis
+    return groups
 
 
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

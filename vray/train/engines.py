@@ -343,6 +343,12 @@ class DeepSpeedEngine(Engine):
 
         unset_hf_deepspeed_config()
 
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """The step ends where the loop says (packed steps vary in micro-batches), not at DeepSpeed's
+        gradient_accumulation_steps count: its reductions and optimizer step follow this boundary."""
+        self.ds.set_gradient_accumulation_boundary(last_micro_batch)
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed would divide the loss by its gradient_accumulation_steps (not here: the loss is already this
         # micro-batch's share of the step) and averages the gradients over the data-parallel ranks, which the

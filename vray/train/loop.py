@@ -22,7 +22,7 @@ import torch
 from vray.archs.registry import Architecture
 from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
-from vray.data.collate import Collator, Encoded
+from vray.data.collate import Collator, Encoded, pack_in_order
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
 from vray.errors import VrayError
 from vray.models import kernels
@@ -35,6 +35,7 @@ from vray.models.loader import (
     resolve_source,
     trainable_parameters,
 )
+from vray.models.packing import prepare_for_packing, sample_positions
 from vray.models.sharded import materialize_sharded
 from vray.plan.plan import Plan
 from vray.spec import MediaBlock, RunSpec, token_budget
@@ -142,6 +143,13 @@ def _device(plan: Plan) -> torch.device:
     return device
 
 
+def pack_budget(spec: RunSpec, plan: Plan) -> int | None:
+    """Tokens of one packed row: `data.packTokens` (0: no packing), else the plan's; None means padded
+    micro-batches."""
+    tokens = spec.data.packTokens if spec.data.packTokens is not None else plan.pack_tokens
+    return tokens or None
+
+
 def router_aux_coef(spec: RunSpec, model_config: Any) -> float:
     """Weight of the MoE router's load-balancing loss in the training objective: sparse-MoE families under full
     fine-tuning only (LoRA leaves the router frozen); `full.routerAuxLossCoef`, else the checkpoint's
@@ -231,6 +239,10 @@ class Recipe:
         )
         model.train()
         self.model = model
+        self.pack_tokens = pack_budget(self.spec, self.plan)
+        if self.pack_tokens:
+            prepare_for_packing(model)
+            self.positions = sample_positions(model)
         self.trainable, self.total_params = trainable_parameters(model)
         kernels.report(self.kernels, self.metrics_log.write)  # metrics.jsonl, and each missing kernel on stderr
         self.loss_head = LossHead.install(model, self.device)  # the LM head at the answer positions only
@@ -334,10 +346,13 @@ class Recipe:
         the device: nothing in the step waits for the GPU (pinned, non-blocking copies; sums kept on the device).
         A sparse-MoE model under full fine-tuning adds its router's load-balancing loss, averaged over the step's
         micro-batches and ranks, times its coefficient."""
-        batches = [self.collator.batch(self.collator.with_vision(encoded)) for encoded in micro_batches]
-        counted = torch.tensor([float(sum(answer_tokens(b["labels"]) for b in batches))], dtype=torch.float64)
-        total = all_reduce_sum_(to_device(counted, self.device)).clamp_min(1.0)[0]
+        batches, real = self._micro_batches(micro_batches)
+        counted = torch.tensor([float(sum(answer_tokens(b["labels"]) for b in batches)), float(real)],
+                               dtype=torch.float64)
+        totals = all_reduce_sum_(to_device(counted, self.device))
+        total = totals[0].clamp_min(1.0)
         tokens = total.float()  # exact up to 2^24 answer tokens a step
+        micro_total = totals[1].clamp_min(1.0).float()  # the real micro-batches of every rank
         coef = self._router_aux_coef
         extra = {"output_router_logits": True} if coef else {}
         summed = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -346,14 +361,34 @@ class Recipe:
             inputs = {k: to_device(v, self.device) for k, v in batch.items()}
             with self.engine.no_sync(last_micro_batch=i == len(batches) - 1):
                 with self._autocast():
-                    out, loss_sum = self.loss_head.run(self.engine.module, {**inputs, **extra}, labels)
+                    out, loss_sum = self.loss_head.run(self.engine.module, {**inputs, **extra, "use_cache": False},
+                                                       labels)
                 loss = loss_sum / tokens
-                if coef:
-                    loss = loss + coef * out.aux_loss.float() / (len(batches) * self.world_size)
+                if coef:  # a filler micro-batch (i >= real) adds nothing
+                    loss = loss + coef * out.aux_loss.float() * float(i < real) / micro_total
                 self.engine.backward(loss)
             summed += loss_sum.detach().double()
         self.engine.step()
         return all_reduce_sum_(summed) / total
+
+    def _micro_batches(self, micro_batches: list[list[Encoded]]) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The step's collated micro-batches, and how many of them hold samples. Padded: the stream's micro-batches
+        as they are. Packed (`pack_budget`): the rank's samples of the step, in order, greedily packed into rows of
+        at most `pack_tokens` tokens; every rank then runs as many micro-batches as the rank with the most (one
+        all-reduce), the others adding fillers (the vision dummy, every label ignored: no loss, zero gradient), so
+        the engines' accumulation and gradient synchronisation stay matched."""
+        if not self.pack_tokens:
+            batches = [self.collator.batch(self.collator.with_vision(encoded)) for encoded in micro_batches]
+            return batches, len(batches)
+        samples = [e for encoded in micro_batches for e in encoded]
+        groups = pack_in_order([e.length for e in samples], self.pack_tokens, [e.has_visual for e in samples],
+                               extra=self.collator.vision_dummy().length, names=[e.sample_id for e in samples])
+        batches = [self.collator.pack(self.collator.with_vision([samples[i] for i in g]), self.positions)
+                   for g in groups]
+        rounds = all_reduce_max(len(batches), self.device)
+        batches += [self.collator.pack([self.collator.vision_dummy()], self.positions)
+                    for _ in range(rounds - len(batches))]
+        return batches, len(groups)
 
     @functools.cached_property
     def _router_aux_coef(self) -> float:

@@ -16,6 +16,7 @@ from vray.archs import registry
 from vray.data.collate import Collator, pack_in_order
 from vray.data.sample import Sample
 from vray.errors import DataError
+from vray.models import packing
 from vray.models.loader import load_processor, prepare_for_training
 from vray.models.packing import prepare_for_packing, sample_positions
 from vray.models.tiny import REFERENCE, tiny_checkpoint
@@ -78,7 +79,14 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(family):
     assert packed_batch["position_ids"].shape == ((4, 1, total) if mrope else (1, total))
     text_row = packed_batch["position_ids"].reshape(-1, total)[0]
     assert int((text_row == 0).sum()) == len(encoded)  # every sample restarts at 0
+    # The language model's attention runs one sdpa call per packed sample; the vision tower keeps sdpa.
+    impls = {type(m).__name__: m.config._attn_implementation for m in model.modules()
+             if hasattr(m, "is_causal") and getattr(m, "config", None) is not None}
+    assert packing.PACKED_SDPA in impls.values() and set(impls.values()) <= {packing.PACKED_SDPA, "sdpa"}
     packed_loss, packed = _loss_and_grads(model, packed_batch)
+    assert [b - a for a, b in packing._last_bounds[1]] == [e.length for e in encoded]
+    again, _ = _loss_and_grads(model, collator.batch(encoded))  # padded batches still run sdpa as it is
+    assert abs(again - padded_loss) <= 1e-6 * max(1.0, abs(padded_loss))
 
     assert abs(packed_loss - padded_loss) <= 1e-4 * max(1.0, abs(padded_loss)), (packed_loss, padded_loss)
     assert packed.keys() == padded.keys() and packed

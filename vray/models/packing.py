@@ -4,6 +4,10 @@ A packed row holds several samples end to end with no attention mask (`Collator.
 at 0 for every sample; transformers derives the sample boundaries from them:
 - sdpa / eager (`masking_utils.find_packed_sequence_indices`): a block-diagonal causal mask;
 - flash-attention (`modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids`): varlen `cu_seqlens`.
+On sdpa the block-diagonal mask still spans the whole row, so attention costs the square of the row rather than
+the sum of its samples' squares: a packed row's language model therefore runs `PACKED_SDPA`, which gives the same
+numbers by calling sdpa once per sample (causal, no mask), and hands every other call (padded batches, generation,
+non-causal attention) to sdpa as it is.
 The mRoPE families (Qwen2.5-VL, Qwen3-VL, Qwen3.5) take `position_ids` of four rows, [text; t; h; w]: the text row
 gives the boundaries, the mRoPE rows are each sample's own rope index (the model's `get_rope_index`).
 
@@ -27,6 +31,7 @@ Positions = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 _LINEAR_ATTENTION = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
 _TEXT_MODELS = ("Qwen3_5TextModel", "Qwen3_5MoeTextModel")
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+PACKED_SDPA = "vray_packed_sdpa"  # the attention of a packed row's language model where it would run sdpa
 
 
 def sample_positions(model: nn.Module) -> Positions:
@@ -65,6 +70,7 @@ def prepare_for_packing(model: nn.Module) -> int:
     `cu_seq_lens_q` and friends, which flash-attention takes as they are), and each such layer either hands them to
     the kernels or runs once per sample. Returns how many layers it changed (0 for other families)."""
     changed = 0
+    _packed_sdpa_for_language_model(model)
     for module in model.modules():
         name = type(module).__name__
         if name in _TEXT_MODELS and not getattr(module, "_vray_packing", False):
@@ -126,3 +132,49 @@ def _per_sample(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         return torch.cat(pieces, dim=1)
 
     return run
+
+
+def _packed_sdpa_for_language_model(model: nn.Module) -> None:
+    """Switch the causal (language-model) attention from sdpa to PACKED_SDPA; the vision tower keeps its own."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # masks as sdpa builds them, for the calls it hands on
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(module, "is_causal", False) is True and getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = PACKED_SDPA
+
+
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """sdpa over a packed row one sample at a time (each causal on its own: the same numbers as the row's
+    block-diagonal mask, at the cost of its samples' squares); any other call is sdpa's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = _row_samples(kwargs.get("position_ids"), query, key)
+    if bounds is None or kwargs.get("is_causal") is False or not getattr(module, "is_causal", False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k != "is_causal"}
+    pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                     is_causal=True, **rest)[0] for a, b in bounds]
+    return torch.cat(pieces, dim=1), None
+
+
+_last_bounds: list[Any] = [None, None]  # (the positions tensor, its samples): every layer of a forward shares them
+
+
+def _row_samples(positions: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[tuple[int, int]] | None:
+    """[start, end) of each sample of a packed row (one row whose positions restart at 0 more than once, queries
+    and keys over the same tokens); None for anything else."""
+    if positions is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    if positions.shape[-1] != query.shape[2]:
+        return None
+    if _last_bounds[0] is not positions:
+        text = positions.reshape(-1, positions.shape[-1])[0]
+        starts = (text == 0).nonzero().view(-1).tolist()
+        ends = starts[1:] + [text.numel()]
+        _last_bounds[:] = [positions, list(zip(starts, ends)) if len(starts) > 1 and starts[0] == 0 else None]
+    return _last_bounds[1]

@@ -115,3 +115,5 @@ def test_packing_keeps_the_order_and_the_budget():
     assert pack_in_order([3, 4], 8, [True, False], extra=2) == [[0, 1]]
     with pytest.raises(DataError, match="sample 'long' is 11 tokens"):
         pack_in_order([4, 11], 10, [False, False], names=["short", "long"])
+    # A budget the planner derived from (possibly estimated) counts: a longer sample gets a row of its own.
+    assert pack_in_order([4, 11, 2], 10, [False, False, False], strict=False) == [[0], [1], [2]]

@@ -96,7 +96,7 @@ def test_quantized_weight_bytes_follow_bitsandbytes():
 
 def test_activations_follow_the_sample_and_the_settings():
     profile, arch, _ = _meta_profile("qwen2_5_vl")
-    w = Workload("lora", "BFloat16", lora_regex=arch.lora_target_regex())
+    w = Workload("lora", "BFloat16", lora_dropout=0.05, lora_regex=arch.lora_target_regex())
     small = sample_shape(profile, max_pixels=256 * 256)
     large = sample_shape(profile)
     assert large.visual_tokens > small.visual_tokens and large.sequence == 512 + large.visual_tokens
@@ -107,6 +107,12 @@ def test_activations_follow_the_sample_and_the_settings():
     assert two > one > ckpt and shorter < one
     no_dropout = Workload("lora", "BFloat16", lora_dropout=0.0, lora_regex=arch.lora_target_regex())
     assert activation_bytes(profile, no_dropout, Layout("ddp", 1, 8, 1, False), large)[0] < one
+    # Full fine-tuning trains the head: the label-only loss holds its (vocab, hidden) fp32 gradient from the
+    # forward on, which LoRA (a frozen head) never does.
+    full = Workload("full", "BFloat16")
+    _, parts = activation_bytes(profile, full, Layout("ddp", 1, 8, 1, False), large)
+    _, lora_parts = activation_bytes(profile, w, Layout("ddp", 1, 8, 1, False), large)
+    assert parts["head"] == profile.text.vocab * profile.text.hidden * (4 + 2 * 2) and lora_parts["head"] == 0
     video = sample_shape(profile, max_frames=16)
     assert video.frames == 16 and video.images == 0 and video.visual_tokens > 0
 

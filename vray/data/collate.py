@@ -313,15 +313,16 @@ class Collator:
 
 
 def pack_in_order(lengths: list[int], budget: int, visual: list[bool], extra: int = 0,
-                  names: list[str] | None = None) -> list[list[int]]:
+                  names: list[str] | None = None, strict: bool = True) -> list[list[int]]:
     """Greedy, order-keeping packing: the indexes of consecutive samples whose lengths sum to at most `budget`
     tokens, one group per packed row. A group with no visual sample is charged `extra` tokens (the vision dummy
     that `Collator.with_vision` appends to it) unless it holds a single sample, which always fits alone. A sample
-    longer than the budget is a DataError naming it."""
+    longer than the budget is a DataError naming it (`strict`: the user's data.packTokens), or else a row of its
+    own (a budget the planner derived from the data check's counts, which may be estimates)."""
     groups: list[list[int]] = []
     used, has_visual = 0, False
     for i, (n, vis) in enumerate(zip(lengths, visual)):
-        if n > budget:
+        if n > budget and strict:
             name = names[i] if names else str(i)
             raise DataError(
                 f"sample '{name}' is {n} tokens, over the packed row of {budget} tokens (data.packTokens or the "

@@ -427,9 +427,10 @@ def activation_bytes(profile: ArchProfile, w: Workload, layout: Layout, sample: 
     projector = 0
     if w.mode == "full":  # the projector trains: its inputs are saved
         projector = b * sample.visual_tokens * (3 * v.merge * v.merge * v.hidden + 2 * t.hidden) * ab
-    lm_phase = held + max(logits, redo) + vision_saved + projector
+    head = head_gradient_bytes(t.hidden, t.vocab, ab) if w.mode == "full" else 0
+    lm_phase = held + max(logits, redo) + head + vision_saved + projector
     peak = max(lm_phase, vision_peak)
-    return int(peak), {"language_model": int(held), "recompute": int(redo), "logits": int(logits),
+    return int(peak), {"language_model": int(held), "recompute": int(redo), "logits": int(logits), "head": int(head),
                        "vision": int(max(vision_saved, vision_peak)), "projector": int(projector)}
 
 
@@ -439,6 +440,13 @@ def loss_bytes(hidden: int, vocab: int, tokens: int, p: int) -> int:
     p. No full-vocabulary logits are held."""
     rows = min(tokens, loss_chunk_rows(vocab))
     return int(tokens * hidden * 2 * p + rows * vocab * (4 + 4 + p))
+
+
+def head_gradient_bytes(hidden: int, vocab: int, p: int) -> int:
+    """When the LM head (or the embedding tied to it) trains, the label-only loss computes its gradient in the
+    forward: a full (vocab, hidden) fp32 buffer on every rank, held from the end of the forward until the loss's
+    backward, plus one (vocab, hidden) product at p per chunk and the head cast to p."""
+    return int(vocab * hidden * (4 + 2 * p))
 
 
 # ---- everything --------------------------------------------------------------------------------------

@@ -203,6 +203,6 @@ class LossHead:
         scored = targets != IGNORE_INDEX
         rows = hidden[:, :-1][scored]
         head = self.head
-        if self.path == LIGER and rows.is_cuda and rows.shape[0]:
+        if self.path == LIGER and rows.is_cuda and rows.shape[0] and torch.is_grad_enabled():
             return liger_linear_cross_entropy(rows, head.weight, head.bias, targets[scored])
         return chunked_linear_cross_entropy(rows, head.weight, head.bias, targets[scored], self.chunk_rows)

@@ -382,7 +382,8 @@ class Recipe:
             return batches, len(batches)
         samples = [e for encoded in micro_batches for e in encoded]
         groups = pack_in_order([e.length for e in samples], self.pack_tokens, [e.has_visual for e in samples],
-                               extra=self.collator.vision_dummy().length, names=[e.sample_id for e in samples])
+                               extra=self.collator.vision_dummy().length, names=[e.sample_id for e in samples],
+                               strict=self.spec.data.packTokens is not None)
         batches = [self.collator.pack(self.collator.with_vision([samples[i] for i in g]), self.positions)
                    for g in groups]
         rounds = all_reduce_max(len(batches), self.device)
@@ -437,7 +438,10 @@ class Recipe:
             for samples in batches:
                 encoded = [self.collator.encode(s) for s in samples]
                 batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
-                loss = float(run.model(**batch).loss)
+                labels = batch.pop("labels")
+                with torch.no_grad():  # the label-only loss here too: no full-vocabulary logits in evaluation
+                    _, loss_sum = self.loss_head.run(run.model, {**batch, "use_cache": False}, labels)
+                loss = float(loss_sum) / max(1, answer_tokens(labels))
                 prompts = [self.collator.encode(s, with_answer=False) for s in samples]
                 texts, _ = generate_texts(run.model, self.processor.tokenizer,
                                           self.collator.batch(prompts, left_pad=True), settings)

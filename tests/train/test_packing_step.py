@@ -87,6 +87,7 @@ class _Encoded:
 def test_the_assembly_packs_in_order_and_pads_to_the_ranks_count(monkeypatch):
     recipe = Recipe.__new__(Recipe)
     recipe.collator, recipe.positions, recipe.device, recipe.pack_tokens = _Collator(), None, torch.device("cpu"), 10
+    recipe.pack_strict = True  # data.packTokens set by the user
     micro = [[_Encoded(6, True, "a"), _Encoded(3, False, "b")], [_Encoded(4, False, "c"), _Encoded(5, True, "d")]]
     monkeypatch.setattr("vray.train.loop.all_reduce_max", lambda value, device: max(value, 4))  # another rank: 4
     batches, real = recipe._micro_batches(micro)
@@ -96,6 +97,9 @@ def test_the_assembly_packs_in_order_and_pads_to_the_ranks_count(monkeypatch):
     recipe.pack_tokens = 8
     with pytest.raises(Exception, match="sample 'a' is 9 tokens"):
         recipe._micro_batches([[_Encoded(9, True, "a")]])
+    recipe.pack_strict = False  # a row the planner derived: the longer sample trains in a row of its own
+    batches, real = recipe._micro_batches([[_Encoded(9, True, "a"), _Encoded(3, True, "b")]])
+    assert real == 2 and [b["ids"] for b in batches[:2]] == [["a"], ["b"]]
 
 
 def test_the_row_budget_follows_the_spec_then_the_plan():

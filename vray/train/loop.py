@@ -240,6 +240,7 @@ class Recipe:
         model.train()
         self.model = model
         self.pack_tokens = pack_budget(self.spec, self.plan)
+        self.pack_strict = self.spec.data.packTokens is not None  # the user's budget: a longer sample is an error
         if self.pack_tokens:
             prepare_for_packing(model)
             self.positions = sample_positions(model)
@@ -383,7 +384,7 @@ class Recipe:
         samples = [e for encoded in micro_batches for e in encoded]
         groups = pack_in_order([e.length for e in samples], self.pack_tokens, [e.has_visual for e in samples],
                                extra=self.collator.vision_dummy().length, names=[e.sample_id for e in samples],
-                               strict=self.spec.data.packTokens is not None)
+                               strict=self.pack_strict)
         batches = [self.collator.pack(self.collator.with_vision([samples[i] for i in g]), self.positions)
                    for g in groups]
         rounds = all_reduce_max(len(batches), self.device)

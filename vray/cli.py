@@ -37,7 +37,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def archs(as_json: bool = typer.Option(False, "--json", help="print the list as JSON (with exact parameter counts)")) -> None:
     """List the supported checkpoints (parameter counts from the real configs on the meta device)."""
-    from vray.archs.summary import archs_json
+    from vray.models.summary import archs_json
 
     rows = archs_json()
     if as_json:

@@ -29,7 +29,7 @@ def test_tiny_checkpoint_loads_through_from_pretrained(family):
 
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    assert type(model).__name__ == arch.transformers_class
+    assert type(model).__name__ == arch.transformers_class.split(".")[-1]
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
     tok = processor.tokenizer
     for token in special_tokens(family):
@@ -42,7 +42,8 @@ def test_tiny_checkpoint_loads_through_from_pretrained(family):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     image_id = model.config.image_token_id
-    assert int((inputs["input_ids"] == image_id).sum()) == 16  # the processor expanded the placeholder
+    expected = 121 if family == "nvila_lite" else 16  # NVILA-Lite: one 448 px tile, 11 x 11 after its 3x3 merge
+    assert int((inputs["input_ids"] == image_id).sum()) == expected  # the processor expanded the placeholder
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], len(tok))

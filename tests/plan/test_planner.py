@@ -11,8 +11,8 @@ import yaml
 
 from tests.conftest import run_cli
 from vray.archs import registry
-from vray.archs.params import param_counts
 from vray.errors import VrayError
+from vray.models.params import param_counts
 from vray.plan.gpus import CATALOG, Inventory, gpu
 from vray.plan.memory import Layout, estimate, sample_shape
 from vray.plan.planner import placement, plan_run, search, workload_of

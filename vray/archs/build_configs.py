@@ -35,10 +35,10 @@ _QWEN_VISION_KEYS = (
 )
 
 # NVILA-Lite-2B's language model config is unpublished: a Qwen2.5-1.5B-shaped language model is assumed
-# (VILA's own scripts name the 2B recipe "qwen25_2B"), so that planning still works.
-NVILA_ASSUMED_LLM = {
+# (VILA's own scripts name the 2B recipe "qwen25_2B"; hidden 1536 is what SGLang's VILA config defaults to), so that
+# planning still works. Every field but the width is labelled assumed; a real checkpoint's own text_config wins.
+NVILA_ASSUMED_TEXT = {
     "model_type": "qwen2",
-    "architectures": ["Qwen2ForCausalLM"],
     "hidden_size": 1536,
     "intermediate_size": 8960,
     "num_hidden_layers": 28,
@@ -47,13 +47,18 @@ NVILA_ASSUMED_LLM = {
     "vocab_size": 151936,
     "max_position_embeddings": 32768,
     "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-06,
     "tie_word_embeddings": True,
     "hidden_act": "silu",
 }
+NVILA_UNVERIFIED_TEXT = ("intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                         "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
+# The reference table describes NVILA-Lite-2B in VILA's original layout; the -hf checkpoint holds the same weights.
+REFERENCE_CHECKPOINT = {"Efficient-Large-Model/NVILA-Lite-2B-hf": "Efficient-Large-Model/NVILA-Lite-2B"}
 
 
 def _reference_entry(reference: list[dict[str, Any]], arch: Architecture) -> dict[str, Any]:
-    wanted = arch.repo_id
+    wanted = REFERENCE_CHECKPOINT.get(arch.repo_id, arch.repo_id)
     for entry in reference:
         if entry["checkpoint"] == wanted:
             return entry
@@ -146,7 +151,7 @@ def _internvl_vision(entry: dict[str, Any]) -> dict[str, Any]:
 def build_config(entry: dict[str, Any], arch: Architecture) -> dict[str, Any]:
     """The shipped config.json of one checkpoint, built from its reference entry."""
     assumed: dict[str, str] = {}
-    if arch.model_type == "llava_llama":
+    if arch.model_type == "nvila_lite":
         cfg = _nvila_config(entry, assumed)
     else:
         text = _text_config(entry, arch, assumed)
@@ -190,28 +195,33 @@ def build_config(entry: dict[str, Any], arch: Architecture) -> dict[str, Any]:
 
 
 def _nvila_config(entry: dict[str, Any], assumed: dict[str, str]) -> dict[str, Any]:
+    """The config.json of NVILA-Lite's -hf checkpoint (model_type nvila_lite): `text_config`, `vision_config` and
+    the placeholder token ids, the keys of its configuration class (SGLang's nvila_lite.py mirrors it)."""
     ref_v = entry["vision_config"]
-    assumed["llm_cfg"] = (
-        "NVILA-Lite-2B's llm/config.json is unpublished; assumed a Qwen2.5-1.5B-shaped language model "
-        "(hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960, vocab 151936, tied)"
-    )
+    for key in NVILA_UNVERIFIED_TEXT:
+        assumed[f"text_config.{key}"] = (
+            "NVILA-Lite-2B's language-model config is unpublished; assumed Qwen2.5-1.5B's "
+            f"({NVILA_ASSUMED_TEXT[key]})")
+    text = dict(NVILA_ASSUMED_TEXT)
     return {
-        "architectures": ["LlavaLlamaModel"],
-        "model_type": "llava_llama",
-        "llm_cfg": dict(NVILA_ASSUMED_LLM),
-        "vision_tower_cfg": {
+        "architectures": ["NVILALiteForConditionalGeneration"],
+        "model_type": "nvila_lite",
+        "text_config": text,
+        "vision_config": {
             "model_type": "siglip_vision_model",
-            "architectures": ["SiglipVisionModel"],
             "hidden_size": ref_v["hidden_size"],
             "num_hidden_layers": ref_v["depth"],
             "num_attention_heads": ref_v["num_heads"],
             "intermediate_size": ref_v["intermediate_size"],
             "patch_size": ref_v["patch_size"],
             "image_size": ref_v["image_size"],
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-06,
+            "vision_use_head": False,
         },
-        "mm_projector_cfg": {"mm_projector_type": "mlp_downsample_3x3_fix"},
-        "mm_vision_select_layer": ref_v.get("mm_vision_select_layer", -2),
-        "mm_vision_select_feature": ref_v.get("mm_vision_select_feature", "cls_patch"),
+        "image_token_id": 151649,
+        "video_token_id": 151650,
+        "tie_word_embeddings": text["tie_word_embeddings"],
     }
 
 

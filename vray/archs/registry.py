@@ -97,7 +97,8 @@ class Architecture:
 
     @property
     def native(self) -> bool:
-        """True when transformers implements the architecture (no remote code)."""
+        """True when vray loads the architecture without remote code: transformers' own class, or vray's
+        (`vray/models/<family>/`)."""
         return self.model_type in TRANSFORMERS_CLASSES
 
     @property
@@ -144,7 +145,8 @@ class Architecture:
         return rf"{prefix}\.layers\.\d+\.(?:.*\.)?(?:{alternatives})"
 
 
-# transformers class per model_type (what `AutoModelForImageTextToText` resolves a checkpoint to).
+# The class `AutoModelForImageTextToText` resolves a checkpoint to, per model_type: transformers' own, or vray's
+# (registered with the Auto classes by `vray.models.register_families`).
 TRANSFORMERS_CLASSES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
@@ -152,6 +154,7 @@ TRANSFORMERS_CLASSES = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
+    "nvila_lite": "vray.models.nvila_lite.NVILALiteForConditionalGeneration",
 }
 MIN_TRANSFORMERS = {
     "qwen3_5": "5.2.0",
@@ -160,6 +163,7 @@ MIN_TRANSFORMERS = {
     "qwen3_vl_moe": "4.57.1",
     "qwen2_5_vl": "4.49.0",
     "internvl": "4.52.1",
+    "nvila_lite": "5.2.0",  # vray's class, on transformers' Qwen2 and SigLIP (vray's own lower bound)
 }
 
 _QWEN_VISION = ("model.visual",)
@@ -185,7 +189,8 @@ FAMILIES: dict[str, Family] = {
         Family(
             "nvila-lite", "NVILA-Lite", ("2B",), "2B", BOX_NVILA_REL1, False,
             "llm.model", ("vision_tower",), ("mm_projector",),
-            "VILA remote code; full fine-tuning only; language-model dimensions unpublished (assumed, labelled)",
+            "vray's own implementation (no remote code); full fine-tuning only; language-model dimensions "
+            "unpublished (assumed Qwen2.5-1.5B, labelled)",
         ),
         Family(
             "cosmos-reason1", "Cosmos-Reason1", ("7B",), "7B", BOX_QWEN25_ABS, True,
@@ -211,7 +216,7 @@ def _repo_id(family: str, size: str) -> str:
         "qwen3.5": f"Qwen/Qwen3.5-{size}",
         "qwen3vl": f"Qwen/Qwen3-VL-{size}-Instruct",
         "qwen2.5vl": f"Qwen/Qwen2.5-VL-{size}-Instruct",
-        "nvila-lite": f"Efficient-Large-Model/NVILA-Lite-{size}",
+        "nvila-lite": f"Efficient-Large-Model/NVILA-Lite-{size}-hf",
         "cosmos-reason1": f"nvidia/Cosmos-Reason1-{size}",
         "cosmos-reason2": f"nvidia/Cosmos-Reason2-{size}",
         "internvl3.5": f"OpenGVLab/InternVL3_5-{size}-HF",
@@ -224,7 +229,7 @@ def _model_type(family: str, size: str) -> str:
         "qwen3.5": "qwen3_5_moe" if moe else "qwen3_5",
         "qwen3vl": "qwen3_vl_moe" if moe else "qwen3_vl",
         "qwen2.5vl": "qwen2_5_vl",
-        "nvila-lite": "llava_llama",
+        "nvila-lite": "nvila_lite",
         "cosmos-reason1": "qwen2_5_vl",
         "cosmos-reason2": "qwen3_vl",
         "internvl3.5": "internvl",
@@ -240,7 +245,7 @@ def _lora_targets(model_type: str) -> tuple[str, ...]:
         "qwen3_vl_moe": _ATTN,
         "qwen2_5_vl": _ATTN + _MLP,
         "internvl": _ATTN + _MLP,
-        "llava_llama": (),
+        "nvila_lite": (),
     }[model_type]
 
 
@@ -251,8 +256,8 @@ def _build(family: Family, size: str) -> Architecture:
         size=size,
         repo_id=_repo_id(family.name, size),
         model_type=model_type,
-        transformers_class=TRANSFORMERS_CLASSES.get(model_type, "LlavaLlamaModel (VILA remote code)"),
-        min_transformers=MIN_TRANSFORMERS.get(model_type, "not in transformers (remote code)"),
+        transformers_class=TRANSFORMERS_CLASSES[model_type],
+        min_transformers=MIN_TRANSFORMERS[model_type],
         lora_supported=family.lora_supported,
         lora_targets=_lora_targets(model_type) if family.lora_supported else (),
         language_model_prefix=family.language_model_prefix,

@@ -90,7 +90,7 @@ def _estimate_tokens(sample: Sample, arch: Architecture, sizes: list[tuple[int, 
     """Visual tokens from the family's resize rule and ~3.5 characters a text token (no processor at hand)."""
     from vray.archs.vision import visual_tokens
 
-    visual = sum(visual_tokens(arch, w, h) for w, h in sizes)
+    visual = sum(visual_tokens(arch, w, h, alone=len(sizes) == 1) for w, h in sizes)
     text = sum(len(t.text) for t in sample.conversation)
     return visual + int(text / 3.5) + 8 * len(sample.conversation)
 

@@ -210,6 +210,8 @@ class Collator:
             kwargs["do_sample_frames"] = False
             if self.qwen_video:
                 kwargs["cap_pixels_per_frame"] = True
+        if getattr(self.processor, "tiles_single_images", False):  # NVILA-Lite: an image alone is tiled
+            kwargs["images_in_prompt"] = len(media.images)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self.processor(text=[text], images=images or None, videos=[f for f, _ in videos] or None,

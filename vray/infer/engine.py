@@ -93,6 +93,9 @@ class Prepared:
 def _load_quantized(weights: Any, arch: Any, device: torch.device, quantize: str) -> Any:
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from vray.models import register_families
+
+    register_families()
     if quantize == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(arch.vision_modules + arch.projector_modules) + ["lm_head"])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -127,6 +130,9 @@ class ModelEngine:
         elif device_map:  # a replica that spans several GPUs: accelerate places the layers
             from transformers import AutoModelForImageTextToText
 
+            from vray.models import register_families
+
+            register_families()
             model = AutoModelForImageTextToText.from_pretrained(weights, dtype=torch.bfloat16, device_map=device_map)
         else:
             precision = "BFloat16" if self.device.type == "cuda" else "Float32"

@@ -31,12 +31,37 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: Path | N
     if local.exists():
         if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
             raise VrayError(f"model.source: {source!r} is a folder without config.json; point at a checkpoint folder")
-        return local
+        return refuse_unsupported_layout(local, source)
     if source.startswith("s3://"):
-        return _fetch_s3(source, cache_dir)
+        return refuse_unsupported_layout(_fetch_s3(source, cache_dir), source)
     if source.startswith((".", "/", "~")):
         raise VrayError(f"model.source: {source!r} does not exist")
-    return _fetch_hub(source, revision)
+    return refuse_unsupported_layout(_fetch_hub(source, revision), source)
+
+
+NVILA_HF_REPO = "Efficient-Large-Model/NVILA-Lite-2B-hf"
+
+
+def refuse_unsupported_layout(folder: Path, source: str) -> Path:
+    """`folder`, unless it holds NVILA-Lite in VILA's original layout (model_type llava_llama: the language model,
+    tower and projector in llm/, vision_tower/ and mm_projector/ subfolders, loaded by VILA's own code), which vray
+    refuses by name: it loads the Hugging Face layout of the same model."""
+    import json
+
+    config = folder / "config.json"
+    if not config.exists():
+        return folder
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return folder
+    split = (folder / "llm").is_dir() and not any(folder.glob("*.safetensors"))
+    if model_type == "llava_llama" or (model_type in ("vila", "nvila_lite") and split):
+        raise VrayError(
+            f"model.source: {source} is NVILA-Lite in VILA's original layout (model_type {model_type}, weights in "
+            f"llm/, vision_tower/ and mm_projector/); vray loads the Hugging Face layout of the same model: use "
+            f"{NVILA_HF_REPO} (model_type nvila_lite)")
+    return folder
 
 
 PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
@@ -164,6 +189,9 @@ def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int 
     own (16384 visual tokens an image for the Qwen families)."""
     from transformers import AutoProcessor
 
+    from vray.models import register_families
+
+    register_families()
     if arch is not None:
         cap = (media or MediaBlock()).default_cap(arch)
         max_pixels = min(p for p in (max_pixels, cap) if p) if (max_pixels or cap) else None
@@ -227,6 +255,9 @@ def load_model(path: Path, arch: Architecture, precision: str, quantization: Qua
     """
     from transformers import AutoModelForImageTextToText
 
+    from vray.models import register_families
+
+    register_families()
     require_native(arch)
     device = device or torch.device("cpu")
     check_device_precision(precision, device)

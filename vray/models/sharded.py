@@ -31,6 +31,9 @@ def build_empty(path: Path, dtype: torch.dtype, **kwargs: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from vray.models import register_families
+
+    register_families()
     unset_hf_deepspeed_config()  # a ZeRO-3 run earlier in this process must not put this build under zero.Init
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
@@ -50,6 +53,9 @@ def build_partitioned(path: Path, dtype: torch.dtype, deepspeed_config: dict[str
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.integrations import HfDeepSpeedConfig
 
+    from vray.models import register_families
+
+    register_families()
     deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)  # on the existing process group
     live = HfDeepSpeedConfig(deepspeed_config)  # transformers reads it through a weak reference
     config = AutoConfig.from_pretrained(path)
@@ -112,6 +118,7 @@ def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     reader = CheckpointReader(folder)
     tied = _tied_names(model)
+    renamed = checkpoint_names(model, reader)
     counts = {"read": 0}
     try:
         seen: set[int] = set()
@@ -119,7 +126,7 @@ def materialize_partitioned(model: nn.Module, folder: Path) -> dict[str, int]:
             if id(p) in seen or not hasattr(p, "ds_tensor"):
                 continue
             seen.add(id(p))
-            key = checkpoint_key(name, reader, tied)
+            key = checkpoint_key(name, reader, tied, renamed)
             if key is None:
                 raise VrayError(f"model.source: {folder} has no tensor for parameter {name}")
             part = p.ds_tensor.ds_numel
@@ -213,13 +220,41 @@ class CheckpointReader:
         return self._where[key].get_slice(key)[start:stop]
 
 
-def checkpoint_key(name: str, reader: CheckpointReader, tied: dict[str, str]) -> str | None:
-    """The checkpoint tensor behind a (possibly peft-wrapped) model parameter name, or None."""
+def checkpoint_key(name: str, reader: CheckpointReader, tied: dict[str, str],
+                   renamed: dict[str, str] | None = None) -> str | None:
+    """The checkpoint tensor behind a (possibly peft-wrapped) model parameter name, or None. `renamed`: the names
+    transformers renames on load (`checkpoint_names`), under their checkpoint keys."""
     bare = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
-    for candidate in (bare, tied.get(bare)):
+    for candidate in (bare, tied.get(bare), (renamed or {}).get(bare)):
         if candidate is not None and candidate in reader:
             return candidate
     return None
+
+
+def _bare(name: str) -> str:
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def checkpoint_names(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:
+    """The checkpoint keys of the parameters the checkpoint does not hold under their own names, where transformers
+    renames a key on load (a sub-model's prefix, such as SigLIP's `vision_model.` inside NVILA-Lite's tower): its
+    own conversion, reverted as `save_pretrained` does. Empty when nothing is renamed or the conversion does more
+    than rename (those checkpoints must be in the model's own layout)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    missing = [_bare(n) for n, _ in model.named_parameters() if _bare(n) not in reader]
+    if not missing:
+        return {}
+    out: dict[str, str] = {}
+    try:
+        for name in missing:
+            state = revert_weight_conversion(base, {name: torch.empty(0)})
+            if len(state) == 1:
+                out[name] = next(iter(state))
+    except Exception:  # noqa: BLE001 - a conversion that merges or splits tensors: no renames to offer
+        return {}
+    return out
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:
@@ -319,6 +354,7 @@ def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, se
                 b.copy_(buffers[name])
     replayed = _replayed_lora_weights(model)
     reader = CheckpointReader(folder)
+    renamed = checkpoint_names(model, reader)
     counts = {"read": 0, "adapters": 0}
     try:
         seen: set[int] = set()
@@ -336,7 +372,7 @@ def materialize_sharded(model: nn.Module, folder: Path, device: torch.device, se
                 init_lora_(name, p, start, rows, seed)
                 counts["adapters"] += 1
                 continue
-            key = checkpoint_key(name, reader, tied)
+            key = checkpoint_key(name, reader, tied, renamed)
             if key is None:
                 raise VrayError(f"model.source: {folder} has no tensor for parameter {name}; sharded loading (fsdp2) "
                                 "reads checkpoints in transformers' own layout: re-save it with save_pretrained, or "

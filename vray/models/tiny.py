@@ -31,6 +31,7 @@ REFERENCE = {
     "qwen3_5": ("qwen3.5", "0.8B"),
     "qwen3_5_moe": ("qwen3.5", "35B-A3B"),
     "internvl": ("internvl3.5", "8B"),
+    "nvila_lite": ("nvila-lite", "2B"),
 }
 FAMILIES = tuple(REFERENCE)
 
@@ -57,11 +58,13 @@ def _shrink_text(text: dict[str, Any], family: str, vocab_size: int) -> dict[str
         rope["mrope_section"] = [4, 2, 2]
         if family == "qwen3_vl_moe":
             t.update(_MOE)
-    elif family == "qwen2_5_vl":
+    elif family in ("qwen2_5_vl", "nvila_lite"):
         t.pop("head_dim", None)
-        rope["mrope_section"] = [2, 3, 3]
+        if family == "qwen2_5_vl":
+            rope["mrope_section"] = [2, 3, 3]
     t.pop("mtp_num_hidden_layers", None)
-    t["rope_parameters"] = rope
+    if rope:
+        t["rope_parameters"] = rope
     return t
 
 
@@ -76,6 +79,10 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]) -> dict
                  image_size=[112, 112], patch_size=[14, 14])
         cfg.update(image_seq_length=16)
         cfg["text_config"]["tie_word_embeddings"] = False
+    elif family == "nvila_lite":
+        # Real 448 px tiles and 14 px patches (121 tokens a tile, as at full size); three layers, of which the
+        # model runs two (the features are the second-to-last layer's output).
+        cfg["vision_config"].update(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     else:
         v = cfg["vision_config"]
         v.update(_VISION, out_hidden_size=_TEXT["hidden_size"])
@@ -96,6 +103,8 @@ def use_token_ids(cfg: dict[str, Any], family: str, token_ids: dict[str, int]) -
     """Point a config's special-token ids at a tokenizer's (image, video, vision start / end, eos, pad)."""
     if family == "internvl":
         cfg["image_token_id"] = token_ids["<IMG_CONTEXT>"]
+    elif family == "nvila_lite":
+        cfg.update(image_token_id=token_ids["<image>"], video_token_id=token_ids["<vila/video>"])
     else:
         cfg.update(
             image_token_id=token_ids["<|image_pad|>"],
@@ -104,12 +113,18 @@ def use_token_ids(cfg: dict[str, Any], family: str, token_ids: dict[str, int]) -
             vision_end_token_id=token_ids["<|vision_end|>"],
         )
     cfg["text_config"]["eos_token_id"] = token_ids["<|im_end|>"]
-    cfg["text_config"]["pad_token_id"] = token_ids["<|endoftext|>"]
+    cfg["text_config"]["pad_token_id"] = token_ids["[PAD]" if family == "nvila_lite" else "<|endoftext|>"]
     cfg["text_config"]["bos_token_id"] = token_ids["<|endoftext|>"]
     return cfg
 
 
 def _image_processor(family: str) -> Any:
+    if family == "nvila_lite":
+        from transformers import SiglipImageProcessor
+
+        # The published preprocessor_config.json: 448 x 448 tiles, bicubic, mean and std 0.5.
+        return SiglipImageProcessor(size={"height": 448, "width": 448}, resample=3, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3, do_convert_rgb=None)
     if family == "internvl":
         from transformers import GotOcr2ImageProcessor
 
@@ -145,6 +160,10 @@ def _video_processor(family: str) -> Any:
 def _processor(family: str, tokenizer: Any) -> Any:
     from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
+    if family == "nvila_lite":
+        from vray.models.nvila_lite import NVILALiteProcessor
+
+        return NVILALiteProcessor(_image_processor(family), tokenizer, chat_template=tokenizer.chat_template)
     image, video = _image_processor(family), _video_processor(family)
     if family == "internvl":
         return InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
@@ -167,6 +186,9 @@ def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0, vocab_size: 
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
+    from vray.models import register_families
+
+    register_families()
     tokenizer = build_tokenizer(family, corpus())
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
     cfg = tiny_config(family, vocab_size=max(vocab_size or 0, len(tokenizer)), token_ids=ids)
@@ -185,14 +207,60 @@ def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0, vocab_size: 
 
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _processor(family, tokenizer).save_pretrained(folder)
+    if family == "nvila_lite":
+        _write_published_nvila(model, folder, _processor(family, tokenizer))
+    else:
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        _processor(family, tokenizer).save_pretrained(folder)
     missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).exists()]
     if missing:
         raise RuntimeError(f"writing tiny:{family} left out {missing}")
     (folder / "vray_tiny.json").write_text(json.dumps({"family": family, "reference": "%s:%s" % REFERENCE[family],
                                                        "format": TINY_FORMAT_VERSION}) + "\n")
     return folder
+
+
+# NVILA-Lite-2B-hf's files, as published: the processor files are read off the hub (processor_config.json,
+# preprocessor_config.json); config.json's auto_map names the checkpoint's remote-code modules, which vray never runs.
+NVILA_AUTO_MAP = {
+    "AutoConfig": "configuration_nvila_lite.NVILALiteConfig",
+    "AutoModel": "modeling_nvila_lite.NVILALiteForConditionalGeneration",
+    "AutoProcessor": "processing_nvila_lite.NVILALiteProcessor",
+}
+
+
+def _write_published_nvila(model: Any, folder: Path, processor: Any) -> None:
+    """The NVILA-Lite checkpoint in the -hf repos' layout: their weight keys (`vision_tower.vision_model.*`, the
+    tower's unused last layer and final LayerNorm included, no separate tied LM head), config.json with its
+    auto_map, and the processor as preprocessor_config.json plus processor_config.json."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tied = set(model.all_tied_weights_keys)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in tied}
+    state = revert_weight_conversion(model, state)
+    # What a published tower holds beyond the layers vray runs: its last layer and final LayerNorm (random here).
+    full = SiglipVisionModel(model.config.vision_config)
+    last = model.config.vision_config.num_hidden_layers - 1
+    for k, v in full.state_dict().items():
+        if k.startswith((f"encoder.layers.{last}.", "post_layernorm.")):
+            state[f"vision_tower.vision_model.{k}"] = v.to(torch.float32).clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = NVILA_AUTO_MAP
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    image = processor.image_processor.to_dict()
+    image.update(image_processor_type="SiglipImageProcessor", processor_class="NVILALiteProcessor",
+                 auto_map={"AutoProcessor": NVILA_AUTO_MAP["AutoProcessor"]})
+    (folder / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoProcessor": NVILA_AUTO_MAP["AutoProcessor"]}, "processor_class": "NVILALiteProcessor"},
+        indent=2) + "\n")
 
 
 def tiny_checkpoint(family: str, root: Path | None = None) -> Path:

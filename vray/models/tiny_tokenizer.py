@@ -26,6 +26,9 @@ QWEN_SPECIAL = [
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 QWEN3_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+# VILA's tokens after Qwen2's (NVILA-Lite): its image and video placeholders are `<image>` and `<vila/video>`.
+NVILA_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[BOS]", "[PAD]", "<vila/sentinel>", "<image>",
+                 "<vila/video>"]
 INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
 
 # A chat template in the Qwen layout: <|im_start|>role\n...<|im_end|>; images and videos as placeholders the
@@ -61,8 +64,15 @@ _INTERNVL_TEMPLATE = _QWEN_TEMPLATE.replace(
 ).replace("{%- set video_ph = '<|vision_start|><|video_pad|><|vision_end|>' -%}", "{%- set video_ph = '<video>\n' -%}")
 
 
+_NVILA_TEMPLATE = _QWEN_TEMPLATE.replace(
+    "{%- set image_ph = '<|vision_start|><|image_pad|><|vision_end|>' -%}", "{%- set image_ph = '<image>' -%}"
+).replace("{%- set video_ph = '<|vision_start|><|video_pad|><|vision_end|>' -%}", "{%- set video_ph = '<vila/video>' -%}")
+
+
 def chat_template(family: str) -> str:
     """The chat template of a tiny checkpoint of this model_type."""
+    if family == "nvila_lite":
+        return _NVILA_TEMPLATE.replace("THINKING_SWITCH", "false")
     if family == "internvl":
         return _INTERNVL_TEMPLATE.replace("THINKING_SWITCH", "false")
     thinking = "true" if family.startswith("qwen3_5") else "false"
@@ -71,6 +81,8 @@ def chat_template(family: str) -> str:
 
 def special_tokens(family: str) -> list[str]:
     """The family's special tokens, in the order they get ids after the trained vocabulary."""
+    if family == "nvila_lite":
+        return list(NVILA_SPECIAL)
     tokens = list(QWEN_SPECIAL)
     if family != "qwen2_5_vl":
         tokens += QWEN3_ADDED
@@ -121,13 +133,15 @@ def build_tokenizer(family: str, corpus: list[str], vocab_size: int = 1024) -> A
             "context_image_token": "<IMG_CONTEXT>",
             "video_token": "<video>",
         }
+    elif family == "nvila_lite":
+        extra = {"image_token": "<image>", "video_token": "<vila/video>"}
     tokenizer = cls(
         vocab=vocab,
         merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        pad_token="[PAD]" if family == "nvila_lite" else "<|endoftext|>",
         extra_special_tokens=extra or None,
     )
     specials = special_tokens(family)

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from vray.archs.registry import LoraSelection, lora_selection
-from vray.archs.vision import visual_grid
+from vray.archs.vision import image_grid, visual_grid
 from vray.models.loss_chunks import loss_chunk_rows
 from vray.models.sharded import LOAD_CHUNK_BYTES
 from vray.plan.profile import ArchProfile
@@ -214,6 +214,9 @@ def data_sample_shape(profile: ArchProfile, tokens: int, images: int, sized_from
     patches are sized so; the language model sees exactly `tokens`)."""
     one = sample_shape(profile, min_pixels, max_pixels, max_frames if video else None, text_tokens=0)
     count = 1 if video else images
+    if count > 1 and profile.vision.kind == "nvila":  # each image of a several-image prompt is one tile
+        grid = image_grid(profile.vision, one.image_width, one.image_height, alone=False)
+        one = replace(one, visual_tokens=grid.tokens, vision_patches=grid.patches)
     visual = min(tokens, one.visual_tokens * count)
     patches = one.vision_patches * count if count else 0
     return SampleShape(tokens - visual, 0 if video else images, one.image_width, one.image_height,

@@ -208,7 +208,7 @@ def arch_profile(arch: Architecture) -> ArchProfile:
     """The profile of a registry checkpoint from its real config on the meta device."""
     from dataclasses import replace
 
-    from vray.archs.params import build_meta_model
+    from vray.models.params import build_meta_model
 
     return replace(profile_model(build_meta_model(arch), arch), stored_bytes=2)
 
@@ -225,6 +225,9 @@ def _checkpoint_profile(folder: str, mtime: int, arch: Architecture) -> ArchProf
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vray.models import register_families
+
+    register_families()
     raw = json.loads((Path(folder) / "config.json").read_text())
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))

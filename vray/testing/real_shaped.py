@@ -19,6 +19,10 @@ def write_real_shaped_checkpoint(arch: registry.Architecture, folder: Path, text
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vray.models import register_families
+
+    register_families()
+
     processor = load_processor(tiny_checkpoint(arch.model_type))
     ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in processor.tokenizer.all_special_tokens}
     ip = processor.image_processor
@@ -59,6 +63,10 @@ def write_sized_checkpoint(arch: registry.Architecture, folder: Path, *, text_la
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vray.models import register_families
+
+    register_families()
 
     processor = load_processor(tiny_checkpoint(arch.model_type))
     ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in processor.tokenizer.all_special_tokens}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vray.archs.params import param_counts
 from vray.archs.registry import ARCHITECTURES, Architecture
+from vray.models.params import param_counts
 
 
 def arch_record(arch: Architecture) -> dict[str, Any]:

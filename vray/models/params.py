@@ -1,4 +1,5 @@
-"""Exact parameter counts by instantiating each checkpoint's real config on the meta device (no download)."""
+"""Exact parameter counts by building each checkpoint's model from its real config on the meta device (no download):
+the layout vray builds, vray's own classes included."""
 
 from __future__ import annotations
 
@@ -32,40 +33,13 @@ def build_meta_model(arch: Architecture) -> nn.Module:
     """The checkpoint's model with every tensor on the meta device (shapes only, no memory)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vray.models import register_families
+
+    register_families()
     cfg = arch.config
     with torch.device("meta"):
-        if arch.model_type == "llava_llama":
-            return _nvila_meta(cfg)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         return AutoModelForImageTextToText.from_config(config)
-
-
-class _NvilaMeta(nn.Module):
-    """NVILA-Lite's three parts (SigLIP tower, 3x3 downsample projector, Qwen2 LLM) for counting only."""
-
-    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
-        super().__init__()
-        self.vision_tower = vision
-        self.mm_projector = projector
-        self.llm = llm
-
-
-def _nvila_meta(cfg: dict) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-    v = dict(cfg["vision_tower_cfg"])
-    v.pop("model_type"), v.pop("architectures", None)
-    vision = SiglipVisionModel(SiglipVisionConfig(**v))
-    llm_cfg = dict(cfg["llm_cfg"])
-    llm_cfg.pop("architectures", None)
-    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg))
-    vh, lh = v["hidden_size"], llm_cfg["hidden_size"]
-    # mlp_downsample_3x3_fix: concatenates 3x3 neighbourhoods, then LN -> Linear -> GELU -> LN -> Linear -> GELU -> Linear.
-    projector = nn.Sequential(
-        nn.LayerNorm(9 * vh), nn.Linear(9 * vh, 3 * vh), nn.GELU(),
-        nn.LayerNorm(3 * vh), nn.Linear(3 * vh, lh), nn.GELU(), nn.Linear(lh, lh),
-    )
-    return _NvilaMeta(vision, projector, llm)
 
 
 def _unique_params(module: nn.Module, prefix: str = "") -> dict[str, nn.Parameter]:
@@ -83,8 +57,7 @@ def _lora_params(model: nn.Module, arch: Architecture, rank: int) -> int:
 
 def _expert_params(model: nn.Module) -> tuple[int, int, int]:
     """(routed-expert parameters, experts per layer, experts used per token) of an MoE model."""
-    config = model.llm.config if isinstance(model, _NvilaMeta) else model.config
-    text_cfg = getattr(config, "text_config", config)
+    text_cfg = getattr(model.config, "text_config", model.config)
     n_exp = getattr(text_cfg, "num_experts", None)
     if not n_exp:
         return 0, 0, 0
@@ -105,8 +78,7 @@ def count_params(model: nn.Module, arch: Architecture, lora_rank: int = 16) -> P
     experts, n_exp, top_k = _expert_params(model)
     active = total - experts + (experts * top_k // n_exp if n_exp else 0)
     lora = _lora_params(model, arch, lora_rank) if arch.lora_supported else 0
-    config = model.llm.config if isinstance(model, _NvilaMeta) else model.config
-    layers = getattr(getattr(config, "text_config", config), "num_hidden_layers", 0)
+    layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", 0)
     return ParamCounts(total=total, vision=vision, language=total - vision, active=active, lora=lora,
                        experts=experts, layers=layers)
 

@@ -147,3 +147,15 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def shutdown_serve() -> None:
+    """Stop Ray Serve on the test cluster (`RAY_ADDRESS`), reconnecting when this process has left it."""
+    import ray
+    from ray import serve
+
+    from vray.cluster import connect
+
+    if not ray.is_initialized():
+        connect(os.environ["RAY_ADDRESS"])
+    serve.shutdown()

@@ -204,3 +204,26 @@ def test_the_processor_and_the_media_limits_are_part_of_the_key(tmp_path):
     assert check(processor, media_limits={"maxPixels": 200_000}).cached is None
     processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 200_000}  # other resizing
     assert check(processor).cached is None
+
+
+def test_nvila_lite_tokens_are_counted_by_the_tiling_rule(tmp_path):
+    from vray.data.check import _estimate_tokens
+    from vray.data.collate import Collator
+    from vray.data.sample import Sample
+
+    arch = registry.get("nvila-lite", "2B")
+    Image.new("RGB", (1344, 896), (20, 120, 200)).save(tmp_path / "wide.png")
+    row = _row("wide", ["wide.png"], "blue")
+    (tmp_path / "data.jsonl").write_text(json.dumps(row) + "\n")
+    processor = load_processor(tiny_checkpoint("nvila_lite"))
+    report = check_dataset(str(tmp_path / "data.jsonl"), arch, processor)
+    assert report.token_counts == "processor" and not report.errors
+    sample = Sample.model_validate({**row, "images": [str(tmp_path / "wide.png")]})
+    encoded = Collator(processor, arch, None).encode(sample, images=[Image.open(tmp_path / "wide.png")])
+    assert report.tokens == [encoded.length]
+    ids = encoded.tensors["input_ids"].tolist()
+    assert ids.count(processor.image_token_id) == 7 * 121  # 6 tiles + thumbnail
+    # Without a processor: the estimate's visual part is the same rule (one image alone: tiled).
+    assert _estimate_tokens(sample, arch, [(1344, 896)]) - _estimate_tokens(sample, arch, []) == 7 * 122
+    estimated = check_dataset(str(tmp_path / "data.jsonl"), arch, None)
+    assert estimated.token_counts == "estimated" and estimated.tokens[0] > 7 * 122

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from rich.console import Console
 
-from tests.conftest import run_cli
-from vray.cluster import connect, free_port
+from tests.conftest import run_cli, shutdown_serve
+from vray.cluster import free_port
 from vray.data import synthetic
 from vray.data.io import read_jsonl
 from vray.storage.rundir import RunDir
@@ -102,8 +102,6 @@ def test_cli_train_joins_the_cluster_and_writes_the_run_directory(cli_run):
 
 @pytest.mark.timeout(600)
 def test_cli_serve_detached_with_an_api_key(cli_run):
-    import ray
-    from ray import serve
 
     port = free_port()
     proc = run_cli("serve", str(cli_run.root), "--detach", "--port", str(port), "--api-key", "s3cret", timeout=400)
@@ -122,15 +120,7 @@ def test_cli_serve_detached_with_an_api_key(cli_run):
         assert ok.status_code == 200 and ok.json()["model"] == "cli-run"
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
     finally:
-        if not ray.is_initialized():
-            connect(ray_address())
-        serve.shutdown()
-
-
-def ray_address() -> str:
-    import os
-
-    return os.environ["RAY_ADDRESS"]
+        shutdown_serve()
 
 
 def test_serving_beyond_loopback_needs_a_key(cli_run):

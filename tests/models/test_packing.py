@@ -1,7 +1,7 @@
 """Padding-free packing: a packed row trains exactly like the padded micro-batch of the same samples.
 
-Per family (fp32, tiny checkpoints, LoRA): the summed answer-token loss and the gradients of every trainable
-parameter of one packed row (per-sample positions, no attention mask) equal those of the right-padded batch, for
+Per family (fp32, tiny checkpoints, LoRA; NVILA-Lite, which has no LoRA targets, Full): the summed answer-token
+loss and the gradients of every trainable parameter of one packed row (per-sample positions, no attention mask) equal those of the right-padded batch, for
 samples of different lengths with images in some and one text-only. Attention, mRoPE positions and Qwen3.5's Gated
 DeltaNet state must all stay inside each sample for that to hold.
 """
@@ -23,7 +23,7 @@ from vray.models.tiny import REFERENCE, tiny_checkpoint
 from vray.spec import LoraBlock
 from vray.train.loss import token_loss_sum
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "internvl", "nvila_lite"]
 
 
 def _samples() -> tuple[list[Sample], list[list[Image.Image]]]:
@@ -61,7 +61,8 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(family):
     samples, images = _samples()
     encoded = [collator.encode(s, images=im) for s, im in zip(samples, images)]
     assert len({e.length for e in encoded}) >= 3
-    model, _ = prepare_for_training(path, arch, "LoRA", "Float32", None, LoraBlock(rank=4, dropout=0.0),
+    mode = "Full" if family == "nvila_lite" else "LoRA"  # NVILA-Lite: full fine-tuning only (no LoRA targets)
+    model, _ = prepare_for_training(path, arch, mode, "Float32", None, LoraBlock(rank=4, dropout=0.0),
                                     torch.device("cpu"))
     model.train()
     padded_loss, padded = _loss_and_grads(model, collator.batch(encoded))
@@ -75,7 +76,7 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(family):
     assert (changed > 0) == family.startswith("qwen3_5")
     total = sum(e.length for e in encoded)
     assert packed_batch["input_ids"].shape == (1, total) and "attention_mask" not in packed_batch
-    mrope = family != "internvl"
+    mrope = family not in ("internvl", "nvila_lite")
     assert packed_batch["position_ids"].shape == ((4, 1, total) if mrope else (1, total))
     text_row = packed_batch["position_ids"].reshape(-1, total)[0]
     assert int((text_row == 0).sum()) == len(encoded)  # every sample restarts at 0

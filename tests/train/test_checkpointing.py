@@ -13,7 +13,8 @@ from vray.errors import SpecError
 from vray.models.loader import load_processor, prepare_for_training, resolve_source
 from vray.spec import LoraBlock, validate_spec
 
-ARCHS = {"qwen3_vl": ("qwen3vl", "2B"), "qwen2_5_vl": ("qwen2.5vl", "3B"), "internvl": ("internvl3.5", "8B")}
+ARCHS = {"qwen3_vl": ("qwen3vl", "2B"), "qwen2_5_vl": ("qwen2.5vl", "3B"), "internvl": ("internvl3.5", "8B"),
+         "nvila_lite": ("nvila-lite", "2B")}
 
 
 def _batch(family: str) -> dict[str, torch.Tensor]:
@@ -41,7 +42,8 @@ def _vision_and_trainable(model: torch.nn.Module, arch) -> tuple[list[str], list
     return frozen, trainable
 
 
-@pytest.mark.parametrize("family,mode", [("qwen3_vl", "LoRA"), ("qwen2_5_vl", "Full"), ("internvl", "LoRA")])
+@pytest.mark.parametrize("family,mode", [("qwen3_vl", "LoRA"), ("qwen2_5_vl", "Full"), ("internvl", "LoRA"),
+                                         ("nvila_lite", "Full")])
 def test_checkpointing_recomputes_and_a_frozen_tower_builds_no_graph(family, mode):
     arch = registry.get(*ARCHS[family])
     model, dtype = prepare_for_training(resolve_source(f"tiny:{family}"), arch, mode, "Float32", None,

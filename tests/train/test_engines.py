@@ -26,6 +26,7 @@ COLLECTIVE_TIMEOUT_S = 600  # the process groups' timeout: a mismatched collecti
 FAMILY_ARCH = {
     "qwen2_5_vl": ("qwen2.5vl", "3B"), "qwen3_vl": ("qwen3vl", "2B"), "qwen3_vl_moe": ("qwen3vl", "30B-A3B"),
     "qwen3_5": ("qwen3.5", "0.8B"), "qwen3_5_moe": ("qwen3.5", "35B-A3B"), "internvl": ("internvl3.5", "8B"),
+    "nvila_lite": ("nvila-lite", "2B"),
 }
 
 
@@ -47,6 +48,7 @@ CELLS = [
     Cell("qwen2_5_vl", "ddp", "lora", checkpointing=True),
     Cell("qwen2_5_vl", "ddp", "qlora"),
     Cell("qwen3_vl", "ddp", "full"),
+    Cell("nvila_lite", "ddp", "full", checkpointing=True),
     Cell("qwen3_vl_moe", "ddp", "lora-experts"),
     Cell("qwen2_5_vl", "zero1", "full"),
     Cell("internvl", "zero1", "lora", checkpointing=True),
@@ -58,6 +60,7 @@ CELLS = [
     Cell("qwen2_5_vl", "zero3-offload", "full", checkpointing=True),
     Cell("qwen3_5", "fsdp2", "lora", checkpointing=True),
     Cell("qwen3_5_moe", "fsdp2", "full"),
+    Cell("nvila_lite", "fsdp2", "full"),  # units: the decoder layers and the SigLIP blocks the model runs
     Cell("qwen3_vl_moe", "fsdp2-hybrid", "full", world=4),
     Cell("internvl", "fsdp2-hybrid", "lora", world=4, checkpointing=True, accumulate=True),
 ]
@@ -154,6 +157,25 @@ def test_the_matrix_covers_families_engines_and_modes():
     assert {c.strategy for c in CELLS if c.checkpointing} == set(STRATEGIES)
     assert any(c.checkpointing and c.strategy == "zero3" and c.mode == "lora" for c in CELLS)
     assert any(c.accumulate and c.strategy == "fsdp2-hybrid" for c in CELLS)  # the all-reduce skipped, then run
+
+
+def test_fsdp2_shards_nvila_lite_per_decoder_layer_and_per_siglip_block_it_runs():
+    """NVILA-Lite's FSDP2 units are the LLM's decoder layers and the SigLIP blocks up to the feature layer (the
+    checkpoint's unused last block is not built, so it is no unit), then the embedding and LM head."""
+    from vray.models.loader import prepare_for_training, resolve_source
+    from vray.train.engines import shard_units
+
+    spec = validate_spec(_spec(Cell("nvila_lite", "fsdp2", "full"), "unused"))
+    arch = spec.arch
+    model, _ = prepare_for_training(resolve_source("tiny:nvila_lite"), arch, "Full", "Float32", None, spec.lora,
+                                    torch.device("cpu"))
+    units = shard_units(model, arch.language_model_prefix, arch.vision_modules)
+    decoder = list(model.get_submodule(f"{arch.language_model_prefix}.layers"))
+    blocks = list(model.vision_tower.encoder.layers)
+    assert len(decoder) == 2 and len(blocks) == 2  # tiny: 2 decoder layers; SigLIP 3 in the checkpoint, 2 run
+    assert [id(u) for u in units[:4]] == [id(m) for m in decoder + blocks]
+    assert all(isinstance(u, list) or u in (model.get_input_embeddings(), model.get_output_embeddings())
+               for u in units[4:]) and units[4:]
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)

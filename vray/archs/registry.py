@@ -312,8 +312,13 @@ def get(name: str, size: str) -> Architecture:
     )
 
 
+# Other model types of the same checkpoints: NVILA-Lite's -hf-preview layout says `vila`.
+MODEL_TYPE_ALIASES = {"vila": "nvila_lite"}
+
+
 def by_model_type(model_type: str) -> list[Architecture]:
-    """Checkpoints whose config has this model_type."""
+    """Checkpoints whose config has this model_type (or one of its aliases)."""
+    model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
     return [a for a in ARCHITECTURES if a.model_type == model_type]
 
 

@@ -187,6 +187,9 @@ def _architecture_for(p: Path, source: str, architecture: str | None) -> registr
     if source.startswith("tiny:"):
         model_type = source.split(":", 1)[1]
     elif (p / "config.json").exists():
+        from vray.models.loader import refuse_unsupported_layout
+
+        refuse_unsupported_layout(p, source)  # NVILA-Lite's original VILA layout: refused, naming the -hf repo
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
     if model_type:
         matches = registry.by_model_type(model_type)

@@ -181,3 +181,79 @@ def test_nvila_boxes_round_trip_on_a_non_square_image():
         for k, (g, w) in enumerate(zip(got.bbox, want.bbox)):
             side = geo.width if k % 2 == 0 else geo.height
             assert abs(g - w) <= 0.0005 * side + 1e-9, (got, want)
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_full_fine_tuning_trains_every_part_it_should_and_leaves_no_parameter_without_a_gradient(tiny, processor,
+                                                                                                 train_vision):
+    """Full: the projector and the language model train, the tower only with full.trainVision; and every trainable
+    parameter gets a gradient from one image step (the tower's unused last layer is not built, so DDP finds no
+    unused parameter)."""
+    from vray.models.loader import prepare_for_training
+    from vray.spec import LoraBlock
+
+    arch = registry.get(*ARCH)
+    model, _ = prepare_for_training(tiny, arch, "Full", "Float32", None, LoraBlock(), torch.device("cpu"),
+                                    train_vision=train_vision)
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tower = {n for n in dict(model.named_parameters()) if n.startswith("vision_tower.")}
+    assert tower and (tower <= trainable) == train_vision and not (tower & trainable and not train_vision)
+    assert any(n.startswith("mm_projector.") for n in trainable) and any(n.startswith("llm.") for n in trainable)
+    inputs = processor(text=["<image>What colour?"], images=[_image(64, 48)], return_tensors="pt")
+    out = model(**inputs)
+    out.logits.float().logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_the_tiny_checkpoint_is_in_the_published_layout_and_a_sharded_build_finds_every_weight(tiny):
+    """Every tower key is `vision_tower.vision_model.*` as in the -hf repos; a model built on the meta device (fsdp2,
+    ZeRO-3) finds each of its parameters in the file through the tower's renaming, and reverting its names (what
+    vray's checkpoint writers do) gives the published keys back."""
+    from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from vray.models.sharded import CheckpointReader, build_empty, checkpoint_key, checkpoint_names
+
+    with safe_open(str(tiny / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"llm", "vision_tower", "mm_projector"}
+    assert all(k.startswith("vision_tower.vision_model.") for k in keys if k.startswith("vision_tower."))
+    model = build_empty(tiny, torch.float32)
+    reader = CheckpointReader(tiny)
+    try:
+        renamed = checkpoint_names(model, reader)
+        found = {n: checkpoint_key(n, reader, {}, renamed) for n, _ in model.named_parameters()}
+    finally:
+        reader.close()
+    assert all(found.values()), [n for n, k in found.items() if k is None]
+    assert set(found.values()) < keys  # the tower's unused last layer and final norm are read by nobody
+    saved = revert_weight_conversion(model, {n: torch.empty(0) for n, _ in model.named_parameters()})
+    assert set(saved) == set(found.values())
+
+
+def test_a_pixel_cap_is_a_tile_budget_for_the_processor_and_the_rule_alike(tiny):
+    from vray.plan.memory import sample_shape
+    from vray.plan.profile import arch_profile
+    from vray.spec import MediaBlock
+
+    arch = registry.get(*ARCH)
+    cap = 2 * 448 * 448
+    capped = load_processor(tiny, MediaBlock(maxPixels=cap), arch=arch)
+    assert capped.max_tiles == 2 and load_processor(tiny, arch=arch).max_tiles == 12
+    out = capped(text=["<image>hi"], images=[_image(1344, 896)], return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 3  # a 2 x 1 grid and the thumbnail
+    assert int((out["input_ids"] == capped.image_token_id).sum()) + 3 == visual_tokens(arch, 1344, 896, cap) == 3 * 122
+    # The planner's image keeps its 1024 x 1024 size under the cap: the cap only limits its tiles.
+    shape = sample_shape(arch_profile(arch), max_pixels=4 * 448 * 448)
+    assert (shape.image_width, shape.visual_tokens) == (1024, 5 * 122)  # 2 x 2 tiles and the thumbnail
+    assert sample_shape(arch_profile(arch)).visual_tokens == 10 * 122  # 3 x 3 tiles and the thumbnail
+
+
+def test_a_batch_of_prompts_tiles_each_prompt_by_its_own_images(processor):
+    out = processor(text=["<image>a", "<image><image>b"], images=[_image(1344, 896), _image(64, 64), _image(64, 64)],
+                    padding=True, return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 7 + 1 + 1
+    with pytest.raises(ValueError, match="one text"):
+        processor(text=["<image>a", "<image>b"], images=[_image(64, 64)] * 2, images_in_prompt=1)

@@ -228,3 +228,15 @@ def test_engine_auto_serves_a_lora_run_with_transformers_when_vllm_cannot_take_i
         line = said.getvalue().splitlines()[0]
         assert line.startswith("engine: transformers, not vLLM:") and why in line
         assert "import_path: vray.serve.app:app_builder" in out.written.read_text()
+
+
+def test_vllm_refuses_an_architecture_vray_implements_and_auto_serves_it_with_transformers():
+    from vray.serve.command import pick_engine
+    from vray.serve.vllm import vllm_family_refusal
+
+    target = resolve_target("tiny:nvila_lite")
+    assert target.arch.implemented_by_vray and not resolve_target("tiny:qwen2_5_vl").arch.implemented_by_vray
+    with pytest.raises(VrayError, match="vLLM has no NVILA-Lite model.*--engine transformers"):
+        vllm_application(target, ServeOptions.resolve(target, {"gpu": "H100-80GB"}))
+    engine, line = pick_engine(gpus=1, has_vllm=True, refusal=vllm_family_refusal(target))
+    assert engine == "transformers" and "NVILA-Lite" in line

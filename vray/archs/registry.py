@@ -102,6 +102,12 @@ class Architecture:
         return self.model_type in TRANSFORMERS_CLASSES
 
     @property
+    def implemented_by_vray(self) -> bool:
+        """True for an architecture vray implements itself (`vray/models/<family>/`): transformers runs it once vray
+        registered it, engines outside vray (vLLM) have no class for it."""
+        return self.transformers_class.startswith("vray.")
+
+    @property
     def config(self) -> dict[str, Any]:
         """The checkpoint's config.json as shipped with vray (without vray's `_vray` notes)."""
         cfg = dict(_shipped_config(self.repo_id))

@@ -197,6 +197,14 @@ def load_processor(path: Path, media: MediaBlock | None = None, max_pixels: int 
         max_pixels = min(p for p in (max_pixels, cap) if p) if (max_pixels or cap) else None
 
     processor = AutoProcessor.from_pretrained(path)
+    if hasattr(processor, "max_tiles"):  # a tiling family (NVILA-Lite): a pixel cap is a tile budget
+        from vray.archs.vision import max_tiles_for, vision_dims
+
+        v = vision_dims(arch.config) if arch is not None else None
+        caps = [c for c in ((media.maxPixels if media is not None else None), max_pixels) if c]
+        if caps and v is not None and v.kind == "nvila":
+            processor.max_tiles = max_tiles_for(v, min(caps))
+        return processor
     ip = getattr(processor, "image_processor", None)
     size = getattr(ip, "size", None)
     # transformers keeps the pixel budget as size.shortest_edge / size.longest_edge (a dict, or a SizeDict in 5.x).

@@ -237,24 +237,21 @@ def _bare(name: str) -> str:
 
 def checkpoint_names(model: nn.Module, reader: CheckpointReader) -> dict[str, str]:
     """The checkpoint keys of the parameters the checkpoint does not hold under their own names, where transformers
-    renames a key on load (a sub-model's prefix, such as SigLIP's `vision_model.` inside NVILA-Lite's tower): its
-    own conversion, reverted as `save_pretrained` does. Empty when nothing is renamed or the conversion does more
-    than rename (those checkpoints must be in the model's own layout)."""
+    renames a key on load (NVILA-Lite's `vision_tower.vision_model.*`): the model's own conversion, reverted as
+    `save_pretrained` does, in one pass over the missing names. A name whose conversion does more than rename
+    (merges or splits tensors) gets no entry: such checkpoints must be in the model's own layout."""
     from transformers.core_model_loading import revert_weight_conversion
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    missing = [_bare(n) for n, _ in model.named_parameters() if _bare(n) not in reader]
+    missing = {_bare(n): torch.empty(0) for n, _ in model.named_parameters() if _bare(n) not in reader}
     if not missing:
         return {}
-    out: dict[str, str] = {}
     try:
-        for name in missing:
-            state = revert_weight_conversion(base, {name: torch.empty(0)})
-            if len(state) == 1:
-                out[name] = next(iter(state))
-    except Exception:  # noqa: BLE001 - a conversion that merges or splits tensors: no renames to offer
+        reverted = revert_weight_conversion(base, dict(missing))
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on placeholders: no renames to offer
         return {}
-    return out
+    by_tensor = {id(t): key for key, t in reverted.items()}
+    return {name: by_tensor[id(t)] for name, t in missing.items() if id(t) in by_tensor}
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:

@@ -203,6 +203,9 @@ def sample_shape(profile: ArchProfile, min_pixels: int | None = None, max_pixels
     frames = max_frames or 0
     if frames:
         pixels = min(pixels, 448 * 448) if not max_pixels else min(pixels, max_pixels)
+    if v.kind == "nvila":  # a tiling tower: the image keeps its size, a pixel cap is a tile budget
+        grid = image_grid(v, 1024, 1024, frames, max_pixels=max_pixels)
+        return SampleShape(text_tokens, 0 if frames else 1, grid.width, grid.height, frames, grid.tokens, grid.patches)
     grid = visual_grid(v, pixels, frames)
     return SampleShape(text_tokens, 0 if frames else 1, grid.width, grid.height, frames, grid.tokens, grid.patches)
 

@@ -101,7 +101,7 @@ def serve(app: AppArgs, *, given: str, engine: str = "auto", host: str = "127.0.
     until Ctrl-C. `given`: the target as the user wrote it (for the config's header)."""
     from vray.infer.target import resolve_target
     from vray.serve.config import serve_config, vray_application
-    from vray.serve.vllm import vllm_lora_refusal
+    from vray.serve.vllm import vllm_family_refusal, vllm_lora_refusal
 
     if engine not in ENGINES:
         raise VrayError(f"--engine {engine!r}: choose auto, transformers or vllm")
@@ -112,7 +112,7 @@ def serve(app: AppArgs, *, given: str, engine: str = "auto", host: str = "127.0.
     unkeyed = bool(api_key) or (not runner.is_loopback(host) and not insecure)  # vLLM's app would check no key
     if engine == "auto":
         refusal = ("the vLLM OpenAI app checks no API key, and this deployment needs one" if unkeyed
-                   else None if merge else vllm_lora_refusal(target, lora_prefix))
+                   else vllm_family_refusal(target) or (None if merge else vllm_lora_refusal(target, lora_prefix)))
         engine, line = pick_engine(gpus=options.replica.num_gpus, has_vllm=vllm_installed(), refusal=refusal)
         console.print(line, highlight=False)
     if engine == "vllm":

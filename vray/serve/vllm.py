@@ -38,6 +38,14 @@ def vllm_merge_reason(target: ServeTarget) -> str | None:
     return None
 
 
+def vllm_family_refusal(target: ServeTarget) -> str | None:
+    """Why vLLM cannot serve the target's architecture at all (one vray implements itself), or None."""
+    arch = target.arch
+    if arch.implemented_by_vray:
+        return f"vLLM has no {arch.display.rsplit(' ', 1)[0]} model (vray implements {arch.model_type} itself)"
+    return None
+
+
 def vllm_lora_refusal(target: ServeTarget, lora_prefix: str | None) -> str | None:
     """Why vLLM cannot serve the run's adapter, unmerged, from `lora_prefix` (and what to do), or None."""
     reason = vllm_merge_reason(target)
@@ -77,6 +85,9 @@ def vllm_application(target: ServeTarget, options: ServeOptions, *, merged: str 
     `merged`: a merged export to serve as the model; `lora_prefix`: the s3:// prefix holding `<adapter>/` folders
     (the run's adapter published there), for runs served as base + LoRA."""
     replica = options.replica
+    family = vllm_family_refusal(target)
+    if family:
+        raise VrayError(f"--engine vllm: {family}; serve it with --engine transformers (what auto picks for it)")
     if not replica.num_gpus:
         raise VrayError("vLLM serves on GPUs: set the serving GPU with --gpu NAME (or serving.gpu in the spec)")
     serving = options.serving

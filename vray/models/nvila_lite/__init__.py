@@ -15,9 +15,18 @@ __all__ = ["NVILALiteConfig", "VILAConfig", "NVILALiteForConditionalGeneration",
            "NVILALiteProcessor", "register"]
 
 
+# The -hf checkpoints keep SigLIP's `vision_model.` level inside the tower (`vision_tower.vision_model.*`), which
+# transformers' SiglipVisionModel no longer has: the key is renamed on load and renamed back on every save
+# (save_pretrained, and vray's writers through `revert_weight_conversion`), whichever way the model was built.
+TOWER_RENAMING = (r"^vision_tower\.vision_model\.", "vision_tower.")
+
+
 def register() -> None:
-    """Register both model types with transformers' Auto classes (once; later calls do nothing)."""
+    """Register both model types with transformers' Auto classes, and the tower's key renaming (once; later calls
+    do nothing)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
 
     for config, model in ((NVILALiteConfig, NVILALiteForConditionalGeneration),
                           (VILAConfig, VILAForConditionalGeneration)):
@@ -25,6 +34,7 @@ def register() -> None:
         AutoModelForImageTextToText.register(config, model, exist_ok=True)
         AutoModel.register(config, model, exist_ok=True)
         AutoProcessor.register(config, NVILALiteProcessor, exist_ok=True)
+        register_checkpoint_conversion_mapping(model.__name__, [WeightRenaming(*TOWER_RENAMING)], overwrite=True)
 
 
 register()

@@ -1,6 +1,6 @@
 """NVILA-Lite's processor: images cut into 448 px tiles, prompts with 121 placeholder tokens and a newline per tile.
 
-- One image alone in its prompt is cut into a grid of 1 to `max_tiles` tiles (the grid closest to its aspect ratio,
+- One image alone among its prompt's images (videos aside) is cut into a grid of 1 to `max_tiles` tiles (the grid closest to its aspect ratio,
   `vray.archs.vision.tile_grid`), plus a thumbnail of the whole image when the grid has more than one tile.
 - Each image of a prompt with several images, and each video frame, is one tile (the image resized to 448 x 448).
 - Every tile is `tile_tokens` placeholder tokens (121 = 11 x 11 after the projector's 3 x 3 downsample), then one
@@ -99,35 +99,38 @@ class NVILALiteProcessor(ProcessorMixin):
         placeholder order. `images_in_prompt`: how many images the whole prompt holds (default: those given)."""
         texts = [text] if isinstance(text, str) else list(text or [])
         image_list = _flat(images)
-        videos = list(videos or [])
-        alone = (len(image_list) if images_in_prompt is None else images_in_prompt) == 1
-        per_image = [self.tiles(im, alone) for im in image_list]
-        frames = [[_as_image(f) for f in _flat(v)] for v in videos]
+        frames = [[_as_image(f) for f in _flat(v)] for v in (videos or [])]
         n_images = sum(t.count(self.image_token) for t in texts)
         n_videos = sum(t.count(self.video_token) for t in texts)
-        if n_images != len(per_image) or n_videos != len(frames):
+        if n_images != len(image_list) or n_videos != len(frames):
             raise ValueError(f"the text has {n_images} {self.image_token} and {n_videos} {self.video_token} "
-                             f"placeholders for {len(per_image)} images and {len(frames)} videos")
+                             f"placeholders for {len(image_list)} images and {len(frames)} videos")
+        if images_in_prompt is not None and len(texts) > 1:
+            raise ValueError("images_in_prompt describes one prompt: pass one text with it")
         unit = self.tile_tokens + 1  # placeholders, then the newline
-        images_left, videos_left = iter(per_image), iter(frames)
-        expanded = []
+        images_left, videos_left = iter(image_list), iter(frames)
+        expanded, tiles = [], []
         for t in texts:
+            # Each text is its own prompt: its image is tiled when it is the only one (of the whole prompt, when
+            # the caller processes it in pieces).
+            alone = (t.count(self.image_token) if images_in_prompt is None else images_in_prompt) == 1
             out = []
             for i, piece in enumerate(t.split(self.image_token)):
                 if i:
-                    out.append(self.image_token * (unit * len(next(images_left))))
-                chunks = piece.split(self.video_token)
-                for j, chunk in enumerate(chunks):
+                    tiles.append(self.tiles(next(images_left), alone))
+                    out.append(self.image_token * (unit * len(tiles[-1])))
+                for j, chunk in enumerate(piece.split(self.video_token)):
                     if j:
                         out.append(self.video_token * (unit * len(next(videos_left))))
                     out.append(chunk)
             expanded.append("".join(out))
-        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("padding", "truncation", "max_length", "padding_side")}
+        # No truncation: a cut would split a tile's placeholders from its features.
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("padding", "padding_side")}
         encoded = self.tokenizer(expanded, add_special_tokens=False, **tok_kwargs)
         ids = [self._newlines(row) for row in encoded["input_ids"]]
         data: dict[str, Any] = {"input_ids": ids, "attention_mask": encoded["attention_mask"]}
-        if per_image:
-            data["pixel_values"] = self._pixels([t for tiles in per_image for t in tiles])
+        if tiles:
+            data["pixel_values"] = self._pixels([tile for image_tiles in tiles for tile in image_tiles])
         if frames:
             data["pixel_values_videos"] = self._pixels([f for video in frames for f in video])
         if return_tensors == "pt":

@@ -133,7 +133,7 @@ class Architecture:
     def context_length(self) -> int:
         """The language model's context (max_position_embeddings; 32768 when the config does not say)."""
         cfg = self.config
-        text = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+        text = cfg.get("text_config") or cfg
         return int(text.get("max_position_embeddings") or 32768)
 
     def lora_selection(self, targets: tuple[str, ...] | list[str] | None = None,

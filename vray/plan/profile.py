@@ -166,7 +166,7 @@ class ArchProfile:
 
 
 def _text_dims(cfg: dict) -> TextDims:
-    t = cfg.get("text_config") or cfg.get("llm_cfg") or cfg
+    t = cfg.get("text_config") or cfg
     layers = t["num_hidden_layers"]
     heads = t["num_attention_heads"]
     head_dim = t.get("head_dim") or t["hidden_size"] // heads

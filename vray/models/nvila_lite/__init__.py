@@ -34,7 +34,9 @@ def register() -> None:
         AutoModelForImageTextToText.register(config, model, exist_ok=True)
         AutoModel.register(config, model, exist_ok=True)
         AutoProcessor.register(config, NVILALiteProcessor, exist_ok=True)
-        register_checkpoint_conversion_mapping(model.__name__, [WeightRenaming(*TOWER_RENAMING)], overwrite=True)
+        # By model type too: FSDP2 renames the class of a module it shards (FSDPNVILALite...).
+        for key in (model.__name__, config.model_type):
+            register_checkpoint_conversion_mapping(key, [WeightRenaming(*TOWER_RENAMING)], overwrite=True)
 
 
 register()

@@ -20,11 +20,13 @@ class SpecError(VrayError):
 
 class DataError(VrayError):
     """A dataset row or file that cannot be used as given. `kind` names the problem for reports that count them
-    (`vray data check`): "missing image", "over token budget", ...; None when no report needs it."""
+    (`vray data check`): "missing image", "over token budget", ...; None when no report needs it. `file` is the
+    image or video it is about, when it is about one."""
 
-    def __init__(self, message: str, kind: str | None = None):
+    def __init__(self, message: str, kind: str | None = None, file: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.file = file
 
 
 class RequestError(VrayError):

@@ -75,6 +75,7 @@ class Encoded:
     visual_tokens: int = 0
     notes: list[str] = field(default_factory=list)
     sample_id: str = ""
+    skipped: dict[str, Any] | None = None  # a stand-in for a sample that failed to encode (`Collator.stand_in`)
 
     @property
     def length(self) -> int:
@@ -118,11 +119,17 @@ class Collator:
     # ---- media ---------------------------------------------------------------------------------
     def load_media(self, sample: Sample) -> Media:
         """Decode the sample's images and videos; a DataError names the sample and the file."""
+        images: list[Image.Image] = []
+        videos: list[tuple[list[Image.Image], float]] = []
+        ref: str | None = None
         try:
-            images = [load_image(ref) for ref in sample.images]
-            videos = [load_video(v, self.max_frames) for v in sample.videos]
+            for ref in sample.images:
+                images.append(load_image(ref))
+            for video in sample.videos:
+                ref = video.path or (video.frames[0] if video.frames else None)
+                videos.append(load_video(video, self.max_frames))
         except DataError as exc:
-            raise DataError(f"sample '{sample.id}': {exc}", kind=exc.kind) from None
+            raise DataError(f"sample '{sample.id}': {exc}", kind=exc.kind, file=exc.file or ref) from None
         return Media(images, videos)
 
     # ---- messages ------------------------------------------------------------------------------
@@ -260,6 +267,15 @@ class Collator:
             tensors["labels"] = torch.full_like(tensors["input_ids"], IGNORE_INDEX)
             self._vision_dummy = Encoded(tensors, [ImageGeometry.unresized(VISION_DUMMY_SIDE, VISION_DUMMY_SIDE)], "")
         return self._vision_dummy
+
+    def stand_in(self, sample: Sample, error: DataError) -> Encoded:
+        """What trains in place of a sample that no longer encodes (an image replaced or deleted after the data
+        check): the vision dummy, every label ignored, so the step keeps its shape on every rank (no loss, zero
+        gradient); `skipped` says which sample and file, and why."""
+        dummy = self.vision_dummy()
+        return Encoded(dict(dummy.tensors), list(dummy.geometries), "", dummy.visual_tokens, [], sample.id,
+                       skipped={"id": sample.id, "file": error.file, "kind": error.kind or "unreadable",
+                                "error": str(error)})
 
     def with_vision(self, encoded: list[Encoded]) -> list[Encoded]:
         """A training micro-batch that runs the vision tower and projector even when none of its samples has an

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vray.data.sample import Sample
+from vray.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,16 @@ class WorkerData:
         return cls(order, total, RankRows(train, order), [held_out[i] for i in mine], [held_out[0]] if count else [])
 
 
+def encode_or_stand_in(collator: Any, sample: Sample) -> Any:
+    """The collator's encoding of a training sample, or, when it raises a DataError (an image or video replaced or
+    deleted after the data check), its `stand_in`: the vision dummy, every label ignored, which says what it stands
+    for. A worker never stops on one sample; the training loop counts it, and reports or refuses it."""
+    try:
+        return collator.encode(sample)
+    except DataError as exc:
+        return collator.stand_in(sample, exc)
+
+
 def _split(indexes: list[int], size: int) -> list[list[int]]:
     return [indexes[j:j + size] for j in range(0, len(indexes), size)]
 
@@ -207,7 +218,7 @@ class _Preprocessor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         payloads = []
         for row in batch["row"]:
-            payloads.append(pickle.dumps(self.collator.encode(pickle.loads(row))))
+            payloads.append(pickle.dumps(encode_or_stand_in(self.collator, pickle.loads(row))))
         return {"step": batch["step"], "payload": payloads}
 
 
@@ -265,13 +276,13 @@ class SampleStream:
             futures: deque[tuple[int, Any]] = deque()
             it = self._work(first, indexes)
             for step, i in it:
-                futures.append((step, pool.submit(collator.encode, samples[i])))
+                futures.append((step, pool.submit(encode_or_stand_in, collator, samples[i])))
                 if len(futures) >= window:
                     break
             for step, i in it:
                 s, f = futures.popleft()
                 yield s, f.result()
-                futures.append((step, pool.submit(collator.encode, samples[i])))
+                futures.append((step, pool.submit(encode_or_stand_in, collator, samples[i])))
             for s, f in futures:
                 yield s, f.result()
 

@@ -59,6 +59,7 @@ from vray.train.label_loss import LossHead
 from vray.train.loss import answer_tokens
 from vray.train.tracking import MetricsLog, StepRecord
 
+DATA_REPORT = "data_report.json"  # the samples that stopped decoding after the data check (rank 0 writes it)
 TRAINING_STATE = "training_state.pt"  # rank 0: scheduler, step, best metric
 RNG_STATE = "rng-rank{rank}.pt"  # every rank: its own CPU, CUDA, Python and NumPy random streams
 
@@ -95,6 +96,7 @@ class WorkerConfig:
     train: SampleRows
     eval: SampleRows | None
     resume_from: str | None = None
+    skip_invalid: bool = False  # a sample that stops decoding mid-run: skip and report it, else stop at a checkpoint
 
     def data(self, rank: int, world: int) -> WorkerData:
         """What rank `rank` of `world` reads of the checked datasets: its rows in the run's seeded order."""
@@ -197,6 +199,8 @@ class Recipe:
         self.step = 0
         self.best_metric: float | None = None
         self._pending: StepRecord | None = None  # a GPU step's record, written once the next step is queued
+        self._skips: list[dict[str, Any]] = []  # this rank's stand-ins since the last checkpoint
+        self._skipped: dict[str, dict[str, Any]] = {}  # rank 0: every skipped sample of the run, by id (the report)
         self.metrics_log = MetricsLog(self.run, self.rank)
         self.checkpoints = CheckpointWriter(self.run, self.rank, barrier, self.world_size)
 
@@ -304,7 +308,9 @@ class Recipe:
         last: dict[str, Any] = {}
         batches = self.stream.steps(self.step, self.total_steps)
         while self.step < self.total_steps:
-            loss = self._train_step(next(batches))
+            micro_batches = next(batches)
+            self._note_skips(micro_batches)
+            loss = self._train_step(micro_batches)
             if self._pending is not None:  # the previous step's record: its copies are done by now
                 self.metrics_log.write(self._pending.resolve())
                 self._pending = None
@@ -327,13 +333,86 @@ class Recipe:
             else:
                 self._pending = record
             if self._at_checkpoint():
+                skipped = self._report_skips()
                 evaluation = self.validate() if self.evaluates else {}
                 if evaluation:
                     self.metrics_log.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
                 checkpoint = self.save_checkpoint({**last, **evaluation})
                 self.reporter.report({**last, **evaluation}, checkpoint)
+                if skipped and not self.config.skip_invalid:
+                    self.checkpoints.wait()  # the checkpoint complete (uploaded) before the run stops
+                    barrier()
+                    raise self._bad_samples_error(skipped)
         self.save_final()
         return last
+
+    # ---- samples that stopped decoding after the data check -------------------------------------
+    def _note_skips(self, micro_batches: list[list[Encoded]]) -> None:
+        """Record the stand-ins of this step's micro-batches (`vray.data.pipeline.encode_or_stand_in`): samples
+        whose image or video no longer decodes. They train as the vision dummy (no loss, zero gradient), so every
+        rank still runs the same steps and micro-batches; the next checkpoint reports them."""
+        import sys
+
+        for encoded in micro_batches:
+            for e in encoded:
+                if e.skipped is not None:
+                    self._skips.append({**e.skipped, "step": self.step + 1, "rank": self.rank})
+                    print(f"vray: step {self.step + 1}, rank {self.rank}: skipped {e.skipped['error']}",
+                          file=sys.stderr, flush=True)
+
+    def _report_skips(self) -> list[dict[str, Any]]:
+        """Every rank's stand-ins since the last checkpoint (one all-gather, at the checkpoint every rank reaches
+        alike), oldest first. Rank 0 logs them (a `skipped_samples` event in metrics.jsonl) and rewrites the run's
+        data report, data_report.json, at every checkpoint: each skipped sample once, with its file, error and the
+        steps it was skipped in, and the step the report goes through."""
+        import json
+
+        gathered = all_gather_names([json.dumps(s, sort_keys=True) for s in self._skips])
+        self._skips = []
+        found = sorted((json.loads(s) for names in gathered for s in names), key=lambda s: (s["step"], s["rank"]))
+        if self.rank != 0:
+            return found
+        for skip in found:
+            entry = self._skipped.setdefault(skip["id"], {k: skip[k] for k in ("id", "file", "kind", "error")})
+            entry.setdefault("steps", []).append(skip["step"])
+        if found:
+            self.metrics_log.write({"event": "skipped_samples", "step": self.step, "skipped": len(found),
+                                    "skipped_rows": len(self._skipped),
+                                    "samples": [{k: s[k] for k in ("id", "file", "kind", "step")} for s in found]})
+        self._write_data_report()  # at every checkpoint: `through_step` says how far the report goes
+        return found
+
+    def _write_data_report(self) -> None:
+        import json
+
+        rows = sorted(self._skipped.values(), key=lambda r: (r["steps"][0], r["id"]))
+        self.run.write_text(DATA_REPORT, json.dumps({
+            "skipped_rows": len(rows), "skips": sum(len(r["steps"]) for r in rows),
+            "skip_invalid": self.config.skip_invalid, "through_step": self.step, "rows": rows}, indent=2) + "\n")
+
+    def _restore_data_report(self) -> None:
+        """Rank 0 of a resumed run: the report's skips up to the restored step (the steps after it are redone)."""
+        import json
+
+        if self.rank != 0 or not self.run.exists(DATA_REPORT):
+            return
+        try:
+            rows = json.loads(self.run.read_text(DATA_REPORT)).get("rows", [])
+        except (OSError, ValueError):
+            return
+        for row in rows:
+            steps = [s for s in row.get("steps", []) if s <= self.step]
+            if steps:
+                self._skipped[row["id"]] = {**row, "steps": steps}
+
+    def _bad_samples_error(self, skipped: list[dict[str, Any]]) -> VrayError:
+        first = skipped[0]
+        more = f" (and {len(skipped) - 1} more skip(s), listed in {DATA_REPORT})" if len(skipped) > 1 else ""
+        return VrayError(
+            f"sample '{first['id']}' (file {first['file']!r}) no longer decodes since the data check: {first['error']}"
+            f"{more}; the run stopped at its complete checkpoint step-{self.step}. Fix or restore the file (or remove "
+            f"the row) and continue with `vray train --resume {self.run.uri}`, or train with --skip-invalid to skip "
+            f"and report such samples")
 
     def _at_checkpoint(self) -> bool:
         every = self.spec.checkpointing.everySteps
@@ -588,6 +667,7 @@ class Recipe:
         else:
             _seed_everything(self.spec.seed + 1_000_003 * self.step + self.rank)
         self.metrics_log.truncate_after(self.step)
+        self._restore_data_report()
         self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
                                 "saved_world_size": saved_world, **self.order.position(self.step).to_dict()})
 

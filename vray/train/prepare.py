@@ -35,6 +35,7 @@ class PreparedRun:
     train_path: str
     eval_path: str | None
     data: DataCheck
+    skip_invalid: bool = False  # --skip-invalid: also what workers do with a sample that stops decoding mid-run
 
 
 def data_paths(spec: RunSpec) -> tuple[str, str | None]:
@@ -226,7 +227,7 @@ def prepare(spec: RunSpec, resume: bool = False, skip_invalid: bool = False, con
                     data_sizes(data, train))
     if plan.device == "gpu":  # a CPU plan's "nodes" are fsdp2-hybrid replica groups, packed wherever Ray puts them
         require_shared_storage(run.uri, plan.nodes)
-    return PreparedRun(spec, plan, run, train, eval_path, data)
+    return PreparedRun(spec, plan, run, train, eval_path, data, skip_invalid)
 
 
 def worker_config(prepared: PreparedRun, resume_from: Path | None = None, rows_in: str | Path | None = None) -> WorkerConfig:
@@ -242,7 +243,7 @@ def worker_config(prepared: PreparedRun, resume_from: Path | None = None, rows_i
     return WorkerConfig(
         spec=prepared.spec, plan=prepared.plan, run_dir=prepared.run.uri, train=rows("train", prepared.train_path),
         eval=rows("eval", prepared.eval_path) if prepared.eval_path else None,
-        resume_from=str(resume_from) if resume_from else None,
+        resume_from=str(resume_from) if resume_from else None, skip_invalid=prepared.skip_invalid,
     )
 
 

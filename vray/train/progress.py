@@ -41,6 +41,10 @@ class ProgressView:
                 for rec in records[seen:]:
                     if rec.get("event") == "start":
                         progress.update(task, total=rec["total_steps"], completed=rec.get("resumed_at", 0))
+                    elif rec.get("event") == "skipped_samples":
+                        names = ", ".join(f"{s['id']} ({s['file']})" for s in rec["samples"][:3])
+                        progress.console.print(f"  [yellow]skipped {rec['skipped']} sample(s) that no longer decode "
+                                               f"by step {rec['step']}: {names}; see data_report.json[/yellow]")
                     elif "loss" in rec:
                         eta = rec.get("eta_s", 0.0)
                         progress.update(task, completed=rec["step"], info=(

@@ -213,15 +213,19 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
         preemption = _preemption_error_in(exc)
         if preemption is not None:
             raise VrayError(f"cluster.maxPreemptions ({prepared.spec.cluster.maxPreemptions}) is spent: {preemption}; "
-                            f"the latest complete checkpoint is {prepared.run.latest_checkpoint()}; resume with "
-                            f"`vray train --resume {prepared.run.uri}` (or raise cluster.maxPreemptions)") from None
+                            f"{_resume_hint(prepared.run)} (or raise cluster.maxPreemptions)") from None
         raise
     if not prepared.run.exists(f"final/{CHECKPOINT_MARKER}"):  # the workers returned before the last step
-        raise VrayError(f"the run ended before its last step (no final/ in {prepared.run.uri}); the latest complete "
-                        f"checkpoint is {prepared.run.latest_checkpoint()}; resume with "
-                        f"`vray train --resume {prepared.run.uri}`")
+        raise VrayError(f"the run ended before its last step (no final/ in {prepared.run.uri}); "
+                        f"{_resume_hint(prepared.run)}")
     draw_curves(prepared.run)
     return prepared.run
+
+
+def _resume_hint(run: RunDir) -> str:
+    latest = run.latest_checkpoint()
+    where = f"the latest complete checkpoint is {latest}" if latest is not None else "it has no complete checkpoint yet"
+    return f"{where}; continue it with `vray train --resume {run.uri}`"
 
 
 def _preemption_error_in(exc: BaseException) -> BaseException | None:

@@ -22,7 +22,7 @@ from vray.train.prepare import prepare
 
 pytestmark = pytest.mark.slow
 
-TOTAL_STEPS = 30
+TOTAL_STEPS = 120  # a tiny step takes tens of ms: room for the notice (a watcher poll away) to come mid-run
 DEADLINE_S = 6  # the notice's deadline, from the drain call: the checkpoint is due before it, the restart after it
 
 
@@ -69,7 +69,7 @@ def test_a_preemption_notice_checkpoints_the_step_in_flight_and_the_restart_cont
         while time.time() < give_up:
             steps = [r["step"] for r in run.read_metrics() if "loss" in r]
             node_file = run.root / ".workers" / "rank-0.node"
-            if steps and max(steps) >= 3 and node_file.exists():
+            if steps and max(steps) >= 2 and node_file.exists():
                 break
             time.sleep(0.05)
         else:
@@ -104,7 +104,7 @@ def test_a_preemption_notice_checkpoints_the_step_in_flight_and_the_restart_cont
     assert steps == list(range(1, TOTAL_STEPS + 1))  # the exact final step; no step lost, none logged twice
     (notice,) = [r for r in records if r.get("event") == "preemption"]
     assert notice["nodes"] == [seen["node"]] and notice["ranks"] == [0] and notice["deadline"]
-    # The step in flight when the notice came was finished and checkpointed (at most one more ran before it was seen).
+    # The notice came mid-run (a watcher poll after the drain) and the step it came after was finished and checkpointed.
     assert seen["at"] <= notice["step"] < TOTAL_STEPS and notice["checkpoint"] == f"checkpoints/step-{notice['step']}"
     (restored,) = [r for r in records if r.get("event") == "restored"]
     assert restored["step"] == notice["step"]

@@ -1,6 +1,6 @@
 """A preemption notice mid-run: the node of the training worker is drained as preempted (the GCS call `ray drain-node
 --reason DRAIN_NODE_REASON_PREEMPTION` makes) with a deadline; the worker finishes its step, checkpoints it, logs the
-notice and yields; the node goes; Ray Train restarts the group on the other node, which continues from that step."""
+notice and yields; the node dies; Ray Train restarts the group on the other node, which continues from that step."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from vray.train.prepare import prepare
 pytestmark = pytest.mark.slow
 
 TOTAL_STEPS = 120  # a tiny step takes tens of ms: room for the notice (a watcher poll away) to come mid-run
-DEADLINE_S = 6  # the notice's deadline, from the drain call: the checkpoint is due before it, the restart after it
+DEADLINE_S = 30  # the notice's deadline, from the drain call: the checkpoint and the node's end come before it
 
 
 def _spec(out: Path) -> dict:
@@ -85,19 +85,18 @@ def test_a_preemption_notice_checkpoints_the_step_in_flight_and_the_restart_cont
                 break
             time.sleep(0.05)
         seen["checkpointed_before_deadline"] = time.time() * 1000 < deadline_ms
-        # The node goes once Ray Train has moved the group away at the deadline. (Removed earlier, the worker dies of
-        # a node killed by SIGTERM, which Ray reports as an ordinary node death, not as a preempted one.)
-        while time.time() < give_up and node_file.read_text().strip() == node_id:
-            time.sleep(0.05)
-        cluster.remove_node(node)
-        seen["removed"] = True
+        # The node goes once its checkpoint is there, abruptly, as a reclaimed instance does: the GCS reports the death
+        # of a node drained as preempted as a preemption, which Ray Train charges to the preemption budget (the run
+        # has no failure budget). A graceful removal (SIGTERM) would be reported as an ordinary node death.
+        cluster.remove_node(node, allow_graceful=False)
+        seen["removed_before_deadline"] = time.time() * 1000 < deadline_ms
 
     preempter = threading.Thread(target=preempt_the_workers_node, daemon=True)
     preempter.start()
     run_training(prepared, Console(file=io.StringIO()))  # maxFailures 0: only the preemption budget may restart it
     preempter.join(timeout=30)
     assert seen.get("drained"), seen
-    assert seen.get("removed") and seen["checkpointed_before_deadline"], seen
+    assert seen.get("removed_before_deadline") and seen["checkpointed_before_deadline"], seen
 
     records = run.read_metrics()
     steps = [r["step"] for r in records if "loss" in r]

@@ -244,6 +244,11 @@ class MediaBlock(_Block):
         return self if cap is None else self.model_copy(update={"maxPixels": cap})
 
 
+# Preemption notices a run survives unless cluster.maxPreemptions says otherwise: a long spot run is reclaimed more
+# than once, and a bound stops a restart loop (a group placed again and again on nodes that are going away).
+DEFAULT_MAX_PREEMPTIONS = 10
+
+
 class ClusterBlock(_Block):
     gpu: str | None = None
     gpusPerNode: int | None = Field(None, ge=1)
@@ -257,6 +262,15 @@ class ClusterBlock(_Block):
         description="recompute activations in the backward pass: auto (the planner decides, by estimated step "
         "time within memory; off on CPU workers), on (every decoder layer and vision block), off, or every:k "
         "(every k-th decoder layer)")
+    maxPreemptions: int = Field(
+        DEFAULT_MAX_PREEMPTIONS, ge=0,
+        description="preemption notices the run survives (a node drained as preempted, e.g. a spot reclaim): each "
+        "one writes a checkpoint at the step in flight and restarts from it; 0 stops the run at the first notice "
+        "(after that checkpoint); budgeted apart from worker failures")
+    preemptionGraceS: float = Field(
+        0, ge=0,
+        description="seconds past a preemption notice's deadline that Ray Train keeps the surviving workers before "
+        "it restarts the group (room for a checkpoint that outlasts the deadline)")
 
     @property
     def checkpoint_every(self) -> int | None:

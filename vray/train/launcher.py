@@ -7,6 +7,8 @@ write the run files -> TorchTrainer.fit() with a progress display read from metr
 from __future__ import annotations
 
 import tempfile
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from rich.console import Console
 from vray.cluster import ensure_ray, forwarded_env
 from vray.errors import VrayError
 from vray.fs import explicit_filesystem
-from vray.storage.rundir import RunDir
+from vray.storage.rundir import CHECKPOINT_MARKER, RunDir
 from vray.train.loop import WorkerConfig, train_worker
 from vray.train.prepare import PreparedRun, worker_config, write_run_files
 from vray.train.progress import ProgressView, draw_curves
@@ -45,6 +47,7 @@ class _RayReporter:
     def __init__(self, resume_from: str | None, run_dir: str):
         self.resume_from = resume_from
         self.run_dir = run_dir
+        self.notice: dict[str, Any] | None = None  # the preemption notice the loop stopped at, if any
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
@@ -74,9 +77,52 @@ class _RayReporter:
         return self.resume_from
 
 
+    def preempted(self) -> dict[str, Any] | None:
+        """Ray Train's preemption notice (`get_preemption_info`, a collective: every rank calls it once a step)."""
+        import ray.train
+
+        get = getattr(ray.train, "get_preemption_info", None)  # Train V2 only
+        info = get() if get is not None else None
+        if info is None:
+            return None
+        deadline = None
+        if info.deadline_ms is not None:
+            deadline = datetime.fromtimestamp(info.deadline_ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+        self.notice = {"deadline": deadline, "deadline_ms": info.deadline_ms, "nodes": info.preempted_node_ids,
+                       "ranks": info.preempted_ranks}
+        return {k: v for k, v in self.notice.items() if k != "deadline_ms"}
+
+
+# How long Ray Train waits for a preempted group without a deadline before it restarts it (its
+# DEFAULT_PREEMPTION_DEADLINE_S), and how much longer a worker waits past that before it gives up.
+RAY_PREEMPTION_DEFAULT_DEADLINE_S = 120
+PREEMPTION_WAIT_MARGIN_S = 300
+
+
+def _yield_to_restart(notice: dict[str, Any], grace_s: float) -> None:
+    """After the preemption checkpoint: stay alive, idle, until Ray Train tears the group down (at the deadline
+    plus the grace, or when the node goes) and restarts it. Returning would end the run: Ray Train takes a train
+    function that returns as a finished run, preempted or not."""
+    deadline_s = notice["deadline_ms"] / 1000 if notice.get("deadline_ms") else time.time() + RAY_PREEMPTION_DEFAULT_DEADLINE_S
+    give_up = deadline_s + grace_s + PREEMPTION_WAIT_MARGIN_S
+    while time.time() < give_up:
+        time.sleep(1.0)
+    raise VrayError(f"a preemption notice for node(s) {', '.join(notice['nodes'])} was checkpointed, but Ray Train did "
+                    f"not restart the group within {PREEMPTION_WAIT_MARGIN_S} s of its deadline; resume the run "
+                    "with `vray train --resume RUN_DIR`")
+
+
 def _ray_train_func(loop_config: dict[str, WorkerConfig]) -> None:
     config = loop_config["config"]
-    train_worker(config, _RayReporter(config.resume_from, config.run_dir))
+    if RunDir.of(config.run_dir).local:  # which node each rank is on: for operators (and the preemption test)
+        import ray
+
+        rank = ray.train.get_context().get_world_rank()
+        RunDir.of(config.run_dir).write_text(f".workers/rank-{rank}.node", f"{ray.get_runtime_context().get_node_id()}\n")
+    reporter = _RayReporter(config.resume_from, config.run_dir)
+    train_worker(config, reporter)
+    if reporter.notice is not None:
+        _yield_to_restart(reporter.notice, config.spec.cluster.preemptionGraceS)
 
 
 def _vray_error_in(exc: BaseException) -> VrayError | None:
@@ -138,7 +184,10 @@ def trainer(prepared: PreparedRun, config: WorkerConfig, max_failures: int = 0) 
         run_config=RunConfig(name=prepared.run.name, storage_path=ray_storage_path(prepared.run),
                              storage_filesystem=ray_storage_filesystem(prepared.run),
                              worker_runtime_env={"env_vars": forwarded_env(gpu=gpu)},
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(
+                                 max_failures=max_failures,
+                                 max_preemption_failures=prepared.spec.cluster.maxPreemptions,
+                                 preemption_grace_s=prepared.spec.cluster.preemptionGraceS)),
     )
 
 
@@ -161,9 +210,37 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
         user_error = _vray_error_in(exc)
         if user_error is not None:
             raise user_error from None
+        preemption = _preemption_error_in(exc)
+        if preemption is not None:
+            raise VrayError(f"cluster.maxPreemptions ({prepared.spec.cluster.maxPreemptions}) is spent: {preemption}; "
+                            f"{_resume_hint(prepared.run)} (or raise cluster.maxPreemptions)") from None
         raise
+    if not prepared.run.exists(f"final/{CHECKPOINT_MARKER}"):  # the workers returned before the last step
+        raise VrayError(f"the run ended before its last step (no final/ in {prepared.run.uri}); "
+                        f"{_resume_hint(prepared.run)}")
     draw_curves(prepared.run)
     return prepared.run
+
+
+def _resume_hint(run: RunDir) -> str:
+    latest = run.latest_checkpoint()
+    where = f"the latest complete checkpoint is {latest}" if latest is not None else "it has no complete checkpoint yet"
+    return f"{where}; continue it with `vray train --resume {run.uri}`"
+
+
+def _preemption_error_in(exc: BaseException) -> BaseException | None:
+    """Ray Train's PreemptionError (the preemption budget is spent), found inside its wrapping, if it is one."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == "PreemptionError":
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None
 
 
 def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:

@@ -71,6 +71,11 @@ class Reporter(Protocol):
 
     def restore_from(self) -> Path | None: ...
 
+    def preempted(self) -> dict[str, Any] | None:
+        """A preemption notice for this run's nodes ({"deadline": ISO time or None, "nodes": [...], "ranks": [...]}),
+        else None. Every rank calls it once per optimizer step (under Ray Train it is a collective)."""
+        ...
+
 
 class LocalReporter:
     """A plain process: checkpoints are already in the run directory; resume from `resume_from` if given."""
@@ -83,6 +88,9 @@ class LocalReporter:
 
     def restore_from(self) -> Path | None:
         return self.resume_from
+
+    def preempted(self) -> dict[str, Any] | None:
+        return None  # no cluster tells a plain process that its machine goes away
 
 
 @dataclass(frozen=True)
@@ -343,8 +351,29 @@ class Recipe:
                     self.checkpoints.wait()  # the checkpoint complete (uploaded) before the run stops
                     barrier()
                     raise self._bad_samples_error(skipped)
+            notice = self.reporter.preempted()  # every rank, once a step: the same answer everywhere
+            if notice is not None and self.step < self.total_steps:
+                self._checkpoint_for_preemption(notice, last)
+                return last  # no final/: the restarted group continues from this step
         self.save_final()
         return last
+
+    def _checkpoint_for_preemption(self, notice: dict[str, Any], last: dict[str, Any]) -> None:
+        """A node of the run goes away: the step just finished is checkpointed (unless the interval just did it), the
+        checkpoint's uploads are waited for, and the notice is logged. The caller stops training; the restart resumes
+        from this step and data position."""
+        if self._pending is not None:
+            last = self._pending.resolve()
+            self.metrics_log.write(last)
+            self._pending = None
+        rel = f"checkpoints/step-{self.step}"
+        if not self._at_checkpoint():
+            self._report_skips()  # the stand-ins since the last checkpoint, in the report (every rank: a collective)
+            self.reporter.report(last, self.save_checkpoint(last))
+        self.checkpoints.wait()  # complete (marker last) before the deadline, also in an object store
+        self.metrics_log.write({"event": "preemption", "step": self.step, "checkpoint": rel, **notice,
+                                **self.order.position(self.step).to_dict()})
+        self.metrics_log.flush()
 
     # ---- samples that stopped decoding after the data check -------------------------------------
     def _note_skips(self, micro_batches: list[list[Encoded]]) -> None:

@@ -72,6 +72,15 @@ def test_a_job_whose_driver_dies_is_failed_and_resumes_at_the_exact_step(dashboa
     snapshot = run.root / "checkpoint_manager_snapshot.json"
     assert not snapshot.exists() or json.loads(snapshot.read_text())["checkpoint_results"] == []
     last = run.complete_checkpoints()[-1][0]
+    # a run directory of an older vray: Ray's snapshot lists a checkpoint retention has deleted; --resume drops it
+    import ray
+
+    gone = {"version": 0, "checkpoint_dir_name": "checkpoints/step-2-deleted", "metrics": {"step": 2}}
+    snapshot.write_text(json.dumps({
+        "ray_version": ray.__version__, "checkpoint_results": [gone], "checkpoint_report_indices": [0],
+        "latest_checkpoint_result": gone, "pending_training_results": [], "pending_validation_specs": [],
+        "current_report_index": 1, "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [], "failed_validation_checkpoint_dir_names": []}))
 
     # `vray train --resume RUN_DIR` from this shell, on the same cluster
     resumed = _vray({**env, "RAY_ADDRESS": dashboard_head["gcs"], "VRAY_CACHE": str(vray_cache)},

@@ -71,6 +71,7 @@ def train(
 ) -> None:
     """Fine-tune on Ray Train; prints the run directory as the last line."""
     _quiet_libraries()
+    from vray import jobs
     from vray.cluster import ensure_ray
     from vray.spec import load_spec
     from vray.train.launcher import run_training
@@ -92,6 +93,7 @@ def train(
                          output=output)
         ensure_ray(verbose)
         prepared = prepare(spec, skip_invalid=skip_invalid, console=err, use_ray=True)
+    err.print(f"{jobs.RUN_DIR_LINE}{prepared.run.uri}", markup=False, highlight=False)
     err.print(f"run {prepared.spec.name}: {prepared.spec.arch.display} {prepared.spec.trainingMode.type}, "
               f"{prepared.plan.strategy} over {prepared.plan.num_workers} {prepared.plan.device.upper()} worker(s), "
               f"micro-batch {prepared.plan.micro_batch} x accumulation {prepared.plan.grad_accum}; sized for "
@@ -428,7 +430,7 @@ def serve(
 
 @app.command()
 def submit(
-    spec_file: Path = typer.Argument(..., help="run spec inside the working directory (jobs/<spec>.yaml)"),
+    spec_file: Optional[Path] = typer.Argument(None, help="run spec inside the working directory (jobs/<spec>.yaml)"),
     address: Optional[str] = typer.Option(None, "--address", help="the cluster's dashboard, http://HEAD:8265 "
                                                                   "(default: RAY_API_SERVER_ADDRESS)"),
     working_dir: Path = typer.Option(Path("."), "--working-dir", help="uploaded with the job, as ray job submit does"),
@@ -438,6 +440,8 @@ def submit(
     set_: list[str] = typer.Option([], "--set", help="override a key of the spec"),
     submission_id: Optional[str] = typer.Option(None, "--submission-id"),
     no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue a run directory (as the cluster reaches "
+                                         "it) from its latest checkpoint: the job runs vray train --resume RUN_DIR"),
 ) -> None:
     """Submit `vray train SPEC` to a Ray cluster as a job (storage and HF_TOKEN variables go with it); follow its logs."""
     from vray import jobs
@@ -448,7 +452,10 @@ def submit(
         if not sep or not key:
             raise VrayError(f"--env {item!r}: use KEY=VALUE")
         extra[key] = value
-    client, job_id = jobs.submit(str(spec_file), address, str(working_dir), pip, set_, submission_id, extra)
+    if (spec_file is None) == (resume is None):
+        raise VrayError("give either the spec file to submit (jobs/<spec>.yaml) or --resume RUN_DIR")
+    client, job_id = jobs.submit(str(spec_file) if spec_file else None, address, str(working_dir), pip, set_,
+                                 submission_id, extra, resume)
     err.print(f"submitted {job_id} to {jobs.dashboard_address(address)}; `vray jobs logs {job_id}` follows it, "
               f"`vray jobs stop {job_id}` stops it")
     typer.echo(job_id)
@@ -470,10 +477,14 @@ def jobs_status(job_id: str = typer.Argument(...), address: Optional[str] = _ADD
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and message."""
     from vray import jobs
 
-    info = jobs.client(address).get_job_info(job_id)
-    typer.echo(str(info.status).rsplit(".", 1)[-1])
-    if info.message:
-        err.print(info.message)
+    client = jobs.client(address)
+    info = client.get_job_info(job_id)
+    status = str(info.status).rsplit(".", 1)[-1]
+    logs = client.get_job_logs(job_id) if status in ("FAILED", "STOPPED") else ""
+    status, lines = jobs.status_lines(info, logs, address)
+    typer.echo(status)
+    for line in lines:
+        err.print(line, markup=False, highlight=False)
 
 
 @jobs_app.command("logs")

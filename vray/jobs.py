@@ -93,8 +93,15 @@ def runtime_env(working_dir: str, pip: list[str] | None = None, env_vars: dict[s
     return env
 
 
-def train_entrypoint(spec_file: str, working_dir: str, overrides: list[str] | None = None) -> str:
-    """`vray train <spec relative to the working dir> [--set ...]`; the spec must travel with the working dir."""
+def train_entrypoint(spec_file: str | None, working_dir: str, overrides: list[str] | None = None,
+                     resume: str | None = None) -> str:
+    """`vray train <spec relative to the working dir> [--set ...]`; the spec must travel with the working dir.
+    With `resume` (a run directory the cluster reaches): `vray train --resume RUN_DIR [--set ...]`."""
+    if resume is not None:
+        parts = ["vray", "train", "--resume", resume] + [a for o in overrides or [] for a in ("--set", o)]
+        return " ".join(shlex.quote(p) for p in parts)
+    if spec_file is None:
+        raise VrayError("give the spec file to submit (jobs/<spec>.yaml), or --resume RUN_DIR")
     spec = Path(spec_file).resolve()
     root = Path(working_dir).resolve()
     if not spec.is_file():
@@ -108,18 +115,19 @@ def train_entrypoint(spec_file: str, working_dir: str, overrides: list[str] | No
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def submit(spec_file: str, address: str | None, working_dir: str = ".", pip: list[str] | None = None,
+def submit(spec_file: str | None, address: str | None, working_dir: str = ".", pip: list[str] | None = None,
            overrides: list[str] | None = None, submission_id: str | None = None,
-           env_vars: dict[str, str] | None = None) -> tuple[Any, str]:
-    """Submit `vray train spec_file` to the cluster; (client, submission id)."""
+           env_vars: dict[str, str] | None = None, resume: str | None = None) -> tuple[Any, str]:
+    """Submit `vray train spec_file` (or `vray train --resume RUN_DIR`) to the cluster; (client, submission id)."""
+    entry = train_entrypoint(spec_file, working_dir, overrides, resume)
     jobs = client(address)
-    entry = train_entrypoint(spec_file, working_dir, overrides)
     env = runtime_env(str(Path(working_dir).resolve()), pip, env_vars)
     deadline = time.time() + AGENT_WAIT_S
     while True:
         try:
             job_id = jobs.submit_job(entrypoint=entry, runtime_env=env, submission_id=submission_id,
-                                     metadata={"vray.spec": Path(spec_file).name})
+                                     metadata={"vray.spec": Path(spec_file).name} if spec_file else
+                                     {"vray.resume": str(resume)})
             return jobs, job_id
         except RuntimeError as exc:
             # a head that has just started answers before its job agent is up: wait for it, as a user would
@@ -150,3 +158,33 @@ def wait(jobs: Any, job_id: str, timeout_s: float = 3600) -> str:
         if status in TERMINAL or time.time() > deadline:
             return status
         time.sleep(1)
+
+
+# What `vray train` prints on stderr once its run directory is decided (before any work starts); `vray jobs status`
+# finds a job's run directory in its logs by it.
+RUN_DIR_LINE = "run directory: "
+
+
+def run_dir_in(logs: str) -> str | None:
+    """The run directory a `vray train` job printed (the last one, should the logs hold several)."""
+    found = [line[len(RUN_DIR_LINE):].strip() for line in logs.splitlines() if line.startswith(RUN_DIR_LINE)]
+    return found[-1] if found and found[-1] else None
+
+
+def status_lines(info: Any, logs: str, address: str | None = None) -> tuple[str, list[str]]:
+    """A job's status word and what to tell about it: Ray's message and, for a `vray train` job that failed or was
+    stopped (its driver died, was killed or raised) after its run directory was made, the command that resumes it
+    from its last complete checkpoint. `info` is Ray's JobDetails (status, message, entrypoint)."""
+    status = str(info.status).rsplit(".", 1)[-1]
+    lines = [info.message] if info.message else []
+    entry = str(getattr(info, "entrypoint", "") or "")
+    if status in ("FAILED", "STOPPED") and entry.startswith("vray train"):
+        run_dir = run_dir_in(logs)
+        if run_dir is None:
+            lines.append("it stopped before its run directory was made: submit it again")
+        else:
+            where = f" --address {address}" if address else ""
+            lines.append(f"resume it from its last complete checkpoint: vray submit --resume {shlex.quote(run_dir)}"
+                         f"{where} (or, where the run directory is reachable, vray train --resume "
+                         f"{shlex.quote(run_dir)})")
+    return status, lines

@@ -10,13 +10,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, agent_ports, stop_cluster
-from vray.cluster import free_port
+from tests.conftest import REPO, start_user_head, stop_cluster, user_env
 from vray.errors import VrayError
 
 
@@ -63,56 +61,6 @@ def test_model_weights_are_fetched_once_per_node(s3_endpoint, tmp_path):
 
 
 # ---- ray job submit against a real head, started as a user starts one --------------------------------------------
-
-
-def user_env(home: Path, **extra: str) -> dict[str, str]:
-    """A shell of a user whose HOME is `home`, with nothing about Ray exported: no RAY_AUTH_MODE, no token variable, no
-    address (the session's own token and head are this test process's, not the user's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))}
-    return {**env, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
-
-
-def start_user_head(temp_dir: Path, env: dict[str, str]) -> dict[str, str]:
-    """`ray start --head` with its dashboard (the job API) on 127.0.0.1 in the user's shell `env`; the head decides
-    about authentication by itself (on when the user has a token)."""
-    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dashboard = free_port(), free_port()
-    started = subprocess.run(
-        [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()],
-        check=True, capture_output=True, text=True, env=env)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    import httpx
-
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{address}/api/version", timeout=2).status_code in (200, 401):
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return {"address": address, "gcs": f"127.0.0.1:{port}", "started": started.stdout + started.stderr}
-
-
-@pytest.fixture(scope="module")
-def dashboard_head(tmp_path_factory, vray_cache):
-    """A head started by a user who ran `vray demo` before: the demo's local cluster left a token in
-    ~/.ray/auth_token, so a plain `ray start --head` turns token authentication on."""
-    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    home = tmp_path_factory.mktemp("user-home")
-    env = user_env(home)
-    subprocess.run([ray_exe, "get-auth-token", "--generate"], check=True, capture_output=True, env=env)  # what ray.init() leaves
-    assert (home / ".ray" / "auth_token").is_file()
-    temp_dir = tmp_path_factory.mktemp("ray-jobs")
-    runs = tmp_path_factory.mktemp("job-runs")
-    head = start_user_head(temp_dir, env)
-    assert "Token authentication is enabled" in head["started"]
-    try:
-        yield {**head, "runs": runs, "env": env}
-    finally:
-        stop_cluster(temp_dir)
 
 
 def _job_env(head) -> dict[str, str]:

@@ -41,8 +41,15 @@ def ray_storage_path(run: RunDir) -> str:
     return parent if run.local else parent.split("://", 1)[1]
 
 
+# Ray Train's record of a run's checkpoints, in the run directory (Ray's storage_path/name). vray reports no
+# checkpoint to Ray: its retention deletes checkpoints, and a snapshot listing a deleted one stops every later
+# fit() of the run (CheckpointManagerInitializationError), as `vray train --resume` after a killed driver.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 class _RayReporter:
-    """Reports to Ray Train; checkpoints are already in the run directory (Ray records, does not copy)."""
+    """Reports metrics to Ray Train. Checkpoints stay vray's: the run directory is what a restart restores from
+    (a worker restarted by Ray, or `vray train --resume` after the driver died), so Ray is told of none."""
 
     def __init__(self, resume_from: str | None, run_dir: str):
         self.resume_from = resume_from
@@ -51,30 +58,15 @@ class _RayReporter:
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         import ray.train
-        from ray.train import Checkpoint, CheckpointUploadMode
 
-        rank = ray.train.get_context().get_world_rank()
-        ckpt = None
-        if checkpoint is not None and rank == 0:
-            run = RunDir.of(self.run_dir)
-            fs = ray_storage_filesystem(run)
-            ckpt = Checkpoint(path=str(checkpoint).split("://", 1)[-1], filesystem=fs) if fs else Checkpoint(path=str(checkpoint))
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report(clean, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        ray.train.report(clean)
 
     def restore_from(self) -> Any:
-        """The newest complete checkpoint of the run (after a restart), else the one to resume from. The run
-        directory decides, not Ray's record: a checkpoint whose report Ray had not registered when a worker died
-        is complete all the same (its marker is written last)."""
-        import ray.train
-
+        """The newest complete checkpoint of the run (after a restart), else the one to resume from. A checkpoint is
+        complete when its marker is there (written last), whatever the process that wrote it became."""
         latest = RunDir.of(self.run_dir).latest_checkpoint()
-        if latest is not None:
-            return latest
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            return ckpt.path
-        return self.resume_from
+        return latest if latest is not None else self.resume_from
 
 
     def preempted(self) -> dict[str, Any] | None:
@@ -191,6 +183,14 @@ def trainer(prepared: PreparedRun, config: WorkerConfig, max_failures: int = 0) 
     )
 
 
+def forget_ray_checkpoints(run: RunDir) -> None:
+    """Remove Ray Train's checkpoint snapshot from the run directory, if there is one."""
+    if run.local:
+        (run.root / RAY_SNAPSHOT).unlink(missing_ok=True)
+    else:
+        run.remove(RAY_SNAPSHOT)
+
+
 def run_training(prepared: PreparedRun, console: Console, resume_from: Path | None = None, verbose: bool = False,
                  max_failures: int = 0) -> RunDir:
     """Run the prepared training on Ray Train and finish the run directory."""
@@ -202,6 +202,10 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
         capacity = check_cluster_capacity(prepared.plan, nodes=prepared.spec.cluster.nodes)
         console.print(f"cluster: {capacity.describe()}")
     write_run_files(prepared)
+    if resume_from is not None:
+        # a run directory written before vray stopped reporting checkpoints to Ray may hold a snapshot that lists
+        # checkpoints retention has deleted since; it holds nothing vray restores from
+        forget_ray_checkpoints(prepared.run)
     trainer_ = trainer(prepared, worker_config(prepared, resume_from), max_failures)
     try:
         with ProgressView(prepared.run, console):

@@ -117,8 +117,9 @@ def _ray_train_func(loop_config: dict[str, WorkerConfig]) -> None:
         _yield_to_restart(reporter.notice, config.spec.cluster.preemptionGraceS)
 
 
-def _vray_error_in(exc: BaseException) -> VrayError | None:
-    """The VrayError a worker raised, found inside Ray's wrapping exceptions."""
+def _exception_in(exc: BaseException, wanted: Any) -> BaseException | None:
+    """The first exception `wanted(e)` accepts, found inside Ray's wrapping exceptions (causes, contexts, worker
+    failures and exception arguments)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -126,13 +127,19 @@ def _vray_error_in(exc: BaseException) -> VrayError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, VrayError):
+        if wanted(e):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         for sub in getattr(e, "worker_failures", {}).values() if isinstance(getattr(e, "worker_failures", None), dict) else []:
             stack.append(sub)
         stack += [x for x in getattr(e, "args", ()) if isinstance(x, BaseException)]
     return None
+
+
+def _vray_error_in(exc: BaseException) -> VrayError | None:
+    """The VrayError a worker raised, found inside Ray's wrapping exceptions."""
+    found = _exception_in(exc, lambda e: isinstance(e, VrayError))
+    return found if isinstance(found, VrayError) else None
 
 
 # The collective timeout of the workers' process group. A collective waits for its slowest rank, and between two
@@ -234,17 +241,7 @@ def _resume_hint(run: RunDir) -> str:
 
 def _preemption_error_in(exc: BaseException) -> BaseException | None:
     """Ray Train's PreemptionError (the preemption budget is spent), found inside its wrapping, if it is one."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if type(e).__name__ == "PreemptionError":
-            return e
-        stack += [e.__cause__, e.__context__]
-    return None
+    return _exception_in(exc, lambda e: type(e).__name__ == "PreemptionError")
 
 
 def train_processes(prepared: PreparedRun, resume_from: Path | None = None) -> RunDir:

@@ -38,7 +38,13 @@ class VisionDims:
     def tile_tokens(self) -> int:
         """Visual tokens of one tile: its patch grid zero-padded to a multiple of `merge`, merged `merge` x `merge`
         (NVILA-Lite: 448 / 14 = 32 patches a side, padded to 33, 11 x 11 = 121)."""
-        return math.ceil(self.tile / self.patch / self.merge) ** 2
+        return tile_tokens(self.tile, self.patch, self.merge)
+
+
+def tile_tokens(tile: int, patch: int, merge: int) -> int:
+    """Visual tokens of one `tile`-pixel tile: (tile / patch) patches a side, zero-padded to a multiple of `merge`,
+    merged `merge` x `merge`."""
+    return math.ceil(tile / patch / merge) ** 2
 
 
 def vision_dims(cfg: dict) -> VisionDims:

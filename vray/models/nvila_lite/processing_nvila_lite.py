@@ -21,7 +21,7 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from vray.archs.vision import NVILA_MAX_TILES, NVILA_MERGE, tile_grid
+from vray.archs.vision import NVILA_MAX_TILES, NVILA_MERGE, tile_grid, tile_tokens
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<vila/video>"
@@ -71,9 +71,7 @@ class NVILALiteProcessor(ProcessorMixin):
     @property
     def tile_tokens(self) -> int:
         """Placeholder tokens of one tile: the patch grid padded to a multiple of 3, merged 3 x 3."""
-        patch = int(getattr(self.image_processor, "patch_size", 0) or 14)
-        side = -(-self.tile // patch)
-        return (-(-side // NVILA_MERGE)) ** 2
+        return tile_tokens(self.tile, int(getattr(self.image_processor, "patch_size", 0) or 14), NVILA_MERGE)
 
     def tiles(self, image: Image.Image, alone: bool) -> list[Image.Image]:
         """The tiles of one image: a grid plus a thumbnail when it is alone in its prompt, else the image itself."""

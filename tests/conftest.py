@@ -69,11 +69,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_token: Path):
     temp_dir = tmp_path_factory.mktemp("ray")
     # Nothing exported but the session's token (`ray_token`): the head turns token authentication on by itself.
     # Four logical CPUs on a 2-core machine: two training workers and a Serve replica can coexist.
-    subprocess.run(
+    ray_start(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
          f"--metrics-export-port={metrics_port}", *agent_ports()],
-        check=True, capture_output=True, text=True,
+        temp_dir,
     )
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
@@ -85,6 +85,21 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_token: Path):
             ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         stop_cluster(temp_dir)
+
+
+def ray_start(command: list[str], temp_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `ray start`; when it fails, the failure says why: its own output and the last lines of the logs the
+    session left under `temp_dir` (a bare exit status tells nothing on a CI machine that is gone afterwards)."""
+    started = subprocess.run(command, capture_output=True, text=True, env=env)
+    if started.returncode == 0:
+        return started
+    logs = []
+    for log in sorted(Path(temp_dir).glob("session_*/logs/*")):
+        if log.is_file() and log.suffix in (".out", ".err", ".log") and log.stat().st_size:
+            logs.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    stop_cluster(temp_dir)
+    pytest.fail(f"{' '.join(command)} exited {started.returncode}\n--- stdout\n{started.stdout[-3000:]}\n"
+                f"--- stderr\n{started.stderr[-3000:]}\n" + "\n".join(logs)[-12000:], pytrace=False)
 
 
 def stop_cluster(temp_dir: Path) -> None:
@@ -121,11 +136,11 @@ def start_user_head(temp_dir: Path, env: dict[str, str]) -> dict[str, str]:
     about authentication by itself (on when the user has a token)."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, dashboard = free_port(), free_port()
-    started = subprocess.run(
+    started = ray_start(
         [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()],
-        check=True, capture_output=True, text=True, env=env)
+        temp_dir, env=env)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     import httpx

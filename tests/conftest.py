@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,16 +66,19 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_token: Path):
     import ray
 
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, metrics_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     # Nothing exported but the session's token (`ray_token`): the head turns token authentication on by itself.
     # Four logical CPUs on a 2-core machine: two training workers and a Serve replica can coexist.
-    ray_start(
-        [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-         f"--metrics-export-port={metrics_port}", *agent_ports()],
-        temp_dir,
-    )
+    ports: dict[str, int] = {}
+
+    def command() -> list[str]:
+        ports.update(port=free_port(), metrics=free_port())
+        return [ray_exe, "start", "--head", f"--port={ports['port']}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                f"--metrics-export-port={ports['metrics']}", *agent_ports()]
+
+    ray_start(command, temp_dir)
+    port, metrics_port = ports["port"], ports["metrics"]
     address = f"127.0.0.1:{port}"
     os.environ["RAY_ADDRESS"] = address
     os.environ["VRAY_TEST_METRICS_PORT"] = str(metrics_port)  # Prometheus text of this node's Ray metrics
@@ -87,33 +91,49 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_token: Path):
         stop_cluster(temp_dir)
 
 
-def ray_start(command: list[str], temp_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `ray start`; when it fails, the failure says why: its own output and the last lines of the logs the
-    session left under `temp_dir` (a bare exit status tells nothing on a CI machine that is gone afterwards)."""
-    started = subprocess.run(command, capture_output=True, text=True, env=env)
-    if started.returncode == 0:
-        return started
+def ray_start(command: Callable[[], list[str]], temp_dir: Path, env: dict[str, str] | None = None,
+              attempts: int = 2) -> subprocess.CompletedProcess:
+    """Run `ray start` (`command()` gives its arguments, with fresh ports each time). A head whose dashboard misses
+    Ray's startup window on a busy 2-core machine (its modules are nine Python processes) is stopped and started
+    again once; a head that still fails says why: its output and the last lines of the logs its sessions left under
+    `temp_dir` (a bare exit status tells nothing on a CI machine that is gone afterwards)."""
+    # Ray gives a dashboard 60 s to come up; a suite already running training workers can take longer.
+    env = {**(os.environ if env is None else env), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180"}
+    for _ in range(attempts):
+        args = command()
+        started = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        if started.returncode == 0:
+            return started
+        stop_cluster(temp_dir)
     logs = []
-    for log in sorted(Path(temp_dir).glob("session_*/logs/*")):
+    for log in sorted(Path(temp_dir).glob("session_2*/logs/*")):
         if log.is_file() and log.suffix in (".out", ".err", ".log") and log.stat().st_size:
-            logs.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    stop_cluster(temp_dir)
-    pytest.fail(f"{' '.join(command)} exited {started.returncode}\n--- stdout\n{started.stdout[-3000:]}\n"
-                f"--- stderr\n{started.stderr[-3000:]}\n" + "\n".join(logs)[-12000:], pytrace=False)
+            logs.append(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    pytest.fail(f"{' '.join(args)} exited {started.returncode} ({attempts} attempts)\n--- stdout\n"
+                f"{started.stdout[-3000:]}\n--- stderr\n{started.stderr[-3000:]}\n" + "\n".join(logs)[-12000:],
+                pytrace=False)
 
 
 def stop_cluster(temp_dir: Path) -> None:
     """Stop the Ray cluster whose session lives under `temp_dir` and nothing else (`ray stop` would stop every
-    cluster on the machine): its processes carry the folder on their command line; workers exit with their raylet."""
+    cluster on the machine): its processes carry the folder on their command line, but for the head's Ray client
+    server, which names the head's GCS port instead; workers exit with their raylet."""
     import psutil
 
-    mine = []
+    mine, clients = [], []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(str(temp_dir) in arg for arg in proc.info["cmdline"] or ()):
+            args = proc.info["cmdline"] or ()
+            if any(str(temp_dir) in arg for arg in args):
                 mine.append(proc)
+            elif "ray.util.client.server" in args:
+                clients.append((proc, args))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    gcs_ports = {arg.split("=", 1)[1] for proc in mine for arg in (proc.info["cmdline"] or ())
+                 if arg.startswith("--gcs_server_port=")}
+    mine += [proc for proc, args in clients
+             if any(a.startswith("--address=") and a.rsplit(":", 1)[-1] in gcs_ports for a in args)]
     for proc in mine:
         try:
             proc.terminate()
@@ -121,7 +141,10 @@ def stop_cluster(temp_dir: Path) -> None:
             pass
     _, alive = psutil.wait_procs(mine, timeout=10)
     for proc in alive:
-        proc.kill()
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def user_env(home: Path, **extra: str) -> dict[str, str]:
@@ -135,12 +158,16 @@ def start_user_head(temp_dir: Path, env: dict[str, str]) -> dict[str, str]:
     """`ray start --head` with its dashboard (the job API) on 127.0.0.1 in the user's shell `env`; the head decides
     about authentication by itself (on when the user has a token)."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    port, dashboard = free_port(), free_port()
-    started = ray_start(
-        [ray_exe, "start", "--head", f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()],
-        temp_dir, env=env)
+    ports: dict[str, int] = {}
+
+    def command() -> list[str]:
+        ports.update(port=free_port(), dashboard=free_port())
+        return [ray_exe, "start", "--head", f"--port={ports['port']}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                "--disable-usage-stats", f"--temp-dir={temp_dir}", *agent_ports()]
+
+    started = ray_start(command, temp_dir, env=env)
+    port, dashboard = ports["port"], ports["dashboard"]
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
     import httpx

@@ -92,8 +92,7 @@ def autoscaling_cluster(tmp_path_factory):
             yield
         finally:
             ray.shutdown()
-            stop_cluster(temp_dir)
-            _stop_ray_client_server(port)
+            stop_cluster(temp_dir)  # and the head's Ray client server
 
 
 def _wait_for_the_autoscaler(timeout_s: float = 90) -> None:
@@ -112,21 +111,6 @@ def _wait_for_the_autoscaler(timeout_s: float = 90) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"the autoscaler reported no state in {timeout_s} s")
-
-
-def _stop_ray_client_server(port: int) -> None:
-    """The head's Ray client server: its command line names the head's address, not the session folder."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            args = proc.info["cmdline"] or ()
-            if "ray.util.client.server" in args and any(a.startswith("--address=") and a.endswith(f":{port}")
-                                                        for a in args):
-                proc.terminate()
-                proc.wait(timeout=10)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.TimeoutExpired):
-            continue
 
 
 def _plan(workers: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class VrayError(Exception):
     """An error the user can fix: the message names the field, row or request and the fix."""
@@ -42,3 +44,15 @@ class PlanError(VrayError):
     """A run that does not fit the GPUs it may use (exit code 2, like `vray plan`)."""
 
     exit_code = 2
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A duration a `VRAY_*` variable sets (seconds, at least 0), else `default`; a value that is no number is an
+    error naming the variable."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise VrayError(f"{name}={text!r} is not a number of seconds; set it to e.g. {default:g}") from None

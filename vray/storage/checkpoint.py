@@ -8,7 +8,9 @@ complete:
   training goes on. The uploader sends the files in parallel (multipart for large ones), then a small receipt
   (`.uploaded/rank-R.json`); rank 0's uploader writes the marker once every rank's receipt is there. No collective
   waits on an upload, and a checkpoint still uploading has no marker, so no reader and no retention sees it.
-  `wait()` (at the end of a run) returns when every upload of this rank is done.
+  `wait()` (at the end of a run) returns when every upload of this rank is done. Each upload step waits out an
+  object-store outage (vray.storage.retry); one past the budget stops the run with the endpoint, the last complete
+  checkpoint and the resume command.
 Readers (resume, serving, evaluation) take only folders with the marker. The trainer and the test kit write
 checkpoints through this one class; a single process is a group of one.
 """
@@ -27,6 +29,7 @@ from typing import Any
 
 from vray.errors import VrayError
 from vray.fs import filesystem
+from vray.storage.retry import StorageOutage, with_retries
 from vray.storage.rundir import CHECKPOINT_MARKER, RECEIPTS, RunDir, read_checkpoint_info
 
 UPLOAD_CONCURRENCY = 8  # files in flight at once, and parts in flight per multipart file
@@ -37,10 +40,28 @@ def _alone() -> None:
     return None
 
 
+def outage_message(run: RunDir, outage: StorageOutage, what: str, last_complete: str | None = None) -> str:
+    """One line for an outage past the budget: the endpoint that stayed away, the last complete checkpoint (this
+    writer's, else one quick look without retries in case the store is back), and the command that continues."""
+    latest = last_complete
+    if latest is None:
+        try:
+            fs, path = filesystem(run.join("checkpoints"))
+            steps = [int(name[5:]) for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False))
+                     if name.startswith("step-") and name[5:].isdigit()
+                     and fs.exists(f"{path}/{name}/{CHECKPOINT_MARKER}")]
+            latest = run.join("checkpoints", f"step-{max(steps)}") if steps else None
+        except Exception:  # noqa: BLE001 - still unreachable
+            latest = "unknown (the store did not answer; it is the newest checkpoints/step-N with its marker)"
+    where = f"the last complete checkpoint is {latest}" if latest else "there is no complete checkpoint yet"
+    return f"{what} stopped: {outage}; {where}; continue with `vray train --resume {run.uri}`"
+
+
 class Uploader:
     """One background thread per rank: uploads staged checkpoints in order, off the training loop's path."""
 
-    def __init__(self) -> None:
+    def __init__(self, describe: Callable[[StorageOutage], str] | None = None) -> None:
+        self._describe = describe  # the one-line message of an outage past the retry budget
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -73,6 +94,8 @@ class Uploader:
 
     def raise_failure(self) -> None:
         if self._error is not None:
+            if isinstance(self._error, StorageOutage) and self._describe is not None:
+                raise VrayError(self._describe(self._error)) from self._error
             raise VrayError(f"a checkpoint upload failed: {self._error}") from self._error
 
 
@@ -84,7 +107,9 @@ class CheckpointWriter:
         self.rank = rank
         self.barrier = barrier
         self.world = world
-        self.uploader = Uploader()
+        self.last_complete: str | None = None  # rank 0: the newest checkpoint this writer published
+        self._swept = False  # a remote run's leftovers of an interrupted attempt: removed before the first checkpoint
+        self.uploader = Uploader(self._outage_message)
 
     def stage(self, name: str, rel: str | None = None) -> Path:
         """A folder this rank writes the checkpoint `name` into: one shared folder on a local run (inside it, so the
@@ -97,11 +122,37 @@ class CheckpointWriter:
                 folder.mkdir(parents=True)
             self.barrier()
             return folder
-        if rel is not None:
+        if rel is not None and not self._swept:
             if self.rank == 0:
-                self.run.remove(rel)
+                self.sweep_incomplete()
+            self._swept = True
             self.barrier()
         return Path(tempfile.mkdtemp(prefix=f"vray-{name}-rank{self.rank}-"))
+
+    def sweep_incomplete(self) -> list[str]:
+        """Rank 0 of a remote run, before this attempt's first checkpoint: remove what an earlier, interrupted attempt
+        left uploading (checkpoint folders and final/ without their marker). No other attempt runs meanwhile, and this
+        one has written nothing yet; one listing, so no later checkpoint waits on the object store for it."""
+        fs, path = filesystem(self.run.join("checkpoints"))
+
+        def leftovers() -> list[str]:
+            fs.invalidate_cache()
+            names = ([f"checkpoints/{e.rstrip('/').rsplit('/', 1)[-1]}" for e in fs.ls(path, detail=False)]
+                     if fs.exists(path) else [])
+            return [rel for rel in [*names, "final"]
+                    if fs.exists(self.run.join(rel)) and not fs.exists(self.run.join(rel, CHECKPOINT_MARKER))]
+        found = with_retries(leftovers, self.run.join("checkpoints"), f"listing {self.run.join('checkpoints')}")
+        for rel in found:
+            self.run.remove(rel)
+        return found
+
+    def then(self, job: Callable[[], None]) -> None:
+        """Run `job` once every checkpoint handed over so far is published: at once on a local run, on the uploader
+        thread of a remote one (so what it does to the object store never holds up the training steps)."""
+        if self.run.local:
+            job()
+        else:
+            self.uploader.submit(job)
 
     def publish(self, staged: Path, rel: str, info: dict[str, Any]) -> str:
         """Make what every rank wrote into `staged` the checkpoint at `rel` (relative to the run), marker last.
@@ -121,17 +172,32 @@ class CheckpointWriter:
         return self.run.join(rel)
 
     def _upload(self, staged: Path, rel: str, marker: str) -> None:
-        """On the uploader thread: this rank's files in parallel, its receipt, and (rank 0) the marker last."""
-        fs, path = filesystem(self.run.join(rel))
+        """On the uploader thread: this rank's files in parallel, its receipt, and (rank 0) the marker last. Each step
+        is retried through an object-store outage (vray.storage.retry); a retried put sends only the files not yet
+        there whole, and the marker goes up only once every rank's receipt is there."""
+        uri = self.run.join(rel)
+        fs, path = filesystem(uri)
         files = [f for f in sorted(staged.rglob("*")) if f.is_file()]
         if files:
-            targets = [f"{path}/{f.relative_to(staged).as_posix()}" for f in files]
+            targets = {str(f): f"{path}/{f.relative_to(staged).as_posix()}" for f in files}
             options: dict[str, Any] = {}
             if getattr(fs, "async_impl", False):  # s3fs and the like: files and multipart parts concurrently
                 options["batch_size"] = UPLOAD_CONCURRENCY
                 if type(fs).__name__ == "S3FileSystem":
                     options["max_concurrency"] = UPLOAD_CONCURRENCY
-            fs.put([str(f) for f in files], targets, **options)
+            tried: list[bool] = []
+
+            def put() -> None:
+                todo = dict(targets)
+                if tried:  # an earlier attempt failed part-way: what is there whole (by size) stays
+                    fs.invalidate_cache(path)
+                    there = {k.rstrip("/"): v.get("size") for k, v in fs.find(path, detail=True).items()}
+                    todo = {src: dst for src, dst in todo.items()
+                            if there.get(dst.rstrip("/")) != Path(src).stat().st_size}
+                tried.append(True)
+                if todo:
+                    fs.put(list(todo), list(todo.values()), **options)
+            with_retries(put, uri, f"uploading rank {self.rank}'s part of {uri}")
         shutil.rmtree(staged, ignore_errors=True)
         self.run.write_text(f"{rel}/{RECEIPTS}/rank-{self.rank}.json", json.dumps({"files": len(files)}) + "\n")
         if self.rank != 0:
@@ -142,6 +208,11 @@ class CheckpointWriter:
                 raise TimeoutError(f"{self.run.join(rel)}: not every rank uploaded its part")
             time.sleep(0.2)
         self.run.write_text(f"{rel}/{CHECKPOINT_MARKER}", marker)
+        if rel.startswith("checkpoints/"):
+            self.last_complete = uri
+
+    def _outage_message(self, outage: StorageOutage) -> str:
+        return outage_message(self.run, outage, "checkpoint upload", self.last_complete)
 
     def wait(self) -> None:
         """Return when every checkpoint this rank handed to its uploader is uploaded (rank 0: and published)."""

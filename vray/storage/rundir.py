@@ -12,16 +12,19 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vray.errors import VrayError
 from vray.fs import filesystem as _fs
+from vray.storage.retry import with_retries
 
 CHECKPOINT_MARKER = "vray_checkpoint.json"  # written last: a checkpoint folder without it is incomplete
 RECEIPTS = ".uploaded"  # inside a remote checkpoint: one receipt per rank whose files are all uploaded
 _STEP = re.compile(r"^step-(\d+)$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,23 @@ class RunDir:
         return self.root / "curves.png"
 
     # ---- files -----------------------------------------------------------------------------------
+    def _retried(self, op: Callable[[], T], rel: str, what: str) -> T:
+        """`op()` as it is locally; retried through an object-store outage remotely (vray.storage.retry)."""
+        if self.local:
+            return op()
+        return with_retries(op, self.join(rel), f"{what} {self.join(rel)}")
+
     def exists(self, rel: str) -> bool:
         fs, path = _fs(self.join(rel))
-        return fs.exists(path)
+        return self._retried(lambda: fs.exists(path), rel, "looking for")
 
     def read_text(self, rel: str) -> str:
         fs, path = _fs(self.join(rel))
-        with fs.open(path, "rt") as fh:
-            return fh.read()
+
+        def read() -> str:
+            with fs.open(path, "rt") as fh:
+                return fh.read()
+        return self._retried(read, rel, "reading")
 
     def write_text(self, rel: str, text: str) -> None:
         """Write a small file whole (atomically on a local disk)."""
@@ -110,8 +122,8 @@ class RunDir:
             os.replace(tmp, target)
             return
         fs, path = _fs(self.join(rel))
-        with fs.open(path, "wt") as fh:
-            fh.write(text)
+        data = text.encode()
+        self._retried(lambda: fs.pipe_file(path, data), rel, "writing")  # one whole object: never torn
 
     def upload(self, local_file: str | Path, rel: str) -> None:
         """Copy a local file into the run directory."""
@@ -122,7 +134,7 @@ class RunDir:
                 shutil.copyfile(local_file, target)
             return
         fs, path = _fs(self.join(rel))
-        fs.put(str(local_file), path)
+        self._retried(lambda: fs.put_file(str(local_file), path), rel, "uploading")  # a whole object, or none
 
     def remove(self, rel: str) -> None:
         """Delete a file or folder of the run directory (no error when it is absent)."""
@@ -130,8 +142,11 @@ class RunDir:
             shutil.rmtree(self.root / rel, ignore_errors=True)
             return
         fs, path = _fs(self.join(rel))
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+
+        def rm() -> None:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        self._retried(rm, rel, "removing")
 
     def listdir(self) -> list[str]:
         """Names of the entries directly inside (empty when it does not exist)."""
@@ -144,16 +159,19 @@ class RunDir:
     def complete_checkpoints(self) -> list[tuple[int, Any]]:
         """(step, folder: a Path locally, a URI remotely) of every complete checkpoint, oldest first."""
         fs, path = _fs(self.join("checkpoints"))
-        if not fs.exists(path):
-            return []
-        found = []
-        for entry in fs.ls(path, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            m = _STEP.match(name)
-            if m and fs.exists(f"{entry.rstrip('/')}/{CHECKPOINT_MARKER}"):
-                where = self.join("checkpoints", name)
-                found.append((int(m.group(1)), Path(where) if self.local else where))
-        return sorted(found)
+
+        def listing() -> list[tuple[int, Any]]:
+            if not fs.exists(path):
+                return []
+            found = []
+            for entry in fs.ls(path, detail=False):
+                name = entry.rstrip("/").rsplit("/", 1)[-1]
+                m = _STEP.match(name)
+                if m and fs.exists(f"{entry.rstrip('/')}/{CHECKPOINT_MARKER}"):
+                    where = self.join("checkpoints", name)
+                    found.append((int(m.group(1)), Path(where) if self.local else where))
+            return sorted(found)
+        return self._retried(listing, "checkpoints", "listing")
 
     def latest_checkpoint(self) -> Any:
         """The newest complete checkpoint (a Path locally, a URI remotely), if any."""

@@ -211,6 +211,7 @@ class Recipe:
         self._skipped: dict[str, dict[str, Any]] = {}  # rank 0: every skipped sample of the run, by id (the report)
         self.metrics_log = MetricsLog(self.run, self.rank)
         self.checkpoints = CheckpointWriter(self.run, self.rank, barrier, self.world_size)
+        self.metrics_log.last_checkpoint = lambda: self.checkpoints.last_complete
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -662,9 +663,11 @@ class Recipe:
         rel = f"checkpoints/step-{self.step}"
         path = self._write(rel, self._info(metrics))
         if self.rank == 0:
-            if improved or self.run.best_checkpoint() is None:
-                self.run.point_best_at(rel)
-            self.checkpoints.retain(f"eval/{self.primary}", self.spec.checkpointing.keepBest)
+            def bookkeeping() -> None:  # once the checkpoint is complete: `best` never points at a partial one
+                if improved or self.run.best_checkpoint() is None:
+                    self.run.point_best_at(rel)
+                self.checkpoints.retain(f"eval/{self.primary}", self.spec.checkpointing.keepBest)
+            self.checkpoints.then(bookkeeping)  # on a remote run, off the training thread: an outage stalls no step
             self.metrics_log.flush()
         barrier()
         return path

@@ -11,10 +11,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vray.cluster import in_ray_train_worker
+from vray.errors import VrayError, seconds_from_env
+from vray.storage.checkpoint import outage_message
+from vray.storage.retry import StorageOutage
 from vray.storage.rundir import RunDir
 
 
@@ -92,6 +96,14 @@ class _NoTrackers:
         return None
 
 
+METRICS_UPLOAD_EVERY_S = 5.0  # how often metrics.jsonl goes up to a remote run directory (and at every checkpoint)
+
+
+def metrics_upload_every_s() -> float:
+    """`VRAY_METRICS_UPLOAD_S`, else METRICS_UPLOAD_EVERY_S: fresher progress for more PUTs, or the other way round."""
+    return seconds_from_env("VRAY_METRICS_UPLOAD_S", METRICS_UPLOAD_EVERY_S)
+
+
 class MetricsLog:
     """metrics.jsonl, written by rank 0 (the driver renders progress from it): appended locally; on a remote run
     directory written to a local file and uploaded whole every few seconds and at checkpoints.
@@ -101,10 +113,10 @@ class MetricsLog:
     network) and uploads, so the other ranks never wait at their next collective for rank 0's I/O. `close` drains
     the queue. A tracker that fails is dropped with a warning line; the training goes on."""
 
-    def __init__(self, run: RunDir, rank: int, upload_every_s: float = 5.0):
+    def __init__(self, run: RunDir, rank: int, upload_every_s: float | None = None):
         self.run = run
         self.rank = rank
-        self.upload_every_s = upload_every_s
+        self.upload_every_s = metrics_upload_every_s() if upload_every_s is None else upload_every_s
         self._last_upload = 0.0
         self.path = run.metrics if run.local else Path(tempfile.mkdtemp(prefix="vray-metrics-")) / "metrics.jsonl"
         if not run.local and rank == 0 and run.exists("metrics.jsonl"):  # a resumed run continues its log
@@ -116,6 +128,7 @@ class MetricsLog:
         self._error: BaseException | None = None
         self._closed = False
         self._file_lock = threading.Lock()  # the training thread's records and the writer's warnings
+        self.last_checkpoint: Callable[[], str | None] = lambda: None  # for the message of a storage outage
 
     # ---- the training thread ---------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
@@ -173,6 +186,8 @@ class MetricsLog:
     def _raise(self) -> None:
         if self._error is not None:  # TensorBoard or an upload failed (a full disk, storage refused): stop here
             error, self._error = self._error, None
+            if isinstance(error, StorageOutage):  # uploads retried past the budget: one line, and how to go on
+                raise VrayError(outage_message(self.run, error, "metrics upload", self.last_checkpoint())) from error
             raise error
 
     # ---- the writer thread -----------------------------------------------------------------------
@@ -241,14 +256,15 @@ class MetricsLog:
                 self.run.upload(file, f"tensorboard/{file.name}")
             self._last_upload = time.time()
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a restart replays them: each step stays logged once)."""
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after `step` (a restart replays them: each step stays logged once); return how
+        many steps' training records were dropped (rank 0; 0 elsewhere)."""
         if self.rank != 0:
-            return
+            return 0
         self.drain()  # no upload reads the file while it is rewritten
         if not self.path.exists():
-            return
-        kept = []
+            return 0
+        kept, dropped = [], set()
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -256,7 +272,10 @@ class MetricsLog:
                 continue
             if rec.get("step") is None or rec["step"] <= step:
                 kept.append(line)
+            elif "loss" in rec:
+                dropped.add(rec["step"])
         self.path.write_text("".join(k + "\n" for k in kept))
+        return len(dropped)
 
 
 class StepRecord:

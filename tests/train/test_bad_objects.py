@@ -3,8 +3,9 @@
 Two runs of `tiny:qwen2_5_vl` LoRA on two gloo ranks (one process group serves both) read the same dataset, whose
 first-trained image is overwritten with garbage after `prepare()` (after the data check) and before the workers
 read it. With --skip-invalid the sample trains as the vision dummy (no loss, zero gradient), the ranks keep in
-lockstep, the run finishes at its planned final step and data_report.json names the one skipped row. Without it,
-the run stops at the next checkpoint, written complete, with an error naming the sample, its file and the fix.
+lockstep, the run finishes at its planned final step and data_report.json names the skipped row; a held-out image
+broken the same way is left out of each evaluation and reported too. Without it, the run stops at the next
+checkpoint, written complete, with an error naming the sample, its file and the fix.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from vray.train.loop import DATA_REPORT
 from vray.train.prepare import prepare, worker_config, write_run_files
 
 
-def _spec(data: Path, out: Path, name: str) -> dict:
+def _spec(data: Path, out: Path, name: str, held_out: Path | None = None) -> dict:
     return {
         "architecture": {"name": "qwen2.5vl", "size": "3B"}, "model": {"source": "tiny:qwen2_5_vl"},
-        "compute": {"precisionType": "Float32"}, "task": "vqa", "data": {"train": str(data)},
+        "compute": {"precisionType": "Float32"}, "task": "vqa",
+        "data": {"train": str(data), **({"eval": str(held_out)} if held_out else {})},
         "hyperparameters": {"epochs": 1, "learningRate": 1e-3, "batchSize": 4},
         "cluster": {"workers": 2}, "output": str(out), "name": name,
         "checkpointing": {"everySteps": 2, "keepBest": 5},
@@ -34,7 +36,8 @@ def _spec(data: Path, out: Path, name: str) -> dict:
 def test_an_image_broken_after_the_check_is_skipped_or_stops_the_run_at_a_checkpoint(tmp_path):
     folder = synthetic.materialize("synthetic:vqa?train=16&eval=2", root=tmp_path / "cache")  # this test's own copy
     train = folder / "train.jsonl"
-    skip = prepare(validate_spec(_spec(train, tmp_path / "runs", "skip")), skip_invalid=True)
+    held_out = synthetic.materialize("synthetic:vqa?train=2&eval=2", root=tmp_path / "held-out") / "eval.jsonl"
+    skip = prepare(validate_spec(_spec(train, tmp_path / "runs", "skip", held_out)), skip_invalid=True)
     stop = prepare(validate_spec(_spec(train, tmp_path / "runs", "stop")))
     kept = skip.data.samples[str(train)]
     assert skip.plan.num_workers == 2 and skip.plan.effective_batch == 4 and len(kept) == 16
@@ -43,6 +46,8 @@ def test_an_image_broken_after_the_check_is_skipped_or_stops_the_run_at_a_checkp
     order = DataOrder(len(kept), skip.plan.effective_batch, skip.plan.micro_batch, skip.spec.seed)
     bad = kept[order.epoch_order(0)[0]]
     Path(bad.images[0]).write_bytes(b"not an image any more")
+    broken = skip.data.samples[str(held_out)][0]  # the --skip-invalid run's held-out data only
+    Path(broken.images[0]).write_bytes(b"not an image any more")
 
     configs = []
     for prepared in (skip, stop):
@@ -57,12 +62,20 @@ def test_an_image_broken_after_the_check_is_skipped_or_stops_the_run_at_a_checkp
     assert max(r["step"] for r in metrics if "loss" in r) == 4  # 16 samples / 4 a step, one epoch: as planned
     assert [s for s, _ in run.complete_checkpoints()] == [2, 4] and (run.final / "adapter_config.json").exists()
     report = json.loads((run.root / DATA_REPORT).read_text())
-    assert report["skipped_rows"] == 1 and report["skips"] == 1 and report["through_step"] == 4
-    [row] = report["rows"]
-    assert row["id"] == bad.id and row["file"] == bad.images[0] and row["steps"] == [1]
+    # the training row once (step 1); the held-out row at each evaluation (before training, at steps 2 and 4)
+    assert report["skipped_rows"] == 2 and report["skips"] == 4 and report["through_step"] == 4
+    [held, row] = report["rows"]
+    assert row["id"] == bad.id and row["split"] == "train" and row["file"] == bad.images[0] and row["steps"] == [1]
     assert "cannot be read" in row["error"] and bad.id in row["error"]
-    [event] = [r for r in metrics if r.get("event") == "skipped_samples"]
-    assert event["step"] == 2 and event["samples"][0]["id"] == bad.id
+    assert held["id"] == broken.id and held["split"] == "eval" and held["file"] == broken.images[0]
+    assert held["steps"] == [0, 2, 4]
+    events = [r for r in metrics if r.get("event") == "skipped_samples"]
+    assert [e["step"] for e in events] == [2, 4]
+    assert [(s["split"], s["id"], s["step"]) for s in events[0]["samples"]] == [
+        ("eval", broken.id, 0), ("train", bad.id, 1), ("eval", broken.id, 2)]
+    # every evaluation scored the one held-out sample that still decodes, and no worker crashed on the other
+    evaluations = [r for r in metrics if "eval/loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 4] and all(r["eval/samples"] == 1 for r in evaluations)
 
     # Without it: the run stops at the next checkpoint (step 2, complete), naming the sample, the file and the fix.
     assert not stopped.ok

@@ -94,6 +94,11 @@ class Media:
     videos: list[tuple[list[Image.Image], float]]
 
 
+
+def skip_record(sample: Sample, error: DataError) -> dict[str, str]:
+    """What the run's data report says of a sample that no longer encodes: its id, file, kind of fault and error."""
+    return {"id": sample.id, "file": error.file, "kind": error.kind or "unreadable", "error": str(error)}
+
 class Collator:
     """Builds padded training batches and left-padded generation batches for one family."""
 
@@ -274,8 +279,7 @@ class Collator:
         gradient); `skipped` says which sample and file, and why."""
         dummy = self.vision_dummy()
         return Encoded(dict(dummy.tensors), list(dummy.geometries), "", dummy.visual_tokens, [], sample.id,
-                       skipped={"id": sample.id, "file": error.file, "kind": error.kind or "unreadable",
-                                "error": str(error)})
+                       skipped=skip_record(sample, error))
 
     def with_vision(self, encoded: list[Encoded]) -> list[Encoded]:
         """A training micro-batch that runs the vision tower and projector even when none of its samples has an

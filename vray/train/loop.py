@@ -22,9 +22,9 @@ import torch
 from vray.archs.registry import Architecture
 from vray.cluster import in_ray_train_worker
 from vray.data import metrics as task_metrics
-from vray.data.collate import Collator, Encoded, pack_in_order
+from vray.data.collate import Collator, Encoded, pack_in_order, skip_record
 from vray.data.pipeline import DataOrder, SampleRows, SampleStream, WorkerData
-from vray.errors import VrayError
+from vray.errors import DataError, VrayError
 from vray.models import kernels
 from vray.models.generate import GenerationSettings, generate_texts
 from vray.models.loader import (
@@ -342,8 +342,8 @@ class Recipe:
             else:
                 self._pending = record
             if self._at_checkpoint():
-                skipped = self._report_skips()
                 evaluation = self.validate() if self.evaluates else {}
+                skipped = self._report_skips()  # the training stand-ins and held-out skips since the last checkpoint
                 if evaluation:
                     self.metrics_log.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, **evaluation})
                 checkpoint = self.save_checkpoint({**last, **evaluation})
@@ -403,12 +403,15 @@ class Recipe:
         if self.rank != 0:
             return found
         for skip in found:
-            entry = self._skipped.setdefault(skip["id"], {k: skip[k] for k in ("id", "file", "kind", "error")})
+            split = skip.get("split", "train")
+            entry = self._skipped.setdefault(f"{split}/{skip['id']}", {"id": skip["id"], "split": split,
+                                                                      **{k: skip[k] for k in ("file", "kind", "error")}})
             entry.setdefault("steps", []).append(skip["step"])
         if found:
             self.metrics_log.write({"event": "skipped_samples", "step": self.step, "skipped": len(found),
                                     "skipped_rows": len(self._skipped),
-                                    "samples": [{k: s[k] for k in ("id", "file", "kind", "step")} for s in found]})
+                                    "samples": [{"split": s.get("split", "train"),
+                                                 **{k: s[k] for k in ("id", "file", "kind", "step")}} for s in found]})
         self._write_data_report()  # at every checkpoint: `through_step` says how far the report goes
         return found
 
@@ -433,13 +436,15 @@ class Recipe:
         for row in rows:
             steps = [s for s in row.get("steps", []) if s <= self.step]
             if steps:
-                self._skipped[row["id"]] = {**row, "steps": steps}
+                split = row.get("split", "train")
+                self._skipped[f"{split}/{row['id']}"] = {**row, "split": split, "steps": steps}
 
     def _bad_samples_error(self, skipped: list[dict[str, Any]]) -> VrayError:
         first = skipped[0]
         more = f" (and {len(skipped) - 1} more skip(s), listed in {DATA_REPORT})" if len(skipped) > 1 else ""
+        which = "held-out sample" if first.get("split") == "eval" else "sample"
         return VrayError(
-            f"sample '{first['id']}' (file {first['file']!r}) no longer decodes since the data check: {first['error']}"
+            f"{which} '{first['id']}' (file {first['file']!r}) no longer decodes since the data check: {first['error']}"
             f"{more}; the run stopped at its complete checkpoint step-{self.step}. Fix or restore the file (or remove "
             f"the row) and continue with `vray train --resume {self.run.uri}`, or train with --skip-invalid to skip "
             f"and report such samples")
@@ -546,7 +551,18 @@ class Recipe:
                 batches += [self.data.eval_filler] * (rounds - len(batches))
             seen = 0
             for samples in batches:
-                encoded = [self.collator.encode(s) for s in samples]
+                real = max(0, min(len(samples), len(mine) - seen))  # the rest are filler copies, never scored
+                seen += len(samples)
+                samples, encoded, real = self._encode_held_out(samples, real)
+                if not samples and not run.synced:
+                    continue
+                if not samples:  # a lockstep forward needs a batch: a filler copy, never scored
+                    samples, encoded, real = self._encode_held_out(list(self.data.eval_filler), 0)
+                    if not samples:
+                        raise VrayError(f"evaluation at step {self.step}: no held-out sample of rank {self.rank}'s "
+                                        "batch decodes any more, nor the filler copy the lockstep evaluation needs; "
+                                        "fix or restore the held-out files and resume with `vray train --resume "
+                                        f"{self.run.uri}`")
                 batch = {k: v.to(self.device) for k, v in self.collator.batch(encoded).items()}
                 labels = batch.pop("labels")
                 with torch.no_grad():  # the label-only loss here too: no full-vocabulary logits in evaluation
@@ -555,8 +571,6 @@ class Recipe:
                 prompts = [self.collator.encode(s, with_answer=False) for s in samples]
                 texts, _ = generate_texts(run.model, self.processor.tokenizer,
                                           self.collator.batch(prompts, left_pad=True), settings)
-                real = max(0, min(len(samples), len(mine) - seen))  # the rest are filler copies, never scored
-                seen += len(samples)
                 if real:
                     scored.append(scorer.submit(self._score, samples[:real], prompts[:real], texts[:real]))
                     sums["loss"][0] += loss * real
@@ -574,6 +588,29 @@ class Recipe:
         # How the evaluation ran: its wall time, and whether the sharded weights were gathered once for it.
         out.update(eval_seconds=time.time() - started, eval_gathers=run.gathers, eval_synced=int(run.synced))
         return out
+
+    def _encode_held_out(self, samples: list[Any], real: int) -> tuple[list[Any], list[Encoded], int]:
+        """The samples of an evaluation batch that still encode, their encodings, and how many of them are real (the
+        first `real` of `samples` are; the rest are filler copies). A held-out sample whose image or video no longer
+        decodes since the data check is left out of the evaluation (its loss and metrics) and noted as a training
+        stand-in is: the next checkpoint reports it, and without --skip-invalid stops the run."""
+        import sys
+
+        kept, encoded, kept_real = [], [], 0
+        for i, sample in enumerate(samples):
+            try:
+                enc = self.collator.encode(sample)
+            except DataError as exc:
+                if i < real:
+                    self._skips.append({**skip_record(sample, exc), "split": "eval", "step": self.step,
+                                        "rank": self.rank})
+                    print(f"vray: evaluation at step {self.step}, rank {self.rank}: skipped {exc}", file=sys.stderr,
+                          flush=True)
+                continue
+            kept.append(sample)
+            encoded.append(enc)
+            kept_real += i < real
+        return kept, encoded, kept_real
 
     def _score(self, samples: list[Any], prompts: list[Encoded], texts: list[str]) -> dict[str, tuple[float, float]]:
         """The task's metric sums (numerator, denominator) over one generated batch (on the scorer thread)."""

@@ -108,7 +108,7 @@ class CheckpointWriter:
         self.barrier = barrier
         self.world = world
         self.last_complete: str | None = None  # rank 0: the newest checkpoint this writer published
-        self._swept = False  # a remote run's leftovers of an interrupted attempt: removed before the first checkpoint
+        self._swept = False  # a remote run's leftovers of an interrupted attempt: removed once, at the attempt's start
         self.uploader = Uploader(self._outage_message)
 
     def stage(self, name: str, rel: str | None = None) -> Path:
@@ -122,15 +122,22 @@ class CheckpointWriter:
                 folder.mkdir(parents=True)
             self.barrier()
             return folder
-        if rel is not None and not self._swept:
-            if self.rank == 0:
-                self.sweep_incomplete()
-            self._swept = True
-            self.barrier()
+        if rel is not None:
+            self.begin_attempt()
         return Path(tempfile.mkdtemp(prefix=f"vray-{name}-rank{self.rank}-"))
 
+    def begin_attempt(self) -> None:
+        """Every rank, once per attempt (the trainer at its start; else the first checkpoint): on a remote run, rank 0
+        sweeps what an interrupted attempt left uploading, and the others wait for it."""
+        if self.run.local or self._swept:
+            return
+        if self.rank == 0:
+            self.sweep_incomplete()
+        self._swept = True
+        self.barrier()
+
     def sweep_incomplete(self) -> list[str]:
-        """Rank 0 of a remote run, before this attempt's first checkpoint: remove what an earlier, interrupted attempt
+        """Rank 0 of a remote run, at the start of an attempt: remove what an earlier, interrupted attempt
         left uploading (checkpoint folders and final/ without their marker). No other attempt runs meanwhile, and this
         one has written nothing yet; one listing, so no later checkpoint waits on the object store for it."""
         fs, path = filesystem(self.run.join("checkpoints"))

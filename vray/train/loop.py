@@ -232,6 +232,7 @@ class Recipe:
         self._setup_lr_scheduler()
         if local_restore is not None:
             self._restore(local_restore)
+        self.checkpoints.begin_attempt()  # an interrupted attempt's partial uploads go now, while the store answers
 
     def _setup_model(self, restore: Path | None) -> None:
         self.model_path = resolve_source(self.spec.model.source or self.arch.repo_id, self.spec.model.revision)
@@ -419,9 +420,11 @@ class Recipe:
         import json
 
         rows = sorted(self._skipped.values(), key=lambda r: (r["steps"][0], r["id"]))
-        self.run.write_text(DATA_REPORT, json.dumps({
-            "skipped_rows": len(rows), "skips": sum(len(r["steps"]) for r in rows),
-            "skip_invalid": self.config.skip_invalid, "through_step": self.step, "rows": rows}, indent=2) + "\n")
+        text = json.dumps({"skipped_rows": len(rows), "skips": sum(len(r["steps"]) for r in rows),
+                           "skip_invalid": self.config.skip_invalid, "through_step": self.step, "rows": rows},
+                          indent=2) + "\n"
+        # with the checkpoint it goes through: on a remote run, on the uploader thread (no step waits for the store)
+        self.checkpoints.then(lambda: self.run.write_text(DATA_REPORT, text))
 
     def _restore_data_report(self) -> None:
         """Rank 0 of a resumed run: the report's skips up to the restored step (the steps after it are redone)."""

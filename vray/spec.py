@@ -267,6 +267,11 @@ class ClusterBlock(_Block):
         description="preemption notices the run survives (a node drained as preempted, e.g. a spot reclaim): each "
         "one writes a checkpoint at the step in flight and restarts from it; 0 stops the run at the first notice "
         "(after that checkpoint); budgeted apart from worker failures")
+    maxFailures: int = Field(
+        0, ge=0,
+        description="worker failures the run survives (a worker process killed, out of memory, or its node lost "
+        "without a preemption notice): Ray Train restarts the group, which restores the newest complete checkpoint "
+        "and trains the steps since again; 0 (Ray Train's default) stops the run at the first failure")
     preemptionGraceS: float = Field(
         0, ge=0,
         description="seconds past a preemption notice's deadline that Ray Train keeps the surviving workers before "

@@ -146,8 +146,9 @@ def test_lean_checkpoints_and_what_a_world_change_refuses(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_ray_train_restarts_a_killed_worker_from_the_last_checkpoint(ray_head, tmp_path):
-    spec = validate_spec(_spec(tmp_path, "killed", "ddp", train=96, batch=4, every=6, epochs=1))
-    prepared = prepare(spec)
+    spec = _spec(tmp_path, "killed", "ddp", train=96, batch=4, every=6, epochs=1)
+    spec["cluster"]["maxFailures"] = 1  # the spec's failure budget reaches Ray Train
+    prepared = prepare(validate_spec(spec))
     run = prepared.run
     killed: dict[str, int] = {}
 
@@ -164,7 +165,7 @@ def test_ray_train_restarts_a_killed_worker_from_the_last_checkpoint(ray_head, t
 
     watcher = threading.Thread(target=kill_rank_1_after_a_checkpoint, daemon=True)
     watcher.start()
-    run_training(prepared, Console(file=io.StringIO()), max_failures=1)
+    run_training(prepared, Console(file=io.StringIO()))
     watcher.join(timeout=5)
     assert killed, "the worker was not killed mid-run"
     records = run.read_metrics()

@@ -74,15 +74,17 @@ def test_the_driver_refuses_a_run_that_stopped_before_its_last_step(tmp_path, mo
         launcher.run_training(prepared, Console(file=io.StringIO()))
 
 
-def test_the_preemption_budget_and_grace_reach_ray_trains_failure_config(tmp_path):
+def test_the_failure_and_preemption_budgets_and_grace_reach_ray_trains_failure_config(tmp_path):
     from vray.plan.planner import cpu_plan
     from vray.storage.rundir import RunDir
 
     assert validate_spec({}).cluster.maxPreemptions == DEFAULT_MAX_PREEMPTIONS
-    spec = validate_spec({"cluster": {"maxPreemptions": 0, "preemptionGraceS": 30}})
+    assert validate_spec({}).cluster.maxFailures == 0  # Ray Train's default: the first worker failure stops the run
+    spec = validate_spec({"cluster": {"maxPreemptions": 0, "preemptionGraceS": 30, "maxFailures": 2}})
     prepared = SimpleNamespace(plan=cpu_plan(spec, 1), spec=spec, run=RunDir.of(str(tmp_path / "run")))
-    failure = launcher.trainer(prepared, config=None, max_failures=2).run_config.failure_config
+    failure = launcher.trainer(prepared, config=None, max_failures=spec.cluster.maxFailures).run_config.failure_config
     assert (failure.max_failures, failure.max_preemption_failures, failure.preemption_grace_s) == (2, 0, 30)
-    for bad, field in (({"maxPreemptions": -1}, "cluster.maxPreemptions"), ({"preemptionGraceS": -1}, "cluster.preemptionGraceS")):
+    for bad, field in (({"maxPreemptions": -1}, "cluster.maxPreemptions"), ({"preemptionGraceS": -1}, "cluster.preemptionGraceS"),
+                       ({"maxFailures": -1}, "cluster.maxFailures")):
         with pytest.raises(VrayError, match=field):
             validate_spec({"cluster": bad})

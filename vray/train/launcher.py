@@ -106,11 +106,11 @@ def _yield_to_restart(notice: dict[str, Any], grace_s: float) -> None:
 
 def _ray_train_func(loop_config: dict[str, WorkerConfig]) -> None:
     config = loop_config["config"]
-    if RunDir.of(config.run_dir).local:  # which node each rank is on: for operators (and the preemption test)
-        import ray
+    import ray
 
-        rank = ray.train.get_context().get_world_rank()
-        RunDir.of(config.run_dir).write_text(f".workers/rank-{rank}.node", f"{ray.get_runtime_context().get_node_id()}\n")
+    # which node each rank is on: for operators (and the preemption test, the chaos benchmark)
+    rank = ray.train.get_context().get_world_rank()
+    RunDir.of(config.run_dir).write_text(f".workers/rank-{rank}.node", f"{ray.get_runtime_context().get_node_id()}\n")
     reporter = _RayReporter(config.resume_from, config.run_dir)
     train_worker(config, reporter)
     if reporter.notice is not None:
@@ -199,8 +199,9 @@ def forget_ray_checkpoints(run: RunDir) -> None:
 
 
 def run_training(prepared: PreparedRun, console: Console, resume_from: Path | None = None, verbose: bool = False,
-                 max_failures: int = 0) -> RunDir:
-    """Run the prepared training on Ray Train and finish the run directory."""
+                 max_failures: int | None = None) -> RunDir:
+    """Run the prepared training on Ray Train and finish the run directory; `max_failures` overrides
+    cluster.maxFailures."""
     ensure_ray(verbose)
     if prepared.plan.device == "gpu":
         from vray.cluster import check_cluster_capacity
@@ -213,6 +214,8 @@ def run_training(prepared: PreparedRun, console: Console, resume_from: Path | No
         # a run directory written before vray stopped reporting checkpoints to Ray may hold a snapshot that lists
         # checkpoints retention has deleted since; it holds nothing vray restores from
         forget_ray_checkpoints(prepared.run)
+    if max_failures is None:
+        max_failures = prepared.spec.cluster.maxFailures
     trainer_ = trainer(prepared, worker_config(prepared, resume_from), max_failures)
     try:
         with ProgressView(prepared.run, console):

@@ -738,9 +738,11 @@ class Recipe:
             torch.set_rng_state(saved["rng"])
         else:
             _seed_everything(self.spec.seed + 1_000_003 * self.step + self.rank)
-        self.metrics_log.truncate_after(self.step)
+        redone = self.metrics_log.truncate_after(self.step)
         self._restore_data_report()
-        self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder),
+        # redone_steps: the steps an interrupted attempt had logged past this checkpoint, which this one trains again
+        # (on a remote run directory, as far as its log had gone up: the last upload interval may be missing)
+        self.metrics_log.write({"event": "restored", "step": self.step, "from": str(folder), "redone_steps": redone,
                                 "saved_world_size": saved_world, **self.order.position(self.step).to_dict()})
 
 
@@ -786,7 +788,7 @@ def train_worker(config: WorkerConfig, reporter: Reporter | None = None) -> dict
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     recipe = Recipe(config, reporter or LocalReporter(Path(config.resume_from) if config.resume_from else None))
-    if recipe.run.local:  # which process is which rank: for operators (and the failure test) to find a worker
-        recipe.run.write_text(f".workers/rank-{recipe.rank}.pid", f"{os.getpid()}\n")
+    # which process is which rank: for operators (and the failure tests, the chaos benchmark) to find a worker
+    recipe.run.write_text(f".workers/rank-{recipe.rank}.pid", f"{os.getpid()}\n")
     recipe.setup()
     return recipe.train()

@@ -46,11 +46,8 @@ def outage_message(run: RunDir, outage: StorageOutage, what: str, last_complete:
     latest = last_complete
     if latest is None:
         try:
-            fs, path = filesystem(run.join("checkpoints"))
-            steps = [int(name[5:]) for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False))
-                     if name.startswith("step-") and name[5:].isdigit()
-                     and fs.exists(f"{path}/{name}/{CHECKPOINT_MARKER}")]
-            latest = run.join("checkpoints", f"step-{max(steps)}") if steps else None
+            found = run.latest_checkpoint(retried=False)
+            latest = str(found) if found is not None else None
         except Exception:  # noqa: BLE001 - still unreachable
             latest = "unknown (the store did not answer; it is the newest checkpoints/step-N with its marker)"
     where = f"the last complete checkpoint is {latest}" if latest else "there is no complete checkpoint yet"

@@ -156,8 +156,9 @@ class RunDir:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def complete_checkpoints(self) -> list[tuple[int, Any]]:
-        """(step, folder: a Path locally, a URI remotely) of every complete checkpoint, oldest first."""
+    def complete_checkpoints(self, retried: bool = True) -> list[tuple[int, Any]]:
+        """(step, folder: a Path locally, a URI remotely) of every complete checkpoint, oldest first; `retried=False`
+        takes one look, without waiting out an object-store outage."""
         fs, path = _fs(self.join("checkpoints"))
 
         def listing() -> list[tuple[int, Any]]:
@@ -171,11 +172,11 @@ class RunDir:
                     where = self.join("checkpoints", name)
                     found.append((int(m.group(1)), Path(where) if self.local else where))
             return sorted(found)
-        return self._retried(listing, "checkpoints", "listing")
+        return self._retried(listing, "checkpoints", "listing") if retried else listing()
 
-    def latest_checkpoint(self) -> Any:
+    def latest_checkpoint(self, retried: bool = True) -> Any:
         """The newest complete checkpoint (a Path locally, a URI remotely), if any."""
-        found = self.complete_checkpoints()
+        found = self.complete_checkpoints(retried)
         return found[-1][1] if found else None
 
     def best_checkpoint(self) -> Any:
